@@ -1,0 +1,24 @@
+"""One distribution, `hybridrag`. The top-level `kernels/` folder installs as `hybridrag.kernels`,
+never as a top-level `kernels` module (a PyPI package of that name exists and transformers may import it)."""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["hybridrag", "hybridrag.*"])
+kernel_packages = ["hybridrag." + name for name in find_packages(include=["kernels", "kernels.*"])]
+
+setup(
+    name="hybridrag",
+    version="0.1.0",
+    description="Fused Triton kernels and layers for long-context retrieval-augmented models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages + kernel_packages,
+    package_dir={"hybridrag.kernels": "kernels"},
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        # Triton is a dependency of torch's CUDA wheels; CPU machines need it for the interpreter.
+        "triton": ["triton>=3.2"],
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"],
+    },
+)

@@ -1,0 +1,21 @@
+"""Test set-up. Without a GPU, Triton kernels run under the Triton interpreter, which must be switched on before
+anything imports triton."""
+import os
+import sys
+
+if "triton" in sys.modules:
+    raise RuntimeError("triton was imported before tests/conftest.py could choose the interpreter")
+
+import torch  # noqa: E402  (torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
