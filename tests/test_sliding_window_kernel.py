@@ -7,9 +7,12 @@ from tolerance import assert_within_tolerance, tolerance_error
 
 import hybridrag as hr
 
-# bfloat16 needs a GPU: the interpreter's bf16 dot multiplies bit patterns.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-KERNEL_BACKENDS = ["triton", "cpu"] if DEVICE == "cpu" else ["triton"]
+# Triton takes bfloat16 only on a GPU: the interpreter's bf16 dot multiplies bit patterns.
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+BACKEND_DTYPES = [("triton", dtype) for dtype in TRITON_DTYPES]
+if DEVICE == "cpu":
+    BACKEND_DTYPES += [("cpu", dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backend, dtype in BACKEND_DTYPES]
 
 
 def make_inputs(batch, heads, kv_heads, tq, tk, dim, dtype, device=DEVICE, non_contiguous=False):
@@ -66,16 +69,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}q{}k{}D{}w{}{}".format(*c[:7], "c" if c[7] else "b"))
 def test_matches_reference(case, backend, dtype):
     failures = compare(backend, *case, dtype=dtype)
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
 def test_non_contiguous_inputs(backend, dtype):
     failures = compare(backend, 2, 4, 2, 113, 113, 64, 24, True, dtype, non_contiguous=True)
     assert not failures, "\n".join(failures)
