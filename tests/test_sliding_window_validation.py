@@ -77,6 +77,12 @@ def test_triton_on_cpu_tensors_without_interpreter_is_an_error(monkeypatch):
         hr.sliding_window_attention(*inputs(), 4, backend="triton")
 
 
+def test_bfloat16_under_the_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match=r"Triton interpreter cannot run bfloat16 dots"):
+        hr.sliding_window_attention(*inputs(dtype=torch.bfloat16), 4, backend="triton")
+
+
 def test_environment_sets_the_default_backend(monkeypatch):
     backend_module.default_backend.cache_clear()
     try:

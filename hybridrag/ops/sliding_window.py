@@ -6,8 +6,8 @@ from hybridrag.kernels.sliding_window import (sliding_window_attention_reference
                                               sliding_window_fwd_blockwise)
 
 from .backend import resolve_backend
-from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_scale, check_tensor,
-                         unit_last_stride)
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_interpreter_dtype,
+                         check_scale, check_tensor, unit_last_stride)
 
 
 def _triton_functions():
@@ -66,6 +66,7 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return
     check_tensor("q", q)
     backend = resolve_backend(backend, q.device)
     check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
+    check_interpreter_dtype(backend, q)
     left, right = resolve_window(window, causal)
     scale = check_scale(scale, q.shape[-1])
     if backend == "reference":

@@ -41,6 +41,13 @@ def check_attention_inputs(q, k, v, dtypes=ATTENTION_DTYPES):
         raise ValueError(f"q and k need at least one position, got Tq={tq} and Tk={k.shape[2]}")
 
 
+def check_interpreter_dtype(backend, t):
+    """The Triton interpreter's bfloat16 dot multiplies raw bit patterns: refuse rather than return garbage."""
+    if backend == "triton" and t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        raise TypeError("the Triton interpreter cannot run bfloat16 dots (it multiplies their bit patterns); "
+                        "use float16/float32 under TRITON_INTERPRET=1, backend='cpu', or CUDA tensors")
+
+
 def check_scale(scale, head_dim):
     """Default D ** -0.5; otherwise a positive finite float."""
     if scale is None:
