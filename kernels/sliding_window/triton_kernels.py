@@ -309,10 +309,20 @@ def _band(left, right, tq, tk):
     return (far if left < 0 else left), (far if right < 0 else right)
 
 
+def _check_row_offsets(**tensors):
+    """Batch and head offsets are int64 in the kernels; offsets along the sequence are int32 and must fit."""
+    for name, t in tensors.items():
+        reach = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if reach >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} with sequence stride {t.stride(2)} reaches {reach} elements "
+                             "within one head, past int32 offsets; make it contiguous in (B, H, T, D) order")
+
+
 def sliding_window_fwd_triton(q, k, v, left, right, scale):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), unit last stride -> (o (B, H, Tq, D), lse (B, H, Tq) float32).
 
     Extra memory: o and lse only."""
+    _check_row_offsets(q=q, k=k, v=v)
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -335,6 +345,7 @@ def sliding_window_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right
     """Gradients (dq, dk, dv) of out and lse (grad_lse may be None). All inputs have unit last stride.
 
     Extra memory: delta (B, H, Tq) float32 besides the three gradients; deterministic (no atomics)."""
+    _check_row_offsets(grad_out=grad_out)
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     block_m, block_n, num_warps, num_stages = _bwd_config(dim, q.dtype)
