@@ -38,9 +38,14 @@ def resolve_window(window, causal):
 
 def window_mask(tq, tk, left, right, device=None):
     """Dense visibility mask (tq, tk), True where the query row sees the key. For references and small peers only."""
-    pos = torch.arange(tq, device=device)[:, None] + (tk - tq)
-    key = torch.arange(tk, device=device)[None, :]
-    visible = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    return block_visibility(tk - tq, tq, 0, tk, left, right, device)
+
+
+def block_visibility(pos_first, rows, key_first, keys, left, right, device=None):
+    """Visibility (rows, keys) of keys key_first.. from queries at positions pos_first.. (one tile of the mask)."""
+    pos = torch.arange(pos_first, pos_first + rows, device=device)[:, None]
+    key = torch.arange(key_first, key_first + keys, device=device)[None, :]
+    visible = torch.ones(rows, keys, dtype=torch.bool, device=device)
     if left != UNBOUNDED:
         visible &= key >= pos - left
     if right != UNBOUNDED:

@@ -7,7 +7,7 @@ additive 0 / -inf bias) ride in the score matmul itself (`baddbmm`); a kv head's
 """
 import torch
 
-from ..patterns import UNBOUNDED, visible_key_range
+from ..patterns import block_visibility, visible_key_range
 
 CPU_BLOCK = 128
 
@@ -22,13 +22,7 @@ class _BlockBiases:
     def __call__(self, pos_first, rows, key_lo, keys):
         geometry = (pos_first - key_lo, rows, keys)
         if geometry not in self.cache:
-            pos = torch.arange(pos_first, pos_first + rows, device=self.device)[:, None]
-            key = torch.arange(key_lo, key_lo + keys, device=self.device)[None, :]
-            visible = torch.ones(rows, keys, dtype=torch.bool, device=self.device)
-            if self.left != UNBOUNDED:
-                visible &= key >= pos - self.left
-            if self.right != UNBOUNDED:
-                visible &= key <= pos + self.right
+            visible = block_visibility(pos_first, rows, key_lo, keys, self.left, self.right, self.device)
             bias = torch.zeros(rows, keys, device=self.device).masked_fill_(~visible, float("-inf"))
             self.cache[geometry] = bias.repeat(self.group, 1)
         return self.cache[geometry]
