@@ -66,3 +66,101 @@ def visible_key_counts(tq, tk, left, right):
     lo = torch.zeros_like(pos) if left == UNBOUNDED else (pos - left).clamp(min=0)
     hi = torch.full_like(pos, tk) if right == UNBOUNDED else (pos + right + 1).clamp(max=tk)
     return (hi - lo).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hybrid pattern: window | landmark keys | (global_queries) landmark rows see every key; plus memory tokens.
+# For a query at p and a key at j (kv_start[b] hides the keys of left padding):
+#   visible = j >= kv_start[b]  and  (not causal or j <= p)  and  (p - left <= j <= p + right  or  j is a landmark
+#             or  (global_queries and p is a landmark))
+# Memory tokens are keys every query sees. Each key counts once in the softmax.
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_landmarks(landmarks, tk, device=None):
+    """Landmark key positions as a sorted, duplicate-free int64 tensor (L,) in [0, tk); empty for None.
+
+    `landmarks` is an int stride s (positions 0, s, 2s, ... < tk) or a 1-D integer tensor of strictly increasing
+    positions. Raises TypeError/ValueError naming the argument.
+    """
+    if landmarks is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if isinstance(landmarks, bool) or not isinstance(landmarks, (int, torch.Tensor)):
+        raise TypeError(f"landmarks must be None, an int stride or a 1-D integer tensor of positions, "
+                        f"got {type(landmarks).__name__}")
+    if isinstance(landmarks, int):
+        if landmarks < 1:
+            raise ValueError(f"a landmark stride must be >= 1, got {landmarks}")
+        return torch.arange(0, tk, landmarks, device=device)
+    if landmarks.dim() != 1 or landmarks.dtype.is_floating_point or landmarks.dtype.is_complex \
+            or landmarks.dtype == torch.bool:
+        raise TypeError(f"landmarks must be a 1-D integer tensor, got dtype {landmarks.dtype} and shape "
+                        f"{tuple(landmarks.shape)}")
+    if device is not None and landmarks.device != torch.device(device):
+        raise ValueError(f"landmarks are on {landmarks.device} but the keys are on {device}")
+    positions = landmarks.long()
+    if positions.numel() and (positions[0] < 0 or positions[-1] >= tk):
+        raise ValueError(f"landmark positions must lie in [0, {tk}) (Tk = {tk}), got {positions[0].item()} .. "
+                         f"{positions[-1].item()}")
+    if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+        raise ValueError("landmark positions must be strictly increasing (sorted, no repeats)")
+    return positions
+
+
+def global_query_rows(landmark_positions, tq, tk):
+    """Query rows (int64, sorted) that sit on a landmark position: the rows that see every key."""
+    rows = landmark_positions - (tk - tq)
+    return rows[rows >= 0]
+
+
+def hybrid_visibility(query_pos, key_pos, left, right, causal, key_is_landmark, query_is_global, kv_start=None):
+    """Visibility of keys at `key_pos` (N,) from queries at `query_pos` (R,) under the hybrid pattern.
+
+    key_is_landmark (N,) and query_is_global (R,) are bool. Returns (R, N) bool, or (B, R, N) when kv_start (B,)
+    is given. One tile of the mask; memory tokens are not part of it (every query sees them)."""
+    p, j = query_pos[:, None], key_pos[None, :]
+    visible = torch.ones(p.shape[0], j.shape[1], dtype=torch.bool, device=key_pos.device)
+    if left != UNBOUNDED:
+        visible &= j >= p - left
+    if right != UNBOUNDED:
+        visible &= j <= p + right
+    visible |= key_is_landmark[None, :] | query_is_global[:, None]
+    if causal:
+        visible &= j <= p
+    if kv_start is not None:
+        visible = visible[None] & (j[None] >= kv_start[:, None, None])
+    return visible
+
+
+def landmark_flags(positions, landmark_positions):
+    """Bool (len(positions),): which of `positions` are landmark positions (positions may be out of range)."""
+    if landmark_positions.numel() == 0:
+        return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+    index = torch.searchsorted(landmark_positions, positions).clamp(max=landmark_positions.numel() - 1)
+    return landmark_positions[index] == positions
+
+
+def hybrid_mask(tq, tk, left, right, causal, landmark_positions, global_queries, kv_start=None):
+    """Dense visibility (tq, tk), or (B, tq, tk) with kv_start. For references and small peers only."""
+    device = landmark_positions.device
+    query_pos = torch.arange(tk - tq, tk, device=device)
+    key_pos = torch.arange(tk, device=device)
+    query_global = landmark_flags(query_pos, landmark_positions) & global_queries
+    return hybrid_visibility(query_pos, key_pos, left, right, causal, landmark_flags(key_pos, landmark_positions),
+                             query_global, kv_start)
+
+
+def hybrid_key_counts(tq, tk, left, right, causal, landmark_positions, global_queries, memory=0):
+    """Number of keys each query row sees under the hybrid pattern, (tq,) int64, without a tq x tk matrix
+    (for FLOP counts and tests). Memory tokens add `memory` to every row."""
+    landmark_positions = landmark_positions.cpu()
+    pos = torch.arange(tq) + (tk - tq)
+    window = visible_key_counts(tq, tk, left, right)  # resolve_window already clipped right to 0 when causal
+    lo = torch.zeros_like(pos) if left == UNBOUNDED else (pos - left).clamp(min=0)
+    hi = lo + window
+    reach = pos + 1 if causal else torch.full_like(pos, tk)
+    count = torch.searchsorted(landmark_positions, reach)  # landmarks j < reach
+    in_band = torch.searchsorted(landmark_positions, hi) - torch.searchsorted(landmark_positions, lo)
+    counts = window + count - in_band
+    if global_queries:
+        counts = torch.where(landmark_flags(pos, landmark_positions), reach.clamp(max=tk), counts)
+    return counts + memory

@@ -1,4 +1,5 @@
 """Public ops: validation, backend choice and autograd wrappers over `hybridrag.kernels`."""
+from .hybrid import attention_mass, hybrid_attention
 from .sliding_window import sliding_window_attention
 
-__all__ = ["sliding_window_attention"]
+__all__ = ["sliding_window_attention", "hybrid_attention", "attention_mass"]

@@ -62,3 +62,46 @@ def check_scale(scale, head_dim):
 def unit_last_stride(t):
     """Kernels take any strides but need the last one to be 1; copy only when it is not."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_memory_tokens(memory_k, memory_v, k):
+    """memory_k/v: both None, or (B or 1, Hkv, M, D) with M >= 1 in k's dtype and device."""
+    if (memory_k is None) != (memory_v is None):
+        raise ValueError("pass memory_k and memory_v together (or neither), got only "
+                         f"{'memory_k' if memory_v is None else 'memory_v'}")
+    if memory_k is None:
+        return
+    batch, kv_heads, _, dim = k.shape
+    for name, t in (("memory_k", memory_k), ("memory_v", memory_v)):
+        check_tensor(name, t)
+        if t.dim() != 4 or t.shape[0] not in (1, batch) or t.shape[1] != kv_heads or t.shape[3] != dim \
+                or t.shape[2] == 0:
+            raise ValueError(f"{name} must have shape (1 or {batch}, {kv_heads}, M >= 1, {dim}) (batch, kv heads, "
+                             f"tokens, head_dim), got {tuple(t.shape)}")
+        if t.dtype != k.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but k has {k.dtype}; pass one dtype")
+        if t.device != k.device:
+            raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
+    if memory_k.shape != memory_v.shape:
+        raise ValueError(f"memory_k and memory_v must have one shape, got {tuple(memory_k.shape)} and "
+                         f"{tuple(memory_v.shape)}")
+
+
+def check_kv_start(kv_start, k):
+    """kv_start: None or an integer tensor (B,) on k's device (keys before kv_start[b] are padding)."""
+    if kv_start is None:
+        return None
+    check_tensor("kv_start", kv_start)
+    if kv_start.dtype.is_floating_point or kv_start.dtype.is_complex or kv_start.dtype == torch.bool:
+        raise TypeError(f"kv_start must be an integer tensor, got dtype {kv_start.dtype}")
+    if kv_start.shape != (k.shape[0],):
+        raise ValueError(f"kv_start must have shape ({k.shape[0]},) (one start per batch row), "
+                         f"got {tuple(kv_start.shape)}")
+    if kv_start.device != k.device:
+        raise ValueError(f"kv_start is on {kv_start.device} but k is on {k.device}")
+    return kv_start.to(torch.int32).contiguous()
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

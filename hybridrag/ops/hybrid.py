@@ -1,0 +1,188 @@
+"""`hybrid_attention` and `attention_mass`: validation, backend choice and the autograd wrapper around the kernels."""
+from dataclasses import dataclass
+
+import torch
+
+from hybridrag.kernels.hybrid import (attention_mass_blockwise, attention_mass_reference, hybrid_attention_reference,
+                                      hybrid_bwd_blockwise, hybrid_fwd_blockwise)
+from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
+
+from .backend import resolve_backend
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_flag,
+                         check_interpreter_dtype, check_kv_start, check_memory_tokens, check_scale, check_tensor,
+                         unit_last_stride)
+
+
+@dataclass(frozen=True)
+class HybridPattern:
+    """Everything but the tensors that defines which keys each query sees (see DESIGN.md)."""
+    left: int
+    right: int
+    causal: bool
+    landmarks: torch.Tensor  # (L,) sorted int64 positions
+    global_queries: bool
+    scale: float
+    kv_start: torch.Tensor = None  # (B,) int32 or None
+
+    def args(self):
+        return self.left, self.right, self.causal, self.landmarks, self.global_queries, self.scale
+
+
+def _triton_functions():
+    # Imported on first use: CPU-only installs need not have Triton.
+    from hybridrag.kernels.hybrid import triton_kernels
+    return triton_kernels.hybrid_fwd_triton, triton_kernels.hybrid_bwd_triton, triton_kernels.attention_mass_triton
+
+
+def _backend_functions(backend):
+    if backend == "triton":
+        return _triton_functions()
+    return hybrid_fwd_blockwise, hybrid_bwd_blockwise, attention_mass_blockwise
+
+
+class HybridAttentionFunction(torch.autograd.Function):
+    """Differentiable (o, lse) with gradients for q, k, v and the memory tokens; gradients flow through lse too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, memory_k, memory_v, pattern, backend):
+        forward_fn, backward_fn, _ = _backend_functions(backend)
+        out, lse = forward_fn(q, k, v, *pattern.args(), memory_k, memory_v, pattern.kv_start)
+        ctx.save_for_backward(q, k, v, memory_k, memory_v, out, lse)
+        ctx.pattern, ctx.backward_fn = pattern, backward_fn
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, memory_k, memory_v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else unit_last_stride(grad_out)
+        grad_lse = None if grad_lse is None else grad_lse.contiguous()
+        grads = ctx.backward_fn(q, k, v, out, lse, grad_out, grad_lse, *ctx.pattern.args(), memory_k, memory_v,
+                                ctx.pattern.kv_start)
+        return *grads, None, None
+
+
+def _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start):
+    check_flag("causal", causal)
+    check_flag("global_queries", global_queries)
+    left, right = resolve_window(window, causal)
+    return HybridPattern(left, right, causal, resolve_landmarks(landmarks, k.shape[2], q.device), global_queries,
+                         check_scale(scale, q.shape[-1]), check_kv_start(kv_start, k))
+
+
+def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, memory_k=None, memory_v=None,
+                     causal=True, scale=None, return_lse=False, kv_start=None, backend="auto"):
+    """Sliding-window attention fused with landmark (global) tokens and learned memory tokens, in one softmax.
+
+    A query at position p sees key j iff j >= kv_start[b] and (not causal or j <= p) and (j is in p's window, or
+    j is a landmark, or global_queries and p is a landmark); it also sees every memory token. Each key counts once.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H % Hkv == 0; float16, bfloat16 or float32, unit last stride
+            preferred. Query row i sits at position i + Tk - Tq.
+        window: as in `sliding_window_attention`: an int w (the w most recent keys; needs causal=True; -1 = all
+            earlier keys) or (left, right), -1 = unbounded.
+        landmarks: None, an int stride s (positions 0, s, 2s, ... < Tk) or a 1-D integer tensor of strictly
+            increasing positions in [0, Tk).
+        global_queries: a query sitting on a landmark position sees every key (causal still applies).
+        memory_k, memory_v: (B or 1, Hkv, M, D) learned keys/values every query sees; they get gradients.
+        causal: hide keys after the query (landmarks included).
+        scale: multiplies q.k; default D ** -0.5.
+        return_lse: also return the natural-log log-sum-exp (B, H, Tq) float32 (-inf for rows that see no key).
+        kv_start: (B,) integer tensor or None; keys with index < kv_start[b] are padding that no query sees
+            (left padding). Memory tokens are always seen.
+        backend: "auto" | "triton" | "cpu" | "reference" (see DESIGN.md); "reference" also takes float64.
+
+    Returns:
+        o (B, H, Tq, D) in q's dtype, and lse when asked. Rows that see no key are zeros.
+
+    Work grows with Tq x (window + L + M) + G x Tk for L landmarks of which G are query rows. Memory: o and lse,
+    the gathered landmark and memory keys/values (B, Hkv, L + M, D), and O(B x H x Tq) float32 in the backward;
+    never a Tq x Tk matrix (only the "reference" backend builds one).
+    """
+    check_tensor("q", q)
+    backend = resolve_backend(backend, q.device)
+    check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
+    check_memory_tokens(memory_k, memory_v, k)
+    check_interpreter_dtype(backend, q)
+    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start)
+    if backend == "reference":
+        out, lse = hybrid_attention_reference(q, k, v, *pattern.args(), memory_k, memory_v, pattern.kv_start)
+    else:
+        q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+        if memory_k is not None:
+            memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
+        out, lse = HybridAttentionFunction.apply(q, k, v, memory_k, memory_v, pattern, backend)
+    return (out, lse) if return_lse else out
+
+
+def _check_segments(segments, num_segments, k):
+    check_tensor("segments", segments)
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int):
+        raise TypeError(f"num_segments must be an int, got {type(num_segments).__name__}")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+        raise TypeError(f"segments must be an integer tensor, got dtype {segments.dtype}")
+    if segments.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"segments must have shape ({k.shape[0]}, {k.shape[2]}) (batch, Tk), "
+                         f"got {tuple(segments.shape)}")
+    if segments.device != k.device:
+        raise ValueError(f"segments is on {segments.device} but k is on {k.device}")
+    low, high = segments.min().item(), segments.max().item()
+    if low < -1 or high >= num_segments:
+        raise ValueError(f"segments must hold ids in [-1, {num_segments}) (-1 = no segment), got {low} .. {high}")
+
+
+def _check_query_mask(query_mask, q):
+    if query_mask is None:
+        return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    check_tensor("query_mask", query_mask)
+    if query_mask.dtype != torch.bool:
+        raise TypeError(f"query_mask must be a bool tensor, got dtype {query_mask.dtype}")
+    if query_mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"query_mask must have shape ({q.shape[0]}, {q.shape[2]}) (batch, Tq), "
+                         f"got {tuple(query_mask.shape)}")
+    if query_mask.device != q.device:
+        raise ValueError(f"query_mask is on {query_mask.device} but q is on {q.device}")
+    return query_mask
+
+
+@torch.no_grad()
+def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, global_queries=True, query_mask=None,
+                   memory_k=None, causal=True, scale=None, kv_start=None, backend="auto"):
+    """Attention probability the selected query rows give to each key segment, averaged over those rows.
+
+    Args:
+        q, k, window, landmarks, global_queries, memory_k, causal, scale, kv_start, backend: as in
+            `hybrid_attention` (the same pattern; memory tokens take part in the softmax but belong to no segment).
+        segments: (B, Tk) integer segment id of each key in [0, num_segments), -1 for none.
+        num_segments: S.
+        query_mask: (B, Tq) bool, the rows to average over; default all rows. A batch row with no selected query
+            gets zeros.
+
+    Returns:
+        (B, H, S) float32 (float64 for the float64 reference). Not differentiable: a feedback and analysis signal.
+
+    Two passes: the log-sum-exp of every row, then the probabilities recomputed tile by tile and summed per segment.
+    Memory: (B, H, Tq) float32 for the lse and (B, H, S) for the result; never a Tq x Tk matrix (except "reference").
+    """
+    check_tensor("q", q)
+    backend = resolve_backend(backend, q.device)
+    check_attention_inputs(q, k, k, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
+    if memory_k is not None:
+        check_memory_tokens(memory_k, memory_k, k)
+    check_interpreter_dtype(backend, q)
+    _check_segments(segments, num_segments, k)
+    query_mask = _check_query_mask(query_mask, q)
+    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start)
+    if backend == "reference":
+        return attention_mass_reference(q, k, segments, num_segments, *pattern.args(), query_mask, memory_k,
+                                        pattern.kv_start)
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    memory_k = None if memory_k is None else unit_last_stride(memory_k)
+    forward_fn, _, mass_fn = _backend_functions(backend)
+    _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, pattern.kv_start)
+    row_weights = query_mask.float() / query_mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return mass_fn(q, k, lse, segments.contiguous(), num_segments, row_weights, *pattern.args(), memory_k,
+                   pattern.kv_start)
