@@ -198,6 +198,31 @@ def measure_ceilings(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Correctness in the flash-attn rule (DESIGN.md, Evidence)
+# ----------------------------------------------------------------------------------------------------------------
+
+def compare_to_truth(ours, plain, truth, floor):
+    """One check row's numbers: max abs errors of `ours` and of `plain` (the reference computed in the input dtype)
+    against `truth` (the float64 reference); ours passes when its error is at most 2x plain's plus floor * max|truth|."""
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_plain = (plain.double() - truth).abs().max().item()
+    tolerance = 2 * err_plain + floor * truth.abs().max().item()
+    return {"err_ours": err_ours, "err_reference_in_dtype": err_plain, "tolerance": tolerance,
+            "passed": bool(err_ours <= tolerance)}
+
+
+TOLERANCE_CHECK_COLUMNS = [
+    ("case", lambda r: r["case"]),
+    ("dtype", lambda r: r["dtype"]),
+    ("tensor", lambda r: r["tensor"]),
+    ("err ours", lambda r: f"{r['err_ours']:.2e}"),
+    ("err ref(dtype)", lambda r: f"{r['err_reference_in_dtype']:.2e}"),
+    ("tolerance", lambda r: f"{r['tolerance']:.2e}"),
+    ("result", lambda r: "pass" if r["passed"] else "FAIL"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Results and tables
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import sys
 from .common import (default_device, device_slug, environment, format_table, measure_ceilings, results_dir,
                      write_json)
 
-SUITE_MODULES = ("sliding_window",)  # register a suite by adding its module name under benchmarks/
+SUITE_MODULES = ("sliding_window", "hybrid")  # register a suite by adding its module name under benchmarks/
 SUITES = [importlib.import_module(f".{name}", __package__) for name in SUITE_MODULES]
 OTHER_LOAD_WARNING = 0.10
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import hybridrag as hr
 from hybridrag.kernels.patterns import UNBOUNDED, resolve_window, visible_key_counts, window_mask
 
-from .common import fmt_number, free_memory_bytes, release_memory, time_ms
+from .common import (TOLERANCE_CHECK_COLUMNS, compare_to_truth, fmt_number, free_memory_bytes, release_memory,
+                     time_ms)
 
 SUITE = "sliding_window"
 PEERS = ("ours", "sdpa_dense_mask", "flex_attention", "flash_attn")
@@ -331,24 +332,12 @@ def check(device):
         ours = _output_and_grads(q, k, v, grad_out, window, causal, "auto", dtype)
         label = f"B={batch} H={heads} Hkv={kv_heads} Tq={tq} Tk={tk} D={dim} window={window} causal={causal}"
         for name, t, p, o in zip(("o", "dq", "dk", "dv"), truth, plain, ours):
-            err_ours = (o.double() - t).abs().max().item()
-            err_plain = (p.double() - t).abs().max().item()
-            tolerance = 2 * err_plain + CHECK_FLOOR * t.abs().max().item()
             rows.append({"case": label, "dtype": str(dtype).removeprefix("torch."), "tensor": name,
-                         "err_ours": err_ours, "err_reference_in_dtype": err_plain, "tolerance": tolerance,
-                         "passed": bool(err_ours <= tolerance)})
+                         **compare_to_truth(o, p, t, CHECK_FLOOR)})
     return rows
 
 
-CHECK_COLUMNS = [
-    ("case", lambda r: r["case"]),
-    ("dtype", lambda r: r["dtype"]),
-    ("tensor", lambda r: r["tensor"]),
-    ("err ours", lambda r: f"{r['err_ours']:.2e}"),
-    ("err ref(dtype)", lambda r: f"{r['err_reference_in_dtype']:.2e}"),
-    ("tolerance", lambda r: f"{r['tolerance']:.2e}"),
-    ("result", lambda r: "pass" if r["passed"] else "FAIL"),
-]
+CHECK_COLUMNS = TOLERANCE_CHECK_COLUMNS
 
 
 # ----------------------------------------------------------------------------------------------------------------

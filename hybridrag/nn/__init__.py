@@ -1,5 +1,9 @@
 """Drop-in layers built on `hybridrag.ops`."""
+from .hybrid_attention import HybridAttention
+from .retrieval_cross_attention import RetrievalCrossAttention
 from .rotary import RotaryEmbedding
 from .sliding_window_attention import SlidingWindowAttention
+from .sparse_global_attention import SparseGlobalAttention
 
-__all__ = ["SlidingWindowAttention", "RotaryEmbedding"]
+__all__ = ["SlidingWindowAttention", "RotaryEmbedding", "HybridAttention", "SparseGlobalAttention",
+           "RetrievalCrossAttention"]

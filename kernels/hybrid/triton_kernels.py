@@ -81,9 +81,11 @@ def _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL: tl.constexpr, kv_st
 
 @triton.jit
 def _key_positions(KPOS, idx, valid, MODE: tl.constexpr):
-    if MODE == 2:
-        return tl.load(KPOS + idx, mask=valid, other=0)
-    return idx
+    if MODE == 2:  # gathered keys carry their positions
+        kpos = tl.load(KPOS + idx, mask=valid, other=0)
+    else:
+        kpos = idx
+    return kpos
 
 
 @triton.jit
