@@ -203,7 +203,7 @@ def measure_ceilings(device, dtype):
 
 def compare_to_truth(ours, plain, truth, floor):
     """One check row's numbers: max abs errors of `ours` and of `plain` (the reference computed in the input dtype)
-    against `truth` (the float64 reference); ours passes when its error is at most 2x plain's plus floor * max|truth|."""
+    against `truth` (the float64 reference); ours passes when its error is at most 2x plain's + floor * max|truth|."""
     err_ours = (ours.double() - truth).abs().max().item()
     err_plain = (plain.double() - truth).abs().max().item()
     tolerance = 2 * err_plain + floor * truth.abs().max().item()
