@@ -117,7 +117,8 @@ def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries
         total = weights.sum(dim=-1, keepdim=True)
         if out is not None:
             o_tile = torch.bmm(weights, ops.keys(v, ops.memory_v, tile))
-            out[:, :, tile.rows] = ops.ungroup(o_tile.div_(total.clamp(min=torch.finfo(torch.float32).tiny))).to(q.dtype)
+            o_tile.div_(total.clamp(min=torch.finfo(torch.float32).tiny))
+            out[:, :, tile.rows] = ops.ungroup(o_tile).to(q.dtype)
         lse[:, :, tile.rows] = ops.ungroup(row_max + torch.log(total)).squeeze(-1)
     return out, lse
 

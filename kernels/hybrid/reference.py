@@ -45,7 +45,8 @@ def hybrid_attention_reference(q, k, v, left, right, causal, landmark_positions,
 
 def attention_mass_reference(q, k, segments, num_segments, left, right, causal, landmark_positions, global_queries,
                              scale, query_mask=None, memory_k=None, kv_start=None):
-    """(B, H, S) float32 (float64 for float64 inputs): probability the selected query rows give to each key segment, averaged over the rows.
+    """(B, H, S) float32 (float64 for float64 inputs): the probability the selected query rows give to each key
+    segment, averaged over the rows.
 
     segments (B, Tk) int (-1 = no segment), query_mask (B, Tq) bool or None (all rows). Memory tokens take part in
     the softmax but belong to no segment."""

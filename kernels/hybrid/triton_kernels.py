@@ -444,18 +444,19 @@ def _mass_kernel(Q, K, XK, XPOS, ROWS, KV_START, LSE, WEIGHT, SEG, MASS,
     mass = MASS + off_bh.to(tl.int64) * S
     k_base = K + off_b * stride_kb + off_kv * stride_kh
 
-    k_lo = split * CHUNK
-    lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
-    _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, lo, mid_lo, Tk,
-                LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-    _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_lo, mid_hi, Tk,
-                LEFT, RIGHT, kv_start, qk_scale, 0, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-    _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_hi, hi, Tk,
-                LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-    x_hi = tl.where(split == 0, X_HI, X_LO)
-    _mass_stage(q, lse2, weight, XK + off_b * stride_xkb + off_kv * stride_xkh, stride_xkn, XPOS, seg, mass, pos,
-                offs_n, offs_d, mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, HAS_KV_START,
-                BLOCK_N, DOT_PRECISION)
+    if tl.max(weight, 0) > 0.0:  # skip row blocks that query_mask leaves out entirely
+        k_lo = split * CHUNK
+        lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
+        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, lo, mid_lo, Tk,
+                    LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_lo, mid_hi,
+                    Tk, LEFT, RIGHT, kv_start, qk_scale, 0, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_hi, hi, Tk,
+                    LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+        x_hi = tl.where(split == 0, X_HI, X_LO)
+        _mass_stage(q, lse2, weight, XK + off_b * stride_xkb + off_kv * stride_xkh, stride_xkn, XPOS, seg, mass, pos,
+                    offs_n, offs_d, mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, HAS_KV_START,
+                    BLOCK_N, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------------------
