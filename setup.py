@@ -18,7 +18,7 @@ setup(
     extras_require={
         # Triton is a dependency of torch's CUDA wheels; CPU machines need it for the interpreter.
         "triton": ["triton>=3.2"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=4.45"],
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=5.4"],
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"],
     },
 )
