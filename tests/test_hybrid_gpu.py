@@ -63,3 +63,6 @@ def test_forward_and_backward_are_deterministic(dtype):
         results.append((out, *torch.autograd.grad(out, (q, k, v, memory_k, memory_v), grad_out)))
     for first, second in zip(*results):
         assert torch.equal(first, second)
+    segments = torch.randint(-1, 16, (1, 3000), device="cuda")
+    masses = [hr.attention_mass(q, k, segments, 16, 1000, landmarks=50, memory_k=memory_k) for _ in range(2)]
+    assert torch.equal(*masses)

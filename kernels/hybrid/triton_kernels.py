@@ -9,7 +9,8 @@ Two row sets share the work, so that every (row, key) pair that is visible is vi
   is split across programs (so that a few rows still fill the GPU) and the partial softmaxes are merged on the host.
   In the first pass those rows are computed and then overwritten; in the backward they are hidden from the first
   pass by giving it lse = +inf for them (so p = 0), and their gradients come from the second pass alone.
-Work: Tq x (window + L + M) + G x Tk. Extra memory: the gathered extra keys/values (B, Hkv, L + M, D), the partial
+The attention mass sums, per key, the weighted probabilities from both row sets in a key-major pass shaped like
+the dk/dv pass (no atomics). Work: Tq x (window + L + M) + G x Tk. Extra memory: the gathered extra keys/values (B, Hkv, L + M, D), the partial
 outputs of the G global rows (splits x B x H x G x D float32), and O(B x H x Tq) float32 statistics.
 Scores are kept in base 2: s2 = q.k * scale * log2(e).
 """
@@ -398,65 +399,111 @@ def _dkdv_extra_kernel(Q, XK, XV, XPOS, DO, LSE, DELTA, KV_START, XDK, XDV,
 
 
 @triton.jit
-def _mass_stage(q, lse2, weight, k_base, stride_kn, KPOS, SEG, MASS, pos, offs_n, offs_d, mask_d,
-                start, stop, limit, LEFT, RIGHT, kv_start, qk_scale,
-                MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
-        idx = start_n + offs_n
-        valid = idx < limit
-        kT = tl.load(k_base + idx[None, :] * stride_kn + offs_d[:, None], mask=mask_d[:, None] & valid[None, :],
-                     other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        kpos = _key_positions(KPOS, idx, valid, MODE)
-        s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, MODE, HAS_KV_START)
-        column = tl.sum(tl.math.exp2(s - lse2[:, None]) * weight[:, None], 0)  # [N]
-        segment = tl.load(SEG + kpos, mask=valid & (kpos >= 0), other=-1)
-        tl.atomic_add(MASS + segment, column, mask=segment >= 0)
+def _key_mass_stage(acc, k, q_base, stride_qm, LSE, WEIGHT, ROWS, kpos, valid_k, offs_m, offs_d, mask_d,
+                    start, stop, R, offset, LEFT, RIGHT, kv_start, qk_scale,
+                    MODE: tl.constexpr, CAUSAL: tl.constexpr, GATHERED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [N] += sum over rows start..stop of WEIGHT[row] * p(row, key) for one key block (the rows a
+    `_dkdv_stage` with the same arguments visits). Row blocks whose weights are all zero are skipped."""
+    for start_m in range(start, stop, BLOCK_M):
+        offs_r = start_m + offs_m
+        mask_r = offs_r < R
+        if GATHERED:
+            row = tl.load(ROWS + offs_r, mask=mask_r, other=0)
+        else:
+            row = offs_r
+        weight = tl.load(WEIGHT + row, mask=mask_r, other=0.0)
+        if tl.max(weight, 0) > 0.0:
+            qT = tl.load(q_base + row[None, :] * stride_qm + offs_d[:, None],
+                         mask=mask_d[:, None] & mask_r[None, :], other=0.0)  # [D, M]
+            lse2 = tl.load(LSE + row, mask=mask_r, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # +inf (rows hidden from this pass) gives p = 0
+            sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [N, M]
+            if MODE != 0:
+                seen = _visible((row + offset)[None, :], kpos[:, None], valid_k[:, None] & mask_r[None, :], LEFT,
+                                RIGHT, CAUSAL, kv_start, MODE)
+                sT = tl.where(seen, sT, float("-inf"))
+            acc += tl.sum(tl.math.exp2(sT - lse2[None, :]) * weight[None, :], 1)
+    return acc
 
 
 @triton.jit
-def _mass_kernel(Q, K, XK, XPOS, ROWS, KV_START, LSE, WEIGHT, SEG, MASS,
-                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_xkb, stride_xkh, stride_xkn,
-                 H, GROUP, R, Tq, Tk, D, S, LEFT, RIGHT, X_LO, X_HI, CHUNK, qk_scale,
-                 CAUSAL: tl.constexpr, GATHERED: tl.constexpr, HAS_KV_START: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add weight[row] x p(row, key) into MASS[b, h, segment[b, key]] over the keys `_fwd_kernel` visits."""
-    off_bh = tl.program_id(1)
-    split = tl.program_id(2)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    off_kv = off_h // GROUP
-    offs_r, mask_r, row, pos, first, last = _rows(ROWS, tl.program_id(0) * BLOCK_M, R, Tq, Tk, GATHERED, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASS,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     H, Hkv, GROUP, Tq, Tk, D, G, LEFT, RIGHT, G_LEFT, G_RIGHT, qk_scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """KEY_MASS[b, h, key] = sum over rows of WEIGHT[b, row] * p(row, key) for the main keys, through the band
+    (LSE_BAND hides the global rows) and from the G global rows; one program per (key block, batch x kv head)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // Hkv).to(tl.int64)
+    off_kv = (off_bkv % Hkv).to(tl.int64)
+    offset = Tk - Tq
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < Tk
     mask_d = offs_d < D
-    if HAS_KV_START:
-        kv_start = tl.load(KV_START + off_b)
-    else:
-        kv_start = 0
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row[:, None] * stride_qm + offs_d[None, :],
-                mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * Tq + row, mask=mask_r, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    weight = tl.load(WEIGHT + off_b * Tq + row, mask=mask_r, other=0.0)
-    seg = SEG + off_b * Tk
-    mass = MASS + off_bh.to(tl.int64) * S
-    k_base = K + off_b * stride_kb + off_kv * stride_kh
+    k = tl.load(K + off_b * stride_kb + off_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    kv_start = tl.load(KV_START + off_b)
+    weight = WEIGHT + off_b * Tq
+    last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    lo, mid_lo, mid_hi, hi = _block_range(start_n - offset, last_n - offset, RIGHT, LEFT, Tq, BLOCK_M)
+    for g in range(GROUP):
+        off_h = off_kv * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        stat = (off_b * H + off_h) * Tq
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = _key_mass_stage(acc, k, q_base, stride_qm, LSE_BAND + stat, weight, ROWS, offs_n, mask_n, offs_m,
+                              offs_d, mask_d, lo, mid_lo, Tq, offset, LEFT, RIGHT, kv_start, qk_scale,
+                              1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        acc = _key_mass_stage(acc, k, q_base, stride_qm, LSE_BAND + stat, weight, ROWS, offs_n, mask_n, offs_m,
+                              offs_d, mask_d, mid_lo, mid_hi, Tq, offset, LEFT, RIGHT, kv_start, qk_scale,
+                              0, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        acc = _key_mass_stage(acc, k, q_base, stride_qm, LSE_BAND + stat, weight, ROWS, offs_n, mask_n, offs_m,
+                              offs_d, mask_d, mid_hi, hi, Tq, offset, LEFT, RIGHT, kv_start, qk_scale,
+                              1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        acc = _key_mass_stage(acc, k, q_base, stride_qm, LSE + stat, weight, ROWS, offs_n, mask_n, offs_m,
+                              offs_d, mask_d, 0, G, G, offset, G_LEFT, G_RIGHT, kv_start, qk_scale,
+                              1, CAUSAL, True, BLOCK_M, DOT_PRECISION)
+        acc = tl.where(offs_n >= kv_start, acc, 0.0)  # keys of the padding: the interior stage does not mask them
+        tl.store(KEY_MASS + (off_b * H + off_h) * Tk + offs_n, acc, mask=mask_n)
 
-    if tl.max(weight, 0) > 0.0:  # skip row blocks that query_mask leaves out entirely
-        k_lo = split * CHUNK
-        lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
-        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, lo, mid_lo, Tk,
-                    LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_lo, mid_hi,
-                    Tk, LEFT, RIGHT, kv_start, qk_scale, 0, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-        _mass_stage(q, lse2, weight, k_base, stride_kn, XPOS, seg, mass, pos, offs_n, offs_d, mask_d, mid_hi, hi, Tk,
-                    LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
-        x_hi = tl.where(split == 0, X_HI, X_LO)
-        _mass_stage(q, lse2, weight, XK + off_b * stride_xkb + off_kv * stride_xkh, stride_xkn, XPOS, seg, mass, pos,
-                    offs_n, offs_d, mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, HAS_KV_START,
-                    BLOCK_N, DOT_PRECISION)
+
+@triton.jit
+def _landmark_mass_kernel(Q, XK, XPOS, LSE_BAND, WEIGHT, KV_START, LANDMARK_MASS,
+                          stride_qb, stride_qh, stride_qm, stride_xkb, stride_xkh, stride_xkn,
+                          H, Hkv, GROUP, Tq, Tk, D, L, LEFT, RIGHT, qk_scale,
+                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """LANDMARK_MASS[b, h, l]: the weighted probability the band rows give landmark l outside their band."""
+    offs_x = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // Hkv).to(tl.int64)
+    off_kv = (off_bkv % Hkv).to(tl.int64)
+    offset = Tk - Tq
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_x = offs_x < L
+    mask_d = offs_d < D
+    xpos = tl.load(XPOS + offs_x, mask=mask_x, other=0)
+    k = tl.load(XK + off_b * stride_xkb + off_kv * stride_xkh + offs_x[:, None] * stride_xkn + offs_d[None, :],
+                mask=mask_x[:, None] & mask_d[None, :], other=0.0)
+    kv_start = tl.load(KV_START + off_b)
+    row_lo = 0
+    if CAUSAL:  # rows before the block's first landmark see none of it
+        row_lo = tl.maximum(tl.min(tl.where(mask_x, xpos, Tk), 0) - offset, 0)
+        row_lo = (row_lo // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        off_h = off_kv * GROUP + g
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = _key_mass_stage(acc, k, Q + off_b * stride_qb + off_h * stride_qh, stride_qm,
+                              LSE_BAND + (off_b * H + off_h) * Tq, WEIGHT + off_b * Tq, XPOS, xpos, mask_x, offs_m,
+                              offs_d, mask_d, row_lo, Tq, Tq, offset, LEFT, RIGHT, kv_start, qk_scale,
+                              2, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        tl.store(LANDMARK_MASS + (off_b * H + off_h) * L + offs_x, acc, mask=mask_x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -699,28 +746,37 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
 def attention_mass_triton(q, k, lse, segments, num_segments, row_weights, left, right, causal, landmarks,
                           global_queries, scale, memory_k=None, kv_start=None):
     """(B, H, S) float32: sum over rows of row_weights (B, Tq) times each row's probability on each segment's keys
-    (segments (B, Tk), -1 = none), recomputed from lse (B, H, Tq). Extra memory: a copy of lse and the segment ids
-    as int32; the sums use float32 atomics (order not deterministic)."""
+    (segments (B, Tk), -1 = none), recomputed from lse (B, H, Tq). Key-major, like the dk/dv pass: each program
+    sums the probabilities its keys get, so there are no atomics and the result is deterministic.
+
+    Extra memory: the per-key mass (B, H, Tk) and per-landmark mass (B, H, L) in float32 and a copy of lse."""
     call = _Launch(q, k, None, left, right, causal, landmarks, global_queries, scale, memory_k, None, kv_start)
-    block_m, block_n, num_warps, num_stages = _fwd_config(call.dim, q.dtype)
-    mass = torch.zeros(call.batch, call.heads, num_segments, dtype=torch.float32, device=q.device)
-    segments = segments.to(torch.int32).contiguous()
+    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
     row_weights = row_weights.float().contiguous()
-    global_rows = call.global_rows.long()
-    lse_band = lse.index_fill(2, global_rows, float("inf")) if call.num_global else lse
-    launches = [(call.placeholder, lse_band, (call.left, call.right), (0, call.num_landmarks), call.tk, 1, False)]
-    if call.num_global:
-        splits, chunk = call.splits(block_m, block_n)
-        launches.append((call.global_rows, lse, (call.global_left, call.global_right), (0, 0), chunk, splits, True))
-    for rows, row_lse, band, extra, chunk, splits, gathered in launches:
-        count = call.num_global if gathered else call.tq
-        _mass_kernel[(triton.cdiv(count, block_m), call.batch * call.heads, splits)](
-            q, k, call.extra_k, call.extra_pos, rows, call.kv_start_ptr, row_lse, row_weights, segments, mass,
-            *_strides(q), *_strides(k), *_strides(call.extra_k),
-            call.heads, call.group, count, call.tq, call.tk, call.dim, num_segments, *band, *extra, chunk,
-            call.scale * LOG2E,
-            CAUSAL=call.causal, GATHERED=gathered, HAS_KV_START=call.has_kv_start,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
-            num_warps=num_warps, num_stages=num_stages,
+    kv_start = call.kv_start if call.has_kv_start else torch.zeros(call.batch, dtype=torch.int32, device=q.device)
+    lse_band = lse.index_fill(2, call.global_rows.long(), float("inf")) if call.num_global else lse
+    key_mass = torch.empty(call.batch, call.heads, call.tk, dtype=torch.float32, device=q.device)
+    _key_mass_kernel[(triton.cdiv(call.tk, block_n), call.batch * call.kv_heads)](
+        q, k, lse_band, lse, row_weights, call.rows_ptr, kv_start, key_mass,
+        *_strides(q), *_strides(k),
+        call.heads, call.kv_heads, call.group, call.tq, call.tk, call.dim, call.num_global, call.left, call.right,
+        call.global_left, call.global_right, call.scale * LOG2E,
+        CAUSAL=call.causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if call.num_landmarks:
+        landmark_mass = torch.empty(call.batch, call.heads, call.num_landmarks, dtype=torch.float32,
+                                    device=q.device)
+        _landmark_mass_kernel[(triton.cdiv(call.num_landmarks, block_n), call.batch * call.kv_heads)](
+            q, call.extra_k, call.extra_pos, lse_band, row_weights, kv_start, landmark_mass,
+            *_strides(q), *_strides(call.extra_k),
+            call.heads, call.kv_heads, call.group, call.tq, call.tk, call.dim, call.num_landmarks, call.left,
+            call.right, call.scale * LOG2E,
+            CAUSAL=call.causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d,
+            DOT_PRECISION=call.precision, num_warps=num_warps, num_stages=num_stages,
         )
-    return mass
+        key_mass[:, :, landmarks] += landmark_mass
+    bins = torch.where(segments < 0, num_segments, segments).long()
+    mass = torch.zeros(call.batch, call.heads, num_segments + 1, dtype=torch.float32, device=q.device)
+    mass.scatter_add_(2, bins[:, None].expand(-1, call.heads, -1), key_mass)
+    return mass[..., :num_segments]
