@@ -6,71 +6,11 @@ from torch import nn
 from hybridrag.kernels.patterns import resolve_window
 
 from ..ops import hybrid_attention
-from ..ops.backend import BACKENDS
-from ..ops.validation import MAX_HEAD_DIM, MIN_HEAD_DIM
+from .common import (_check_backend, _check_flag, _check_hidden_states, _check_non_negative_int,
+                     _check_optional_positive_int, _head_layout, _merge_heads, _qkvo_projections, _split_heads)
 from .rotary import RotaryEmbedding
-from .sliding_window_attention import _check_positive_int
 
 MEMORY_INIT_STD = 0.02
-
-
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-
-
-def _check_optional_positive_int(name, value):
-    if value is not None:
-        _check_positive_int(name, value)
-
-
-def _check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _head_layout(hidden_size, num_heads, num_kv_heads, head_dim, *, kernel_head_dim=True, rope=False):
-    """Check the head layout shared by the attention layers; return (num_kv_heads, head_dim).
-
-    kernel_head_dim: head_dim must lie in the attention kernels' range [MIN_HEAD_DIM, MAX_HEAD_DIM]."""
-    _check_positive_int("hidden_size", hidden_size)
-    _check_positive_int("num_heads", num_heads)
-    if num_kv_heads is None:
-        num_kv_heads = num_heads
-    _check_positive_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-    explicit_head_dim = head_dim is not None
-    if head_dim is None:
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
-                             f"when head_dim is not given")
-        head_dim = hidden_size // num_heads
-    _check_positive_int("head_dim", head_dim)
-    if kernel_head_dim and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for the attention kernels, "
-                         f"got {head_dim}" + ("" if explicit_head_dim else
-                                              f" (hidden_size {hidden_size} // num_heads {num_heads})"))
-    _check_flag("rope", rope)
-    if rope and head_dim % 2 != 0:
-        raise ValueError(f"head_dim must be even when rope=True, got {head_dim}")
-    return num_kv_heads, head_dim
-
-
-def _check_backend(backend, allowed=BACKENDS):
-    if backend not in allowed:
-        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
-
-
-def _check_hidden_states(hidden_states, hidden_size, name="hidden_states"):
-    if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(hidden_states).__name__}")
-    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
-        raise ValueError(f"{name} must be (B, T, {hidden_size}), got shape {tuple(hidden_states.shape)}")
-    if not hidden_states.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {hidden_states.dtype}")
 
 
 def evenly_spaced_landmarks(length, count, device=None):
@@ -154,10 +94,8 @@ class HybridAttention(nn.Module):
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = _qkvo_projections(
+            hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, **factory)
         self.rotary = RotaryEmbedding(head_dim, base=rope_base, device=device) if rope else None
         if num_memory_tokens:
             shape = (1, num_kv_heads, num_memory_tokens, head_dim)
@@ -191,11 +129,11 @@ class HybridAttention(nn.Module):
 
     def forward(self, hidden_states, *, position_ids=None, kv_start=None):
         _check_hidden_states(hidden_states, self.hidden_size)
-        batch, length, _ = hidden_states.shape
+        length = hidden_states.shape[1]
         # (B, T, H*D) -> (B, H, T, D) views with unit last stride; the op takes any such strides.
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        k = _split_heads(self.k_proj(hidden_states), self.num_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(hidden_states), self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             if position_ids is None:
                 position_ids = torch.arange(length, device=hidden_states.device)
@@ -206,4 +144,4 @@ class HybridAttention(nn.Module):
         o = hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, hidden_states.device),
                              global_queries=self.global_queries, memory_k=memory_k, memory_v=memory_v,
                              causal=self.causal, kv_start=kv_start, backend=self.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return self.o_proj(_merge_heads(o))

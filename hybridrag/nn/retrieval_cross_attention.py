@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hybrid_attention import _check_backend, _check_flag, _check_hidden_states, _head_layout
+from .common import (_check_backend, _check_flag, _check_hidden_states, _head_layout, _merge_heads, _qkvo_projections,
+                     _split_heads)
 
 CROSS_BACKENDS = ("auto", "reference")
 
@@ -73,10 +74,8 @@ class RetrievalCrossAttention(nn.Module):
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = _qkvo_projections(
+            hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, **factory)
         self.relevance_scorer = nn.Linear(2 * hidden_size, 1, **factory)
         nn.init.zeros_(self.relevance_scorer.weight)
         nn.init.zeros_(self.relevance_scorer.bias)
@@ -141,10 +140,10 @@ class RetrievalCrossAttention(nn.Module):
         retrieved = retrieved.masked_fill(~retrieved_mask[..., None], 0)  # padding cannot leak NaN/inf
         logits = self.relevance_logits(hidden_states, retrieved, retrieved_mask)  # (B, T or 1, S)
 
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
         flat = retrieved.view(batch, keys_len, self.hidden_size)
-        k = self.k_proj(flat).view(batch, keys_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(flat).view(batch, keys_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = _split_heads(self.k_proj(flat), self.num_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(flat), self.num_kv_heads, self.head_dim)
 
         # additive mask (B, 1, T or 1, S*L): log(sigmoid(r)) on real tokens, -inf on padding; a batch row with no real
         # token is unmasked (any finite row avoids NaN) and its output zeroed below.
@@ -160,7 +159,7 @@ class RetrievalCrossAttention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         o = o.masked_fill(empty[:, None, None, None], 0)
-        attn = self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        attn = self.o_proj(_merge_heads(o))
         out = hidden_states + torch.tanh(self.gate).to(attn.dtype) * attn
         if not return_relevance:
             return out

@@ -5,16 +5,9 @@ from torch import nn
 from hybridrag.kernels.patterns import resolve_window
 
 from ..ops import sliding_window_attention
-from ..ops.backend import BACKENDS
-from ..ops.validation import MAX_HEAD_DIM, MIN_HEAD_DIM
+from .common import (_check_backend, _check_flag, _check_hidden_states, _check_rope, _head_layout, _merge_heads,
+                     _qkvo_projections, _split_heads)
 from .rotary import RotaryEmbedding
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 class SlidingWindowAttention(nn.Module):
@@ -50,33 +43,11 @@ class SlidingWindowAttention(nn.Module):
     def __init__(self, hidden_size, num_heads, window, num_kv_heads=None, causal=True, head_dim=None, bias=False,
                  rope=True, rope_base=10000.0, backend="auto", device=None, dtype=None):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_heads", num_heads)
-        if num_kv_heads is None:
-            num_kv_heads = num_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        explicit_head_dim = head_dim is not None
-        if head_dim is None:
-            if hidden_size % num_heads != 0:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
-                                 f"when head_dim is not given")
-            head_dim = hidden_size // num_heads
-        _check_positive_int("head_dim", head_dim)
-        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for the attention kernels, "
-                             f"got {head_dim}" + ("" if explicit_head_dim else
-                                                  f" (hidden_size {hidden_size} // num_heads {num_heads})"))
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
-        if not isinstance(rope, bool):
-            raise TypeError(f"rope must be a bool, got {type(rope).__name__} ({rope!r})")
-        if rope and head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even when rope=True, got {head_dim}")
+        num_kv_heads, head_dim = _head_layout(hidden_size, num_heads, num_kv_heads, head_dim)
+        _check_flag("causal", causal)
+        _check_rope(rope, head_dim)
         resolve_window(window, causal)  # the op's own check: raises TypeError/ValueError naming the window
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_backend(backend)
         self.window = tuple(window) if isinstance(window, list) else window
         self.causal = causal
         self.hidden_size = hidden_size
@@ -85,11 +56,8 @@ class SlidingWindowAttention(nn.Module):
         self.head_dim = head_dim
         self.backend = backend
 
-        factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = _qkvo_projections(
+            hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, device=device, dtype=dtype)
         self.rotary = RotaryEmbedding(head_dim, base=rope_base, device=device) if rope else None
 
     def extra_repr(self):
@@ -98,19 +66,15 @@ class SlidingWindowAttention(nn.Module):
                 f"backend={self.backend!r}")
 
     def forward(self, hidden_states, position_ids=None):
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states must be a tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states must be (B, T, {self.hidden_size}), got shape "
-                             f"{tuple(hidden_states.shape)}")
-        batch, length, _ = hidden_states.shape
+        _check_hidden_states(hidden_states, self.hidden_size)
+        length = hidden_states.shape[1]
         # (B, T, H*D) -> (B, H, T, D) views with unit last stride; the op takes any such strides.
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        k = _split_heads(self.k_proj(hidden_states), self.num_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(hidden_states), self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             if position_ids is None:
                 position_ids = torch.arange(length, device=hidden_states.device)
             q, k = self.rotary(q, k, position_ids)
         o = sliding_window_attention(q, k, v, self.window, causal=self.causal, backend=self.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return self.o_proj(_merge_heads(o))

@@ -6,8 +6,8 @@ from torch import nn
 from hybridrag.kernels.patterns import resolve_window
 
 from ..ops import hybrid_attention
-from .hybrid_attention import (_check_backend, _check_flag, _check_hidden_states, _check_non_negative_int,
-                               _check_optional_positive_int, _head_layout)
+from .common import (_check_backend, _check_flag, _check_hidden_states, _check_non_negative_int,
+                     _check_optional_positive_int, _head_layout, _merge_heads, _qkvo_projections, _split_heads)
 from .rotary import RotaryEmbedding
 
 LANDMARK_INIT_STD = 0.02
@@ -99,10 +99,8 @@ class SparseGlobalAttention(nn.Module):
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = _qkvo_projections(
+            hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, **factory)
         self.rotary = RotaryEmbedding(head_dim, base=rope_base, device=device) if rope else None
         if num_learned_landmarks:
             self.landmark_embeddings = nn.Parameter(torch.empty(num_learned_landmarks, hidden_size, **factory))
@@ -158,10 +156,9 @@ class SparseGlobalAttention(nn.Module):
             hidden_states = torch.cat([self._landmark_states(landmark_states, hidden_states), hidden_states], dim=1)
         elif landmark_states is not None:
             self._landmark_states(landmark_states, hidden_states)  # raises: no learned landmarks
-        total = groups + length
-        q = self.q_proj(hidden_states).view(batch, total, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, total, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, total, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)  # over the G + T tokens
+        k = _split_heads(self.k_proj(hidden_states), self.num_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(hidden_states), self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             if position_ids is None:
                 position_ids = torch.arange(length, device=device)
@@ -173,7 +170,7 @@ class SparseGlobalAttention(nn.Module):
         o = hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, device), global_queries=True,
                              causal=self.causal, backend=self.backend)
         rows = o if return_landmarks else o[:, :, groups:]
-        out = self.o_proj(rows.transpose(1, 2).reshape(batch, rows.shape[2], self.num_heads * self.head_dim))
+        out = self.o_proj(_merge_heads(rows))
         if return_landmarks:
             return out[:, groups:], out[:, :groups]
         return out
