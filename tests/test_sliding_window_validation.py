@@ -104,7 +104,7 @@ def test_auto_picks_the_cpu_path_for_cpu_tensors():
 
 def test_sequence_offsets_past_int32_are_refused():
     """A (B, T, H, D) view with a huge head count would overflow the kernels' int32 sequence offsets."""
-    from hybridrag.kernels.sliding_window.triton_kernels import _check_row_offsets
+    from hybridrag.kernels.triton_common import _check_row_offsets
     huge = torch.empty_strided((1, 2, 70_000, 16), (0, 16, 40_000, 1), device="meta")  # metadata only
     with pytest.raises(ValueError, match=r"q \(1, 2, 70000, 16\) with sequence stride 40000 reaches .* int32"):
         _check_row_offsets(q=huge)

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ..patterns import global_query_rows
-from ..sliding_window.triton_kernels import (LOG2E, _band, _block_d, _block_range, _bwd_config, _bwd_delta_kernel,
-                                             _check_row_offsets, _dot_precision, _fwd_config, _interpreting)
+from ..triton_common import (LOG2E, _band, _block_d, _block_range, _bwd_config, _bwd_delta_kernel, _check_row_offsets,
+                             _dot_precision, _fwd_config, _interpreting)
 
 MEMORY_POSITION = -1  # extra keys at negative positions are memory tokens: every query sees them
 
@@ -704,8 +704,10 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
         extra_dk, extra_dv = _extra_grads(call, q, grad_out, lse_band, lse, delta)
     else:
         extra_dk = extra_dv = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-    landmark_index = torch.full((call.tk,), -1, dtype=torch.int32, device=q.device)
-    landmark_index[landmarks] = torch.arange(call.num_landmarks, dtype=torch.int32, device=q.device)
+    landmark_index = call.placeholder
+    if call.num_landmarks:  # key position -> its row in the extra block, -1 for keys that are not landmarks
+        landmark_index = torch.full((call.tk,), -1, dtype=torch.int32, device=q.device)
+        landmark_index[landmarks] = torch.arange(call.num_landmarks, dtype=torch.int32, device=q.device)
 
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)

@@ -1,0 +1,101 @@
+"""What the Triton attention kernels share: the band's block ranges, the backward's delta kernel, block configs and
+host-side checks. Scores are kept in base 2: s2 = q.k * scale * log2(e)."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _block_range(first, last, LEFT, RIGHT, limit, BLOCK: tl.constexpr):
+    """For the other side's indices visible from positions first..last of this side, return block-aligned bounds
+    (lo, mid_lo, mid_hi, hi): [lo, mid_lo) and [mid_hi, hi) need masks, [mid_lo, mid_hi) is seen whole by every row.
+    Index j is visible from position p iff p - LEFT <= j <= p + RIGHT and 0 <= j < limit."""
+    lo = tl.maximum(first - LEFT, 0)
+    hi = tl.minimum(last + RIGHT + 1, limit)
+    hi = tl.maximum(hi, lo)
+    lo = (lo // BLOCK) * BLOCK
+    full_lo = tl.maximum(last - LEFT, 0)
+    full_lo = ((full_lo + BLOCK - 1) // BLOCK) * BLOCK
+    full_hi = tl.maximum(tl.minimum(first + RIGHT + 1, limit), 0)
+    full_hi = (full_hi // BLOCK) * BLOCK
+    hi_up = ((hi + BLOCK - 1) // BLOCK) * BLOCK
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi_up)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi_up), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                      H, Tq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(o * do) - dlse: the per-row term of dS = P * (dP - delta)."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = off_bh.to(tl.int64) * Tq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=offs_m < Tq, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < Tq)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_d(dim):
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _fwd_config(dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+
+    GPU choices follow the shapes that Triton's fused-attention tutorial runs on Hopper; they are a starting point,
+    not yet tuned on this kernel. The interpreter gets blocks of 32, large enough to run fast and small enough to
+    exercise several band blocks at test sizes."""
+    if _interpreting():
+        return 32, 32, 4, 1
+    wide = dim > 128 or dtype == torch.float32
+    if wide:
+        return 64, 32, 4, 2
+    return 128, 64, 4 if dim <= 64 else 8, 3
+
+
+def _bwd_config(dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dq and dk/dv kernels."""
+    if _interpreting():
+        return 32, 32, 4, 1
+    if dim > 128 or dtype == torch.float32:
+        return 32, 32, 4, 1
+    return 64, 64, 4 if dim <= 64 else 8, 2
+
+
+def _dot_precision(dtype):
+    # float32 inputs must get float32 products (PyTorch's own default), not TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _band(left, right, tq, tk):
+    """Kernel-side band: an unbounded side becomes a distance no pair of positions reaches."""
+    far = tq + tk
+    return (far if left < 0 else left), (far if right < 0 else right)
+
+
+def _check_row_offsets(**tensors):
+    """Batch and head offsets are int64 in the kernels; offsets along the sequence are int32 and must fit."""
+    for name, t in tensors.items():
+        reach = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if reach >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} with sequence stride {t.stride(2)} reaches {reach} elements "
+                             "within one head, past int32 offsets; make it contiguous in (B, H, T, D) order")
