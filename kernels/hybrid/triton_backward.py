@@ -1,0 +1,232 @@
+"""Hybrid attention backward in Triton: dq per row block (like the forward), dk/dv per key block over the band rows
+and the global rows (no atomics), and dk/dv of the extra keys."""
+import triton
+import triton.language as tl
+
+from ..triton_common import _block_range
+from .triton_tiles import _key_blocks, _key_positions, _masked_scores, _rows, _visible
+
+
+@triton.jit
+def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS, pos, offs_n, offs_d, mask_d,
+              start, stop, limit, LEFT, RIGHT, kv_start, qk_scale,
+              MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        idx = start_n + offs_n
+        valid = idx < limit
+        mask = mask_d[:, None] & valid[None, :]
+        kT = tl.load(k_base + idx[None, :] * stride_kn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
+        vT = tl.load(v_base + idx[None, :] * stride_vn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        kpos = _key_positions(KPOS, idx, valid, MODE)
+        s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, MODE, HAS_KV_START)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, DO, LSE, DELTA, DQ,
+               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+               stride_xkb, stride_xkh, stride_xkn, stride_xvb, stride_xvh, stride_xvn,
+               stride_dob, stride_doh, stride_dom, stride_dqs, stride_dqb, stride_dqh, stride_dqm,
+               H, GROUP, R, Tq, Tk, D, LEFT, RIGHT, X_LO, X_HI, CHUNK, qk_scale, scale,
+               CAUSAL: tl.constexpr, GATHERED: tl.constexpr, HAS_KV_START: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq of the launch's R rows over the same keys as `_fwd_kernel` visits; split s writes its partial sum."""
+    off_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_kv = off_h // GROUP
+    offs_r, mask_r, row, pos, first, last = _rows(ROWS, tl.program_id(0) * BLOCK_M, R, Tq, Tk, GATHERED, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_rd = mask_r[:, None] & mask_d[None, :]
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + off_b)
+    else:
+        kv_start = 0
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row[:, None] * stride_qm + offs_d[None, :],
+                mask=mask_rd, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask_rd, other=0.0)
+    stat = off_bh.to(tl.int64) * Tq + row
+    lse2 = tl.load(LSE + stat, mask=mask_r, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see no key: their scores are all masked
+    delta = tl.load(DELTA + stat, mask=mask_r, other=0.0)
+    k_base = K + off_b * stride_kb + off_kv * stride_kh
+    v_base = V + off_b * stride_vb + off_kv * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_lo = split * CHUNK
+    lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
+    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
+                   lo, mid_lo, Tk, LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
+                   mid_lo, mid_hi, Tk, LEFT, RIGHT, kv_start, qk_scale, 0, CAUSAL, HAS_KV_START, BLOCK_N,
+                   DOT_PRECISION)
+    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
+                   mid_hi, hi, Tk, LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+    x_hi = tl.where(split == 0, X_HI, X_LO)
+    dq = _dq_stage(dq, q, do, lse2, delta, XK + off_b * stride_xkb + off_kv * stride_xkh,
+                   XV + off_b * stride_xvb + off_kv * stride_xvh, stride_xkn, stride_xvn, XPOS, pos, offs_n, offs_d,
+                   mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, HAS_KV_START, BLOCK_N,
+                   DOT_PRECISION)
+    dq_ptrs = DQ + split * stride_dqs + off_b * stride_dqb + off_h * stride_dqh + offs_r[:, None] * stride_dqm
+    tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_rd)
+
+
+@triton.jit
+def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, ROWS, kpos, valid_k,
+                offs_m, offs_d, mask_d, start, stop, R, offset, LEFT, RIGHT, kv_start, qk_scale,
+                MODE: tl.constexpr, CAUSAL: tl.constexpr, GATHERED: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv [N, D] of one key block over rows start..stop of a row set (query rows, or gathered ones).
+    LSE and DELTA point at this (batch, head)'s rows. Keys before kv_start are zeroed by the caller."""
+    for start_m in range(start, stop, BLOCK_M):
+        offs_r = start_m + offs_m
+        mask_r = offs_r < R
+        if GATHERED:
+            row = tl.load(ROWS + offs_r, mask=mask_r, other=0)
+        else:
+            row = offs_r
+        qT = tl.load(q_base + row[None, :] * stride_qm + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :],
+                     other=0.0)  # [D, M]
+        do = tl.load(do_base + row[:, None] * stride_dom + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                     other=0.0)  # [M, D]
+        lse2 = tl.load(LSE + row, mask=mask_r, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # +inf (rows hidden from this pass) gives p = 0
+        delta = tl.load(DELTA + row, mask=mask_r, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [N, M]
+        if MODE != 0:
+            seen = _visible((row + offset)[None, :], kpos[:, None], valid_k[:, None] & mask_r[None, :], LEFT, RIGHT,
+                            CAUSAL, kv_start, MODE)
+            sT = tl.where(seen, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, LM_INDEX, XDK, XDV, DK, DV,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_dom, stride_xb, stride_xh, stride_xn,
+                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                 H, Hkv, GROUP, Tq, Tk, D, G, LEFT, RIGHT, G_LEFT, G_RIGHT, qk_scale, scale,
+                 CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_LANDMARKS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (key block, batch x kv head), summing over the kv head's query heads (no atomics): the rows
+    whose band covers the block (LSE_BAND hides the global rows), then the G global rows (ROWS). Landmark keys then
+    add what the extra-key pass gathered for them (XDK/XDV at LM_INDEX)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // Hkv).to(tl.int64)
+    off_kv = (off_bkv % Hkv).to(tl.int64)
+    offset = Tk - Tq
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < Tk
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + off_b * stride_kb + off_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + off_b)
+    else:
+        kv_start = 0
+
+    # Query row i (position i + offset) sees key j through the band iff j - RIGHT <= i + offset <= j + LEFT.
+    last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    lo, mid_lo, mid_hi, hi = _block_range(start_n - offset, last_n - offset, RIGHT, LEFT, Tq, BLOCK_M)
+    for g in range(GROUP):
+        off_h = off_kv * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        stat = (off_b * H + off_h) * Tq
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
+                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, lo, mid_lo, Tq, offset, LEFT, RIGHT,
+                             kv_start, qk_scale, 1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
+                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, mid_lo, mid_hi, Tq, offset, LEFT, RIGHT,
+                             kv_start, qk_scale, 0, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
+                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, mid_hi, hi, Tq, offset, LEFT, RIGHT,
+                             kv_start, qk_scale, 1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + stat, DELTA + stat,
+                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, 0, G, G, offset, G_LEFT, G_RIGHT,
+                             kv_start, qk_scale, 1, CAUSAL, True, BLOCK_M, DOT_PRECISION)
+    dk = dk * scale
+    if HAS_KV_START:  # keys of the padding: no query sees them
+        dk = tl.where(offs_n[:, None] >= kv_start, dk, 0.0)
+        dv = tl.where(offs_n[:, None] >= kv_start, dv, 0.0)
+    if HAS_LANDMARKS:
+        index = tl.load(LM_INDEX + offs_n, mask=mask_n, other=-1)
+        x_ptrs = off_b * stride_xb + off_kv * stride_xh + index[:, None] * stride_xn + offs_d[None, :]
+        is_landmark = (index >= 0)[:, None] & mask_d[None, :]
+        dk += tl.load(XDK + x_ptrs, mask=is_landmark, other=0.0)
+        dv += tl.load(XDV + x_ptrs, mask=is_landmark, other=0.0)
+    tl.store(DK + off_b * stride_dkb + off_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + off_b * stride_dvb + off_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _dkdv_extra_kernel(Q, XK, XV, XPOS, DO, LSE, DELTA, KV_START, XDK, XDV,
+                       stride_qb, stride_qh, stride_qm, stride_xkb, stride_xkh, stride_xkn,
+                       stride_xvb, stride_xvh, stride_xvn, stride_dob, stride_doh, stride_dom,
+                       stride_xb, stride_xh, stride_xn,
+                       H, Hkv, GROUP, Tq, Tk, D, X_LO, X_HI, LEFT, RIGHT, qk_scale, scale,
+                       CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """dk, dv (float32) of extra keys X_LO..X_HI from every query row that sees them outside its band."""
+    offs_x = X_LO + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // Hkv).to(tl.int64)
+    off_kv = (off_bkv % Hkv).to(tl.int64)
+    offset = Tk - Tq
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_x = offs_x < X_HI
+    mask_d = offs_d < D
+    mask_xd = mask_x[:, None] & mask_d[None, :]
+    xpos = tl.load(XPOS + offs_x, mask=mask_x, other=0)
+    k = tl.load(XK + off_b * stride_xkb + off_kv * stride_xkh + offs_x[:, None] * stride_xkn + offs_d[None, :],
+                mask=mask_xd, other=0.0)
+    v = tl.load(XV + off_b * stride_xvb + off_kv * stride_xvh + offs_x[:, None] * stride_xvn + offs_d[None, :],
+                mask=mask_xd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + off_b)
+    else:
+        kv_start = 0
+    row_lo = 0
+    if CAUSAL:  # rows before the block's first landmark see none of it (memory tokens sit at -1: all rows)
+        first = tl.min(tl.where(mask_x, xpos, Tk), 0)
+        row_lo = tl.where(first < 0, 0, tl.maximum(first - offset, 0))
+        row_lo = (row_lo // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        off_h = off_kv * GROUP + g
+        stat = (off_b * H + off_h) * Tq
+        dk, dv = _dkdv_stage(dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh,
+                             DO + off_b * stride_dob + off_h * stride_doh, stride_qm, stride_dom, LSE + stat,
+                             DELTA + stat, XPOS, xpos, mask_x, offs_m, offs_d, mask_d, row_lo, Tq, Tq, offset,
+                             LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+    x_ptrs = off_b * stride_xb + off_kv * stride_xh + offs_x[:, None] * stride_xn + offs_d[None, :]
+    tl.store(XDK + x_ptrs, dk * scale, mask=mask_xd)
+    tl.store(XDV + x_ptrs, dv, mask=mask_xd)
