@@ -1,0 +1,197 @@
+"""`quantize_int8` and `int8_matmul`: int8 weights with float activations (W8A16) or int8 activations (W8A8)."""
+import torch
+from torch import nn
+
+from hybridrag.kernels.int8 import (dequantize_weight, int8_matmul_cpu, int8_matmul_grad_input_cpu,
+                                    int8_matmul_reference, quantize_weight)
+
+from .backend import resolve_backend
+from .validation import check_tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATIONS = ("fp", "int8")
+ACCUMULATE = ("fp32", "fp16")
+
+
+class QuantizedWeight(nn.Module):
+    """An int8 weight: `data` int8 (N, K), `scale` float32 (N,) per output channel or (N, K // group_size) per group
+    of K, and `group_size` (None for per channel). W ~= data * scale. A module so that it saves and loads through
+    `state_dict` (data and scale are buffers, group_size rides in the extra state)."""
+
+    def __init__(self, data, scale, group_size=None):
+        super().__init__()
+        self.register_buffer("data", data)
+        self.register_buffer("scale", scale)
+        self.group_size = group_size
+
+    @property
+    def out_features(self):
+        return self.data.shape[0]
+
+    @property
+    def in_features(self):
+        return self.data.shape[1]
+
+    def dequantize(self, dtype=torch.float32):
+        """The (N, K) weight it stands for, in `dtype` (a full-size copy)."""
+        return dequantize_weight(self.data, self.scale, self.group_size, dtype)
+
+    def get_extra_state(self):
+        return {"group_size": self.group_size}
+
+    def set_extra_state(self, state):
+        self.group_size = state["group_size"]
+
+    def extra_repr(self):
+        grouping = "per channel" if self.group_size is None else f"group_size={self.group_size}"
+        return f"out_features={self.out_features}, in_features={self.in_features}, {grouping}"
+
+
+def _check_group_size(group_size, k):
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+    if group_size < 1 or k % group_size != 0:
+        raise ValueError(f"group_size must be a positive divisor of K={k} (the weight's in_features), "
+                         f"got {group_size}")
+
+
+def quantize_int8(weight, *, group_size=None):
+    """Symmetric int8 quantization of a (N, K) weight, round to nearest, clamped to [-127, 127].
+
+    Args:
+        weight: (N, K) float16, bfloat16, float32 or float64 (e.g. an nn.Linear's weight: out x in).
+        group_size: None for one scale per output channel, or g dividing K for one scale per g inputs.
+
+    Returns:
+        QuantizedWeight(data int8 (N, K), scale float32 (N,) or (N, K // g), group_size) on weight's device.
+    """
+    check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    _check_group_size(group_size, weight.shape[1])
+    data, scale = quantize_weight(weight, group_size)
+    return QuantizedWeight(data, scale, group_size)
+
+
+def _check_quantized(qweight):
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a QuantizedWeight (from hybridrag.quantize_int8), "
+                        f"got {type(qweight).__name__}")
+    data, scale, group_size = qweight.data, qweight.scale, qweight.group_size
+    if data.dtype != torch.int8 or data.dim() != 2:
+        raise TypeError(f"qweight.data must be a 2-D int8 tensor, got dtype {data.dtype} and shape "
+                        f"{tuple(data.shape)}")
+    _check_group_size(group_size, data.shape[1])
+    groups = () if group_size is None else (data.shape[1] // group_size,)
+    if scale.dtype != torch.float32 or scale.shape != (data.shape[0], *groups):
+        raise ValueError(f"qweight.scale must be float32 of shape {(data.shape[0], *groups)}, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+
+
+def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
+    check_tensor("x", x)
+    _check_quantized(qweight)
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
+    if x.dtype not in dtypes:
+        raise TypeError(f"x must have dtype in ({', '.join(str(d).removeprefix('torch.') for d in dtypes)}), "
+                        f"got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != qweight.in_features:
+        raise ValueError(f"x must have last dim {qweight.in_features} (the weight's in_features), "
+                         f"got shape {tuple(x.shape)}")
+    if qweight.data.device != x.device:
+        raise ValueError(f"qweight is on {qweight.data.device} but x is on {x.device}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (qweight.out_features,):
+            raise ValueError(f"bias must have shape ({qweight.out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass one dtype")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+    if activations == "int8" and qweight.group_size is not None:
+        raise ValueError(f"activations='int8' (W8A8) needs a per-channel weight (group_size=None), "
+                         f"got group_size={qweight.group_size}")
+    if accumulate == "fp16":
+        if x.dtype != torch.float16 or activations != "fp":
+            raise ValueError(f"accumulate='fp16' needs float16 x with activations='fp', got {x.dtype} with "
+                             f"activations={activations!r}")
+        if backend != "triton":
+            raise ValueError(f"accumulate='fp16' is a Triton kernel option; backend {backend!r} accumulates in "
+                             "float32")
+
+
+def _triton_functions():
+    # Imported on first use: CPU-only installs need not have Triton.
+    from hybridrag.kernels.int8 import triton_kernels
+    return triton_kernels.int8_matmul_triton, triton_kernels.int8_matmul_grad_input_triton
+
+
+def _backend_functions(backend):
+    if backend == "triton":
+        return _triton_functions()
+    return (lambda x, data, scale, group_size, bias, activations, accumulate:
+            int8_matmul_cpu(x, data, scale, group_size, bias, activations),
+            lambda grad_out, data, scale, group_size, accumulate:
+            int8_matmul_grad_input_cpu(grad_out, data, scale, group_size))
+
+
+class Int8MatmulFunction(torch.autograd.Function):
+    """y = x @ dequant(W).T + bias; gradients to x (through the int8 weight, straight through the activation
+    quantization for W8A8) and to bias, never to the weight."""
+
+    @staticmethod
+    def forward(ctx, x, data, scale, bias, group_size, activations, accumulate, backend):
+        forward_fn, grad_input_fn = _backend_functions(backend)
+        ctx.save_for_backward(data, scale)
+        ctx.group_size, ctx.accumulate, ctx.grad_input_fn = group_size, accumulate, grad_input_fn
+        ctx.has_bias = bias is not None
+        return forward_fn(x, data, scale, group_size, bias, activations, accumulate)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        data, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.grad_input_fn(grad_out.contiguous(), data, scale, ctx.group_size, ctx.accumulate)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum(0)
+        return grad_x, None, None, grad_bias, None, None, None, None
+
+
+def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", backend="auto"):
+    """x @ dequant(qweight).T + bias with an int8 weight.
+
+    Args:
+        x: (..., K) float16, bfloat16 or float32.
+        qweight: QuantizedWeight from `quantize_int8` ((N, K) int8 and its scales).
+        bias: (N,) in x's dtype, or None.
+        activations: "fp" (W8A16: the weight is dequantized in registers) or "int8" (W8A8: x is quantized per token,
+            int8 x int8 products accumulate in int32; needs a per-channel weight).
+        accumulate: "fp32", or "fp16" (Triton only, float16 x, W8A16): faster on some GPUs, less accurate.
+        backend: "auto" | "triton" | "cpu" | "reference".
+
+    Returns:
+        (..., N) in x's dtype. Gradients flow to x and bias, never to the int8 weight (adapters on a frozen base);
+        W8A8's gradient to x passes straight through the activation quantization.
+
+    Memory: the output; the CPU path and the reference also hold float32 copies (see their modules).
+    """
+    check_tensor("x", x)
+    backend = resolve_backend(backend, x.device)
+    _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend)
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if backend == "reference":
+        out = int8_matmul_reference(x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations)
+    else:
+        out = Int8MatmulFunction.apply(x2d, qweight.data, qweight.scale, bias, qweight.group_size, activations,
+                                       accumulate, backend)
+    return out.reshape(*leading, qweight.out_features)

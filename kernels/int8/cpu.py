@@ -1,0 +1,29 @@
+"""int8 matmul on CPU with PyTorch's own int8 kernels: `_weight_int8pack_mm` for per-channel W8A16 and `_int_mm`
+(int8 x int8 -> int32) for W8A8. Group-wise weights are dequantized to float32 for one matmul. Math in float32,
+output in x's dtype.
+
+Memory: float32 copies of x and the output; group-wise W8A16 also a float32 (N, K) weight."""
+import torch
+
+from .quantize import dequantize_weight, quantize_activations
+
+
+def int8_matmul_cpu(x, data, scale, group_size, bias=None, activations="fp"):
+    """x (M, K), data int8 (N, K), scale float32 (N,) or (N, K // group_size), bias (N,) or None -> (M, N)."""
+    if activations == "int8":  # per-channel weights only (checked by the op)
+        x_data, x_scale = quantize_activations(x)
+        out = torch._int_mm(x_data, data.T).float() * x_scale[:, None] * scale[None, :]
+    elif group_size is None:
+        out = torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), data.contiguous(), scale)
+    else:
+        out = x.float() @ dequantize_weight(data, scale, group_size).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def int8_matmul_grad_input_cpu(grad_out, data, scale, group_size):
+    """grad_out (M, N) -> grad_x (M, K) = grad_out @ dequant(W), in grad_out's dtype."""
+    if group_size is None:  # fold the per-channel scale into grad_out: no dequantized copy of W
+        return ((grad_out.float() * scale[None, :]) @ data.float()).to(grad_out.dtype)
+    return (grad_out.float() @ dequantize_weight(data, scale, group_size)).to(grad_out.dtype)
