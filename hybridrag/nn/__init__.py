@@ -1,9 +1,11 @@
 """Drop-in layers built on `hybridrag.ops`."""
 from .hybrid_attention import HybridAttention
+from .int8_linear import Int8Linear
+from .quantize import QuantizationReport, quantize_model
 from .retrieval_cross_attention import RetrievalCrossAttention
 from .rotary import RotaryEmbedding
 from .sliding_window_attention import SlidingWindowAttention
 from .sparse_global_attention import SparseGlobalAttention
 
 __all__ = ["SlidingWindowAttention", "RotaryEmbedding", "HybridAttention", "SparseGlobalAttention",
-           "RetrievalCrossAttention"]
+           "RetrievalCrossAttention", "Int8Linear", "quantize_model", "QuantizationReport"]

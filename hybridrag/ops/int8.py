@@ -36,6 +36,15 @@ class QuantizedWeight(nn.Module):
         """The (N, K) weight it stands for, in `dtype` (a full-size copy)."""
         return dequantize_weight(self.data, self.scale, self.group_size, dtype)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves both buffers; dtype casts (.half(), .to(torch.bfloat16)) must not touch the float32 scales
+        # (or the int8 data, which fn already leaves alone): put the old scales back, moved to the new device.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != scale.dtype:
+            self.scale = scale.to(self.scale.device)
+        return self
+
     def get_extra_state(self):
         return {"group_size": self.group_size}
 
@@ -162,7 +171,7 @@ class Int8MatmulFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = ctx.grad_input_fn(grad_out.contiguous(), data, scale, ctx.group_size, ctx.accumulate)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.sum(0)
+            grad_bias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
         return grad_x, None, None, grad_bias, None, None, None, None
 
 
