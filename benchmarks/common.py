@@ -182,18 +182,30 @@ def _copy_timing(nbytes, device):
     return time_ms(lambda: dst.copy_(src), device)
 
 
+def _int_mm_timing(n, device):
+    """int8 x int8 -> int32 with torch._int_mm, the second operand column-major (cuBLASLt's fast int8 layout)."""
+    a, b = (torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=torch.int32)
+    return time_ms(lambda: torch._int_mm(a, b.T, out=c), device)
+
+
 def measure_ceilings(device, dtype):
-    """Dense matmul rate in `dtype` (TFLOP/s) and copy bandwidth (GB/s, read + write bytes), timed like the kernels."""
+    """Dense matmul rate in `dtype` (TFLOP/s), copy bandwidth (GB/s, read + write bytes) and, on CUDA, the int8
+    matmul rate of torch._int_mm (TOPS; None on CPU), timed like the kernels."""
     n = 8192 if device.type == "cuda" else 2048
     nbytes = 2**30 if device.type == "cuda" else 2**28
     matmul = _matmul_timing(n, device, dtype)
     copy = _copy_timing(nbytes, device)
+    int8 = _int_mm_timing(n, device) if device.type == "cuda" else None
     release_memory(device)
     return {
         "matmul_tflops": 2 * n**3 / (matmul.ms * 1e-3) / 1e12,
         "matmul": f"{n}x{n} @ {n}x{n} {str(dtype).removeprefix('torch.')}, {matmul.ms:.3f} ms, {matmul.method}",
         "copy_gbps": 2 * nbytes / (copy.ms * 1e-3) / 1e9,
         "copy": f"{nbytes / 2**20:.0f} MiB tensor copy (read + write counted), {copy.ms:.3f} ms, {copy.method}",
+        "int8_tops": None if int8 is None else 2 * n**3 / (int8.ms * 1e-3) / 1e12,
+        "int8": "not measured (CUDA only)" if int8 is None else
+                f"{n}x{n} @ {n}x{n} int8 -> int32 torch._int_mm, {int8.ms:.3f} ms, {int8.method}",
     }
 
 

@@ -15,7 +15,8 @@ import sys
 from .common import (default_device, device_slug, environment, format_table, measure_ceilings, results_dir,
                      write_json)
 
-SUITE_MODULES = ("sliding_window", "hybrid")  # register a suite by adding its module name under benchmarks/
+# register a suite by adding its module name under benchmarks/
+SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul")
 SUITES = [importlib.import_module(f".{name}", __package__) for name in SUITE_MODULES]
 OTHER_LOAD_WARNING = 0.10
 
@@ -74,8 +75,10 @@ def main(argv=None):
         all_passed &= passed
 
     for dtype, ceilings in ceilings_by_dtype.items():
+        int8 = "" if ceilings.get("int8_tops") is None else \
+            f"; int8 matmul {ceilings['int8_tops']:.1f} TOPS [{ceilings['int8']}]"
         print(f"ceilings ({env['device']}): dense matmul {ceilings['matmul_tflops']:.2f} TFLOP/s "
-              f"[{ceilings['matmul']}]; copy {ceilings['copy_gbps']:.1f} GB/s [{ceilings['copy']}]")
+              f"[{ceilings['matmul']}]; copy {ceilings['copy_gbps']:.1f} GB/s [{ceilings['copy']}]{int8}")
     print(f"env: torch {env['torch']}, triton {env['triton']}, flash-attn {env['flash_attn']}, "
           f"python {env['python']}, threads {env['cpu_threads']}, commit {env['git_commit']}, {env['date']}")
     print("\n\n".join(tables))

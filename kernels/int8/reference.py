@@ -11,11 +11,12 @@ def int8_matmul_reference(x, data, scale, group_size, bias=None, activations="fp
 
     activations="int8" first quantizes x per row (W8A8) and uses the dequantized x. Computes in float32, or float64
     for float64 x (the tests' truth)."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = x.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     if activations == "int8":
         x_data, x_scale = quantize_activations(x)
         x = x_data.to(compute) * x_scale[:, None].to(compute)
     out = x.to(compute) @ dequantize_weight(data, scale, group_size, compute).T
     if bias is not None:
         out = out + bias.to(compute)
-    return out.to(x.dtype)
+    return out.to(dtype)
