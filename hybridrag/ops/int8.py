@@ -6,7 +6,7 @@ from hybridrag.kernels.int8 import (dequantize_weight, int8_matmul_cpu, int8_mat
                                     int8_matmul_reference, quantize_weight)
 
 from .backend import resolve_backend
-from .validation import check_tensor
+from .validation import check_interpreter_dtype, check_tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("fp", "int8")
@@ -121,6 +121,7 @@ def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; pass one dtype")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    check_interpreter_dtype(backend, x)
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if accumulate not in ACCUMULATE:
