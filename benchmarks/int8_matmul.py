@@ -471,10 +471,20 @@ def _plain(x, qweight, bias, activations, dtype):
     return out if bias is None else out + bias.to(dtype)
 
 
+def _fp16_accumulated_matmul(a, b, step=16):
+    """a (M, R) @ b (R, C) with an fp16 accumulator updated once per `step` of the reduction (the k-size of an fp16
+    MMA): PyTorch doing what accumulate="fp16" does, as the baseline of the tolerance rule for that variant."""
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float16, device=a.device)
+    for start in range(0, a.shape[1], step):
+        acc = (acc.float() + a[:, start:start + step].float() @ b[start:start + step].float()).half()
+    return acc
+
+
 def check(device):
     """Max abs error of y (and dx for W8A16) of ours (the benchmark's backend) against the float64 reference
     (backend="reference"): within 2x the error of the same computation done by PyTorch in the input dtype, plus
-    floor * max|truth| (tests/tolerance.py's floors). W8A8 has no dx row: its gradient passes straight through
+    floor * max|truth| (tests/tolerance.py's floors); for accumulate="fp16" the same computation is PyTorch with an
+    fp16 accumulator (`_fp16_accumulated_matmul`). W8A8 has no dx row: its gradient passes straight through
     the activation quantization, which the reference does not differentiate."""
     backend = ours_backend(device)
     rows = []
@@ -504,6 +514,10 @@ def check(device):
                     ours.append(torch.autograd.grad(ours[0], x_ours, grad_out)[0])
                 grouping = f" g={group_size}" if grouped else ""
                 label = f"M={m} N={n} K={k} {name}{grouping}{' bias' if with_bias else ''}"
+                if accumulate == "fp16":  # the baseline accumulates in fp16 too
+                    w16 = qweight.dequantize(dtype)
+                    plain = [_fp16_accumulated_matmul(x, w16.T) + (0 if bias is None else bias),
+                             _fp16_accumulated_matmul(grad_out, w16)]
                 for tensor, o, p, t in zip(("y", "dx"), ours, plain, truth):
                     rows.append({"case": label, "dtype": str(dtype).removeprefix("torch."), "tensor": tensor,
                                  **compare_to_truth(o.detach(), p, t.detach(), CHECK_FLOOR[dtype])})
