@@ -2,6 +2,7 @@
 from .hybrid import attention_mass, hybrid_attention
 from .int8 import QuantizedWeight, int8_matmul, quantize_int8
 from .sliding_window import sliding_window_attention
+from .streaming import StreamingKVCache, streaming_attention
 
 __all__ = ["sliding_window_attention", "hybrid_attention", "attention_mass", "quantize_int8", "int8_matmul",
-           "QuantizedWeight"]
+           "QuantizedWeight", "StreamingKVCache", "streaming_attention"]

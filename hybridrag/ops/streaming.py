@@ -1,0 +1,127 @@
+"""`StreamingKVCache` and `streaming_attention`: attention over an endless stream in constant memory."""
+import torch
+
+from hybridrag.kernels.streaming import streaming_attention_blockwise, streaming_attention_reference
+
+from .backend import resolve_backend
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_interpreter_dtype, check_scale,
+                         check_tensor)
+
+
+def _check_count(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+class StreamingKVCache:
+    """Fixed-size keys/values of a stream: `sinks` sink slots (the first positions, kept for good) and a ring of the
+    last `window` positions. Memory: 2 x B x Hkv x (sinks + window) x D elements, however many tokens have passed.
+
+    A query at position p sees key j iff j <= p and (j < sinks or p - window < j): the int `window` means what it
+    means in `hybrid_attention` (the window most recent keys, the query's own included), and the sinks are landmarks
+    with global_queries=False. Every row of the batch advances together (`length` tokens seen).
+    """
+
+    def __init__(self, batch, kv_heads, head_dim, window, *, sinks=4, dtype=torch.float32, device=None):
+        for name, value, low in (("batch", batch, 1), ("kv_heads", kv_heads, 1), ("head_dim", head_dim, 1),
+                                 ("window", window, 1), ("sinks", sinks, 0)):
+            _check_count(name, value, low)
+        if dtype not in REFERENCE_DTYPES:  # float64 serves the reference backend (the tests' truth)
+            raise TypeError(f"dtype must be one of {REFERENCE_DTYPES}, got {dtype}")
+        self.window, self.sinks = window, sinks
+        self.sink_k = torch.zeros(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.ring_k = torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.length = 0
+
+    @property
+    def shape(self):
+        """(batch, kv_heads, head_dim) the cache takes chunks of."""
+        batch, kv_heads, _, head_dim = self.ring_k.shape
+        return batch, kv_heads, head_dim
+
+    @property
+    def dtype(self):
+        return self.ring_k.dtype
+
+    @property
+    def device(self):
+        return self.ring_k.device
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.ring_k, self.ring_v))
+
+    def reset(self):
+        """Start a new stream (the storage is kept and overwritten)."""
+        self.length = 0
+
+    def append(self, k, v):
+        """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place."""
+        chunk = k.shape[2]
+        positions = torch.arange(self.length, self.length + chunk, device=k.device)
+        to_sinks = positions < self.sinks
+        if to_sinks.any():
+            count = int(to_sinks.sum())
+            self.sink_k[:, :, self.length:self.length + count] = k[:, :, :count]
+            self.sink_v[:, :, self.length:self.length + count] = v[:, :, :count]
+        ring_first = max(int((~to_sinks).nonzero()[0]) if (~to_sinks).any() else chunk, chunk - self.window)
+        if ring_first < chunk:
+            slots = (positions[ring_first:] - self.sinks) % self.window
+            self.ring_k.index_copy_(2, slots, k[:, :, ring_first:])
+            self.ring_v.index_copy_(2, slots, v[:, :, ring_first:])
+        self.length += chunk
+
+
+def _triton_function():
+    # Imported on first use: CPU-only installs need not have Triton.
+    from hybridrag.kernels.streaming.triton_kernels import streaming_attention_triton
+    return streaming_attention_triton
+
+
+def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
+    """Attend a chunk of queries to the stream so far and the chunk itself, then append the chunk to the cache.
+
+    Args:
+        q: (B, H, C, D) queries at positions cache.length .. cache.length + C - 1 (any C >= 1).
+        k, v: (B, Hkv, C, D) the chunk's keys and values, in the cache's dtype and device.
+        cache: a StreamingKVCache; it advances by C.
+        scale: multiplies q.k; default D ** -0.5.
+        backend: "auto" | "triton" | "cpu" | "reference".
+
+    Returns:
+        o (B, H, C, D) in q's dtype: what `hybrid_attention(q, k, v, window=cache.window,
+        landmarks=torch.arange(cache.sinks), global_queries=False)` gives these rows over the whole sequence.
+
+    Inference only: inputs that require grad are refused (train with `hybrid_attention`). Memory: the output, plus
+    the CPU path's temporaries (B, H, 128, window) float32; never a C x (sinks + window + C) matrix except "reference".
+    """
+    check_tensor("q", q)
+    if not isinstance(cache, StreamingKVCache):
+        raise TypeError(f"cache must be a StreamingKVCache, got {type(cache).__name__}")
+    backend = resolve_backend(backend, q.device)
+    check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("streaming_attention is inference only (its cache keeps no graph); use "
+                         "hybrid_attention(q, k, v, window, landmarks=torch.arange(sinks), global_queries=False) to "
+                         "train, or call it under torch.no_grad()")
+    batch, kv_heads, head_dim = cache.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, kv_heads, head_dim):
+        raise ValueError(f"k has (batch, kv_heads, head_dim) {(k.shape[0], k.shape[1], k.shape[3])} but the cache "
+                         f"holds {(batch, kv_heads, head_dim)}")
+    if k.dtype != cache.dtype or k.device != cache.device:
+        raise TypeError(f"k is {k.dtype} on {k.device} but the cache is {cache.dtype} on {cache.device}")
+    check_interpreter_dtype(backend, q)
+    scale = check_scale(scale, q.shape[-1])
+    state = (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, cache.length, cache.sinks, cache.window, scale)
+    if backend == "reference":
+        out = streaming_attention_reference(q, k, v, *state)
+    elif backend == "triton":
+        out = _triton_function()(q, k, v, *state)
+    else:
+        out = streaming_attention_blockwise(q, k, v, *state)
+    cache.append(k, v)
+    return out
