@@ -6,6 +6,8 @@ from .retrieval_cross_attention import RetrievalCrossAttention
 from .rotary import RotaryEmbedding
 from .sliding_window_attention import SlidingWindowAttention
 from .sparse_global_attention import SparseGlobalAttention
+from .streaming_attention import StreamingAttention, stream_chunks
 
 __all__ = ["SlidingWindowAttention", "RotaryEmbedding", "HybridAttention", "SparseGlobalAttention",
-           "RetrievalCrossAttention", "Int8Linear", "quantize_model", "QuantizationReport"]
+           "RetrievalCrossAttention", "Int8Linear", "quantize_model", "QuantizationReport",
+           "StreamingAttention", "stream_chunks"]
