@@ -60,17 +60,16 @@ class StreamingKVCache:
         self.length = 0
 
     def append(self, k, v):
-        """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place."""
+        """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place (no host sync)."""
         chunk = k.shape[2]
-        positions = torch.arange(self.length, self.length + chunk, device=k.device)
-        to_sinks = positions < self.sinks
-        if to_sinks.any():
-            count = int(to_sinks.sum())
-            self.sink_k[:, :, self.length:self.length + count] = k[:, :, :count]
-            self.sink_v[:, :, self.length:self.length + count] = v[:, :, :count]
-        ring_first = max(int((~to_sinks).nonzero()[0]) if (~to_sinks).any() else chunk, chunk - self.window)
+        to_sinks = max(0, min(self.sinks - self.length, chunk))  # the chunk's first tokens may still be sinks
+        if to_sinks:
+            self.sink_k[:, :, self.length:self.length + to_sinks] = k[:, :, :to_sinks]
+            self.sink_v[:, :, self.length:self.length + to_sinks] = v[:, :, :to_sinks]
+        ring_first = max(to_sinks, chunk - self.window)  # older tokens of a long chunk would be overwritten anyway
         if ring_first < chunk:
-            slots = (positions[ring_first:] - self.sinks) % self.window
+            positions = torch.arange(self.length + ring_first, self.length + chunk, device=k.device)
+            slots = (positions - self.sinks) % self.window
             self.ring_k.index_copy_(2, slots, k[:, :, ring_first:])
             self.ring_v.index_copy_(2, slots, v[:, :, ring_first:])
         self.length += chunk
