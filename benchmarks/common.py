@@ -213,6 +213,55 @@ def measure_ceilings(device, dtype):
 # Correctness in the flash-attn rule (DESIGN.md, Evidence)
 # ----------------------------------------------------------------------------------------------------------------
 
+class PeerUnavailable(Exception):
+    """The peer cannot run here (not installed, no such device support)."""
+
+
+class PeerSkipped(Exception):
+    """The peer could run but this case is outside the budget (memory)."""
+
+
+@dataclass
+class Prepared:
+    run: object          # zero-argument callable, or None when status != "ok"
+    status: str          # "ok" | "skipped" | "unavailable"
+    reason: str = None
+    setup_s: float = None  # building the inputs plus the first call (compile included)
+    reads: list = None     # the tensors the call reads, where a suite counts bytes from them
+
+
+def prepare_attention(build, device, mode, first_call_failures=((), None)):
+    """Build an attention peer's timed call and make its first call (compile, warm caches).
+
+    build() -> (attend, inputs): attend(*inputs) returns the output; mode "fwd" times it under no_grad, "fwd+bwd"
+    times the gradient of every input. first_call_failures = (exception types, status) recorded rather than
+    raised when the first call fails with them ("this peer cannot do this here")."""
+    start = time.perf_counter()
+    try:
+        attend, inputs = build()
+    except PeerUnavailable as err:
+        return Prepared(None, "unavailable", str(err))
+    except PeerSkipped as err:
+        return Prepared(None, "skipped", str(err))
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return attend(*inputs)
+    else:
+        grad_out = torch.randn_like(inputs[0])
+
+        def run():
+            return torch.autograd.grad(attend(*inputs), inputs, grad_out)
+    failures, status = first_call_failures
+    try:
+        run()
+    except failures as err:  # the caller frees the tensors (gc + empty_cache) once this frame is gone
+        return Prepared(None, status, f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Prepared(run, "ok", None, time.perf_counter() - start)
+
+
 def compare_to_truth(ours, plain, truth, floor):
     """One check row's numbers: max abs errors of `ours` and of `plain` (the reference computed in the input dtype)
     against `truth` (the float64 reference); ours passes when its error is at most 2x plain's + floor * max|truth|."""

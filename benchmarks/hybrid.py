@@ -22,7 +22,6 @@ Targets, recorded in each row's `target` (the ratio is recorded for every case, 
     attention_mass:    attention_mass ms / ours forward ms <= 1.5, every case.
 """
 import gc
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,8 +31,8 @@ import hybridrag as hr
 from hybridrag.kernels.patterns import (UNBOUNDED, hybrid_key_counts, hybrid_mask, resolve_landmarks, resolve_window,
                                         visible_key_counts)
 
-from .common import (TOLERANCE_CHECK_COLUMNS, compare_to_truth, fmt_number, free_memory_bytes, release_memory,
-                     time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, fmt_number,
+                     free_memory_bytes, prepare_attention, release_memory, time_ms)
 
 SUITE = "hybrid"
 PEERS = ("ours", "ours_window_only", "flex_attention", "sdpa_dense_mask", "attention_mass")
@@ -67,12 +66,6 @@ PEER_NOTES = {
 }
 
 
-class PeerUnavailable(Exception):
-    """The peer cannot run here (not installed, no such device support)."""
-
-
-class PeerSkipped(Exception):
-    """The peer could run but this case is outside the budget (memory)."""
 
 
 @dataclass(frozen=True)
@@ -308,40 +301,10 @@ FIRST_CALL_FAILURES = {
 }
 
 
-@dataclass
-class Prepared:
-    run: object          # zero-argument callable, or None when status != "ok"
-    status: str          # "ok" | "skipped" | "unavailable"
-    reason: str = None
-    setup_s: float = None  # building the inputs/mask plus the first call (compile included)
-
-
 def prepare(peer, case, device, mode):
     """Build the peer's timed call for one case and mode, and make its first call (compile, warm caches)."""
-    start = time.perf_counter()
-    try:
-        attend, inputs = BUILDERS[peer](case, device, mode)
-    except PeerUnavailable as err:
-        return Prepared(None, "unavailable", str(err))
-    except PeerSkipped as err:
-        return Prepared(None, "skipped", str(err))
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return attend(*inputs)
-    else:
-        grad_out = torch.randn_like(inputs[0])
-
-        def run():
-            return torch.autograd.grad(attend(*inputs), inputs, grad_out)
-    failures, status = FIRST_CALL_FAILURES.get(peer, ((), None))
-    try:
-        run()
-    except failures as err:  # the caller frees the tensors (gc + empty_cache) once this frame is gone
-        return Prepared(None, status, f"{type(err).__name__}: {str(err).splitlines()[0]}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Prepared(run, "ok", None, time.perf_counter() - start)
+    return prepare_attention(lambda: BUILDERS[peer](case, device, mode), device, mode,
+                             FIRST_CALL_FAILURES.get(peer, ((), None)))
 
 
 def forward_output(peer, case, device):

@@ -37,7 +37,8 @@ import torch
 import hybridrag as hr
 from hybridrag.kernels.int8 import quantize_activations
 
-from .common import TOLERANCE_CHECK_COLUMNS, compare_to_truth, fmt_number, release_memory, time_ms
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prepared, compare_to_truth, fmt_number,
+                     release_memory, time_ms)
 
 SUITE = "int8_matmul"
 GROUP_SIZE = 128
@@ -73,12 +74,6 @@ PEER_NOTES = {
 }
 
 
-class PeerUnavailable(Exception):
-    """The peer cannot run here (not installed, no such device support)."""
-
-
-class PeerSkipped(Exception):
-    """The peer could run here but not on this case (shape constraints)."""
 
 
 @dataclass(frozen=True)
@@ -271,15 +266,6 @@ BUILDERS = {
     "torchao_w8a8": _torchao("Int8DynamicActivationInt8WeightConfig"),
     "bnb_w8a8": _bnb_w8a8,
 }
-
-
-@dataclass
-class Prepared:
-    run: object          # zero-argument callable, or None when status != "ok"
-    status: str          # "ok" | "skipped" | "unavailable"
-    reason: str = None
-    setup_s: float = None  # building the inputs, quantizing the weight, plus the first call (compile included)
-    reads: list = None     # the tensors the call reads (None for library modules)
 
 
 def prepare(peer, case, device):

@@ -8,7 +8,6 @@ Every peer is credited with the same band FLOPs, so TFLOP/s compares like with l
 more work than it is credited for; that is the point of the comparison).
 """
 import gc
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 import hybridrag as hr
 from hybridrag.kernels.patterns import UNBOUNDED, resolve_window, visible_key_counts, window_mask
 
-from .common import (TOLERANCE_CHECK_COLUMNS, compare_to_truth, fmt_number, free_memory_bytes, release_memory,
-                     time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, fmt_number,
+                     free_memory_bytes, prepare_attention, release_memory, time_ms)
 
 SUITE = "sliding_window"
 PEERS = ("ours", "sdpa_dense_mask", "flex_attention", "flash_attn")
@@ -37,12 +36,6 @@ PEER_NOTES = {
 }
 
 
-class PeerUnavailable(Exception):
-    """The peer cannot run here (not installed, no such device support)."""
-
-
-class PeerSkipped(Exception):
-    """The peer could run but this case is outside the budget (memory)."""
 
 
 @dataclass(frozen=True)
@@ -192,40 +185,10 @@ FIRST_CALL_FAILURES = {
 }
 
 
-@dataclass
-class Prepared:
-    run: object          # zero-argument callable, or None when status != "ok"
-    status: str          # "ok" | "skipped" | "unavailable"
-    reason: str = None
-    setup_s: float = None  # building the inputs/mask plus the first call (compile included)
-
-
 def prepare(peer, case, device, mode):
     """Build the peer's timed call for one case and mode, and make its first call (compile, warm caches)."""
-    start = time.perf_counter()
-    try:
-        attend, (q, k, v) = BUILDERS[peer](case, device, mode)
-    except PeerUnavailable as err:
-        return Prepared(None, "unavailable", str(err))
-    except PeerSkipped as err:
-        return Prepared(None, "skipped", str(err))
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return attend(q, k, v)
-    else:
-        grad_out = torch.randn_like(q)
-
-        def run():
-            return torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
-    failures, status = FIRST_CALL_FAILURES.get(peer, ((), None))
-    try:
-        run()
-    except failures as err:  # the caller frees the tensors (gc + empty_cache) once this frame is gone
-        return Prepared(None, status, f"{type(err).__name__}: {str(err).splitlines()[0]}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Prepared(run, "ok", None, time.perf_counter() - start)
+    return prepare_attention(lambda: BUILDERS[peer](case, device, mode), device, mode,
+                             FIRST_CALL_FAILURES.get(peer, ((), None)))
 
 
 def forward_output(peer, case, device):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import hybridrag as hr
 from hybridrag.kernels.streaming import ring_positions, stream_visibility
 
-from .common import (TOLERANCE_CHECK_COLUMNS, _busy_cpu_seconds, compare_to_truth, cpu_count, fmt_number,
-                     release_memory, time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerUnavailable, _busy_cpu_seconds, compare_to_truth, cpu_count,
+                     fmt_number, release_memory, time_ms)
 
 SUITE = "streaming"
 DECODE_PEERS = ("ours", "sdpa_gathered", "flash_attn_kvcache", "flex_decoding")
@@ -46,9 +46,6 @@ PEER_NOTES = {
     "ours_stream": "hr.streaming_attention over the whole stream, q/k/v cycling through 2 chunks made beforehand",
 }
 
-
-class PeerUnavailable(Exception):
-    """The peer cannot run here (not installed, no such device support)."""
 
 
 @dataclass(frozen=True)
