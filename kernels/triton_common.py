@@ -30,6 +30,32 @@ def _block_range(first, last, LEFT, RIGHT, limit, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d, mask_d,
+                         COMPUTE_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one key block's base-2 scores s [M, N] (-inf where hidden) into the running max m_i, sum l_i and output
+    acc [M, D], reading the block's values at rows idx of v_base. Rows that have seen nothing stay at p = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if COMPUTE_O:
+        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
+                    other=0.0)  # [N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_result(acc, l_i, m_i):
+    """(o [M, D], natural-log lse [M]) from the online softmax's state; rows that saw no key: o = 0, lse = -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                       H, Tq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(o * do) - dlse: the per-row term of dS = P * (dP - delta)."""

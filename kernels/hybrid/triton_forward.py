@@ -3,6 +3,7 @@ memory tokens). Also the lse-only pass of the attention mass."""
 import triton
 import triton.language as tl
 
+from ..triton_common import _online_softmax_step, _softmax_result
 from .triton_tiles import _key_blocks, _key_positions, _masked_scores, _rows
 
 
@@ -19,16 +20,8 @@ def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KPOS, pos
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         kpos = _key_positions(KPOS, idx, valid, MODE)
         s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, MODE, HAS_KV_START)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at p = 0
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if COMPUTE_O:
-            v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
-                        other=0.0)  # [N, D]
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d, mask_d,
+                                             COMPUTE_O, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -81,10 +74,8 @@ def _fwd_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, O, LSE,
                                offs_n, offs_d, mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale,
                                2, CAUSAL, HAS_KV_START, COMPUTE_O, BLOCK_N, DOT_PRECISION)
 
-    seen = l_i > 0.0
+    out, lse = _softmax_result(acc, l_i, m_i)
     if COMPUTE_O:
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
         o_ptrs = O + split * stride_os + off_b * stride_ob + off_h * stride_oh + offs_r[:, None] * stride_om
         tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(LSE + (split * B * H + off_bh).to(tl.int64) * R + offs_r, lse, mask=mask_r)

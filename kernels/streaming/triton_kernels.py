@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ..hybrid.triton_kernels import _merge_splits
-from ..triton_common import LOG2E, _block_d, _check_row_offsets, _dot_precision, _fwd_config, _interpreting
+from ..triton_common import (LOG2E, _block_d, _check_row_offsets, _dot_precision, _fwd_config, _interpreting,
+                             _online_softmax_step, _softmax_result)
 
 
 @triton.jit
@@ -53,15 +54,8 @@ def _stage(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, row_i, offs_n
             seen = (valid[None, :] & (idx[None, :] <= row_i[:, None])
                     & ((length + idx[None, :] < SINKS) | (idx[None, :] >= row_i[:, None] - WINDOW + 1)))
         s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at p = 0
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
-                    other=0.0)  # [N, D]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d, mask_d, True,
+                                             DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -153,11 +147,9 @@ def _stream_fwd_kernel(Q, K, V, SK, SV, RK, RV, O, LSE,
     acc, l_i, m_i = _stage(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, row_i, offs_n, offs_d, mask_d,
                            lo, hi, C, length, SINKS, WINDOW, qk_scale, 2, BLOCK_N, DOT_PRECISION)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out, lse = _softmax_result(acc, l_i, m_i)
     o_ptrs = O + split * stride_os + off_b * stride_ob + head[:, None] * stride_oh + row_i[:, None] * stride_om
     tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(LSE + ((split * B + off_b) * H + head) * C + row_i, lse, mask=mask_r)
 
 
