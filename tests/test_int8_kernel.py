@@ -8,7 +8,7 @@ from conftest import DEVICE
 from tolerance import FLOOR, assert_within_tolerance
 
 import hybridrag as hr
-from hybridrag.kernels.int8 import quantize_activations
+from hybridrag.kernels.int8 import MAX_INT8_REDUCTION, quantize_activations
 from hybridrag.kernels.int8 import triton_kernels as tk
 
 # The interpreter's bfloat16 dot multiplies bit patterns: bfloat16 only on a GPU.
@@ -258,12 +258,13 @@ def test_empty_rows(path):
     assert hr.int8_matmul(x, qw, backend="triton").shape == (0, 24)
 
 
-def test_w8a8_reduction_limit():
-    qw = hr.QuantizedWeight(torch.zeros(1, tk.MAX_INT8_REDUCTION + 1, dtype=torch.int8, device=DEVICE),
+@pytest.mark.parametrize("backend", ["triton", "cpu"] if DEVICE == "cpu" else ["triton"])
+def test_w8a8_reduction_limit(backend):
+    qw = hr.QuantizedWeight(torch.zeros(1, MAX_INT8_REDUCTION + 1, dtype=torch.int8, device=DEVICE),
                             torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="int32"):
-        hr.int8_matmul(torch.zeros(1, tk.MAX_INT8_REDUCTION + 1, device=DEVICE), qw, activations="int8",
-                       backend="triton")
+        hr.int8_matmul(torch.zeros(1, MAX_INT8_REDUCTION + 1, device=DEVICE), qw, activations="int8",
+                       backend=backend)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="only the interpreter refuses bfloat16")

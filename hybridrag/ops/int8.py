@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from hybridrag.kernels.int8 import (dequantize_weight, int8_matmul_cpu, int8_matmul_grad_input_cpu,
+from hybridrag.kernels.int8 import (MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_cpu, int8_matmul_grad_input_cpu,
                                     int8_matmul_reference, quantize_weight)
 
 from .backend import resolve_backend
@@ -126,6 +126,9 @@ def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+    if activations == "int8" and qweight.in_features > MAX_INT8_REDUCTION:  # every backend's W8A8 sums in int32
+        raise ValueError(f"activations='int8' accumulates in int32, exact for K <= {MAX_INT8_REDUCTION}; got "
+                         f"K={qweight.in_features}; use activations='fp'")
     if activations == "int8" and qweight.group_size is not None:
         raise ValueError(f"activations='int8' (W8A8) needs a per-channel weight (group_size=None), "
                          f"got group_size={qweight.group_size}")

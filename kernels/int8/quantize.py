@@ -4,6 +4,7 @@ activations (M, K) get one scale per row (per token)."""
 import torch
 
 INT8_MAX = 127
+MAX_INT8_REDUCTION = (2**31 - 1) // (INT8_MAX * INT8_MAX)  # longest exact int32 sum of int8 x int8 products
 
 
 def _scales(amax):

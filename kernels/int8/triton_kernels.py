@@ -59,10 +59,8 @@ import triton
 import triton.language as tl
 
 from ..triton_common import _dot_precision, _interpreting
-from .quantize import INT8_MAX
 
 EPILOGUE, PER_TILE, IN_REGISTERS = 0, 1, 2  # SCALE_MODE: where the weight scale is applied
-MAX_INT8_REDUCTION = (2**31 - 1) // (INT8_MAX * INT8_MAX)  # longest exact int32 sum of int8 x int8 products
 _RINT_MAGIC = 12582912.0  # 1.5 * 2^23
 
 Config = namedtuple("Config", "block_m block_c block_r group_m splits num_warps num_stages")
@@ -279,12 +277,6 @@ def _splitk_config(m, n, k, dtype, device):
 # Host launchers
 # ---------------------------------------------------------------------------------------------------------------
 
-def _refuse_interpreter_bf16(t):
-    if t.device.type != "cuda" and t.dtype == torch.bfloat16:
-        raise TypeError("the Triton interpreter cannot run bfloat16 dots (it multiplies their bit patterns); use "
-                        "float16/float32 under TRITON_INTERPRET=1, backend='cpu', or CUDA tensors")
-
-
 def _fit_groups(block_r, group_size):
     """(block_r, PER_TILE) when a power of two >= min(block_r, 32) and <= block_r divides group_size, else
     (block_r, IN_REGISTERS)."""
@@ -381,12 +373,9 @@ def quantize_activations_triton(x):
 def int8_matmul_triton(x, data, scale, group_size, bias, activations, accumulate):
     """x (M, K) float16/bfloat16/float32 (any strides), data int8 (N, K), scale float32 (N,) or (N, K // group_size),
     bias (N,) in x's dtype or None -> (M, N) in x's dtype. activations "fp" (W8A16) or "int8" (W8A8, per-channel
-    weight); accumulate "fp32" or "fp16" (float16 x, W8A16). Arguments are checked by hybridrag.ops.int8."""
-    _refuse_interpreter_bf16(x)
+    weight); accumulate "fp32" or "fp16" (float16 x, W8A16). Arguments are checked by hybridrag.ops.int8 (bfloat16
+    under the interpreter and W8A8 reductions past MAX_INT8_REDUCTION included)."""
     if activations == "int8":
-        if x.shape[1] > MAX_INT8_REDUCTION:
-            raise ValueError(f"activations='int8' accumulates in int32, exact for K <= {MAX_INT8_REDUCTION}; got "
-                             f"K={x.shape[1]}; use activations='fp'")
         x_data, x_scale = quantize_activations_triton(x)
         return _gemm(x_data, data, True, scale, None, bias, x_scale, False, x.dtype)
     return _gemm(x, data, True, scale, group_size, bias, None, accumulate == "fp16", x.dtype)
@@ -395,5 +384,4 @@ def int8_matmul_triton(x, data, scale, group_size, bias, activations, accumulate
 def int8_matmul_grad_input_triton(grad_out, data, scale, group_size, accumulate):
     """grad_out (M, N) -> grad_x (M, K) = grad_out @ dequant(W) in grad_out's dtype, W dequantized in registers only.
     accumulate="fp16" accumulates in fp16 here too."""
-    _refuse_interpreter_bf16(grad_out)
     return _gemm(grad_out, data, False, scale, group_size, None, None, accumulate == "fp16", grad_out.dtype)
