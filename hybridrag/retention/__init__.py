@@ -1,0 +1,1 @@
+"""Retention: bounded memory with eviction, adaptive retrieval, attention-based feedback, continual learning."""

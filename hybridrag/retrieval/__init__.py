@@ -1,0 +1,1 @@
+"""Knowledge base, dense/BM25/hybrid search, learnable retrieval."""

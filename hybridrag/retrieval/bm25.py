@@ -1,0 +1,139 @@
+"""BM25 lexical search over bm25s (sparse-matrix BM25; scores precomputed at indexing time)."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import bm25s
+import numpy as np
+
+from .encoder import check_texts
+
+METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
+
+
+class BM25Index:
+    """BM25 over a list of texts with string ids.
+
+    Args:
+        k1, b: BM25's term-frequency saturation and length normalisation.
+        method: a bm25s variant: "lucene" (default), "robertson", "atire", "bm25l", "bm25+".
+        stopwords: "en" (bm25s's English list) or None.
+
+    Tokens are lowercase words of two or more letters/digits (bm25s's default pattern). bm25s indexes are static:
+    `add` and `remove` change the stored texts and the index is rebuilt before the next search, O(corpus tokens).
+    Memory: the texts' token ids plus a sparse (vocabulary x documents) score matrix.
+    """
+
+    def __init__(self, *, k1=1.5, b=0.75, method="lucene", stopwords="en"):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if stopwords not in ("en", None):
+            raise ValueError(f"stopwords must be 'en' or None, got {stopwords!r}")
+        for name, value in (("k1", k1), ("b", b)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.k1, self.b, self.method, self.stopwords = float(k1), float(b), method, stopwords
+        self._texts, self._ids = {}, []
+        self._retriever = None
+
+    def __len__(self):
+        return len(self._ids)
+
+    def build(self, texts, ids):
+        """Replace the contents with `texts` under `ids` (unique strings) and index them."""
+        self._texts, self._ids = {}, []
+        self.add(texts, ids)
+        self._index()
+
+    def add(self, texts, ids):
+        texts = check_texts(texts)
+        ids = check_texts(ids, "ids")
+        if len(ids) != len(texts):
+            raise ValueError(f"ids has {len(ids)} entries but texts has {len(texts)}")
+        clashes = [i for i in ids if i in self._texts]
+        if clashes or len(set(ids)) != len(ids):
+            raise ValueError(f"ids must be new and unique, got repeats such as {(clashes or ids)[:3]}")
+        self._texts.update(zip(ids, texts))
+        self._ids.extend(ids)
+        self._retriever = None
+
+    def remove(self, ids):
+        """Drop the given ids; returns how many were present."""
+        present = {i for i in check_texts(ids, "ids") if i in self._texts}
+        for item in present:
+            del self._texts[item]
+        if present:
+            self._ids = [i for i in self._ids if i not in present]
+            self._retriever = None
+        return len(present)
+
+    def _tokenize(self, texts, return_ids):
+        return bm25s.tokenize(texts, stopwords=self.stopwords, return_ids=return_ids, show_progress=False)
+
+    def _index(self):
+        self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
+        if self._ids:
+            self._retriever.index(self._tokenize([self._texts[i] for i in self._ids], True), show_progress=False)
+
+    def search(self, query, k):
+        """The k best (id, score) pairs, best first. Only documents sharing a term with the query are returned, so
+        there may be fewer than k; a query with no indexed term gives []."""
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries, k):
+        queries = check_texts(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if self._retriever is None:
+            self._index()
+        if not self._ids:
+            return [[] for _ in queries]
+        vocabulary = self._retriever.vocab_dict
+        tokens = [[t for t in query if t in vocabulary] for query in self._tokenize(queries, False)]
+        results = [[] for _ in queries]
+        asked = [row for row, query in enumerate(tokens) if query]
+        if asked:
+            rows, scores = self._retriever.retrieve([tokens[row] for row in asked], k=min(k, len(self._ids)),
+                                                    show_progress=False)
+            for row, found, found_scores in zip(asked, rows, scores):
+                results[row] = [(self._ids[d], float(s)) for d, s in zip(found, found_scores) if s > 0]
+        return results
+
+    def save(self, directory):
+        """Write the index into `directory` (created; its previous content is replaced)."""
+        if self._retriever is None:
+            self._index()
+        directory = Path(directory)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        if self._ids:
+            self._retriever.save(str(directory), show_progress=False)
+        settings = {"k1": self.k1, "b": self.b, "method": self.method, "stopwords": self.stopwords, "ids": self._ids}
+        with open(directory / "bm25.json", "w", encoding="utf-8") as out:
+            json.dump(settings, out)
+            out.flush()
+            os.fsync(out.fileno())
+
+    @classmethod
+    def load(cls, directory, texts):
+        """Read an index written by `save`. `texts` maps each id to its text (the knowledge base keeps them), so
+        later adds and removes can rebuild."""
+        directory = Path(directory)
+        settings_path = directory / "bm25.json"
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"no BM25 index at {directory} (missing bm25.json)")
+        try:
+            settings = json.loads(settings_path.read_text(encoding="utf-8"))
+            index = cls(k1=settings["k1"], b=settings["b"], method=settings["method"], stopwords=settings["stopwords"])
+            ids = settings["ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"BM25 settings {settings_path} are corrupted ({error})") from None
+        missing = [i for i in ids if i not in texts]
+        if missing:
+            raise ValueError(f"BM25 index at {directory} names ids with no text: {missing[:3]}")
+        index._ids = list(ids)
+        index._texts = {i: texts[i] for i in ids}
+        index._retriever = bm25s.BM25.load(str(directory), show_progress=False) if ids else None
+        return index
