@@ -103,7 +103,7 @@ def token_spans(text, tokenizer=None):
     add_special_tokens=False) returning "offset_mapping")."""
     if tokenizer is None:
         return [match.span() for match in _WORD.finditer(text)]
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
     return [(int(start), int(end)) for start, end in encoded["offset_mapping"] if end > start]
 
 

@@ -1,0 +1,6 @@
+"""python -m hybridrag.retrieval: see hybridrag.retrieval.cli."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
