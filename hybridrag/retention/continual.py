@@ -1,0 +1,208 @@
+"""Continual fine-tuning of a NeuralRetriever on a bounded buffer of new (query, positive) pairs."""
+import math
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.common import _check_flag, _check_positive_int
+from ..retrieval.neural import NeuralRetriever, _check_number
+
+FORMAT = 1
+
+
+def _pad_stack(rows, value):
+    """Stack (..., L_i) integer tensors into (n, ..., max L), right-padding the last dim with value."""
+    length = max(row.shape[-1] for row in rows)
+    return torch.stack([F.pad(row, (0, length - row.shape[-1]), value=value) for row in rows])
+
+
+class ContinualLearner:
+    """Buffers new training pairs and fine-tunes the retriever on them with gradient accumulation and checkpoints.
+
+    - Buffer: the last `buffer_size` examples (query, positive, hard negatives or None). When it is full, each new
+      example drops the oldest one; `dropped` counts them (and `observe` returns how many it dropped). All buffered
+      examples must agree on having hard negatives, and on their number M.
+    - Sampling: a random permutation of the buffer (a torch.Generator seeded with `seed`) is read batch_size examples
+      at a time; when fewer than batch_size remain, or after `observe` changed the buffer, a new permutation is drawn.
+      Token inputs of different lengths are right-padded with the retriever's padding_idx.
+    - step(): accumulation_steps micro-batches, each `retriever.loss(...) / accumulation_steps` back-propagated, then
+      one optimizer step. The loss is a mean over the micro-batch, so with in_batch_negatives=False the accumulated
+      gradient equals that of one batch of batch_size * accumulation_steps; with in-batch negatives each query's
+      negatives are its own micro-batch's positives (as in any accumulation of a contrastive loss).
+    - Checkpoints: model, optimizer, step, buffer, dropped count and sampler state in one file written atomically
+      (a temporary file in the same directory, then os.replace); load_checkpoint resumes so that the next steps are
+      identical to an uninterrupted run. With checkpoint_dir and checkpoint_every, step() saves
+      checkpoint_dir/step-XXXXXXXX.pt every checkpoint_every steps.
+
+    Args:
+        retriever: the NeuralRetriever to train.
+        optimizer: a torch optimizer over its parameters; default AdamW(retriever.parameters(), lr=lr).
+        lr: learning rate of the default optimizer.
+        buffer_size, batch_size, accumulation_steps: positive ints.
+        hard_negative_ratio, margin, in_batch_negatives: passed to `retriever.loss`.
+        checkpoint_dir: folder for automatic checkpoints and save_checkpoint() without a path.
+        checkpoint_every: steps between automatic checkpoints (needs checkpoint_dir), or None.
+        seed: of the sampler.
+    """
+
+    def __init__(self, retriever, *, optimizer=None, lr=1e-3, buffer_size=1024, batch_size=32, accumulation_steps=1,
+                 hard_negative_ratio=1.0, margin=0.0, in_batch_negatives=True, checkpoint_dir=None,
+                 checkpoint_every=None, seed=0):
+        if not isinstance(retriever, NeuralRetriever):
+            raise TypeError(f"retriever must be a NeuralRetriever, got {type(retriever).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        _check_number("lr", lr, 0.0)
+        for name, value in (("buffer_size", buffer_size), ("batch_size", batch_size),
+                            ("accumulation_steps", accumulation_steps)):
+            _check_positive_int(name, value)
+        if batch_size > buffer_size:
+            raise ValueError(f"batch_size ({batch_size}) must not exceed buffer_size ({buffer_size})")
+        _check_flag("in_batch_negatives", in_batch_negatives)
+        self.loss_options = {"hard_negative_ratio": _check_number("hard_negative_ratio", hard_negative_ratio, 0.0, 1.0),
+                             "margin": _check_number("margin", margin, 0.0), "in_batch_negatives": in_batch_negatives}
+        if checkpoint_every is not None:
+            _check_positive_int("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise ValueError(f"checkpoint_every={checkpoint_every} needs a checkpoint_dir")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.retriever = retriever
+        self.optimizer = torch.optim.AdamW(retriever.parameters(), lr=lr) if optimizer is None else optimizer
+        self.buffer_size, self.batch_size, self.accumulation_steps = buffer_size, batch_size, accumulation_steps
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        self.buffer = deque(maxlen=buffer_size)
+        self.dropped = 0  # examples pushed out of the full buffer, in total
+        self.step_count = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order, self._cursor = None, 0
+
+    def __len__(self):
+        return len(self.buffer)
+
+    def observe(self, queries, positives, hard_negatives=None):
+        """Buffer N examples: queries and positives (N, ...) as `NeuralRetriever.loss` takes them, hard_negatives
+        (N, M, ...) or None. Returns how many old examples this call dropped (oldest first)."""
+        retriever = self.retriever
+        retriever._check_inputs("queries", queries)
+        retriever._check_inputs("positives", positives, rows=queries.shape[0])
+        if hard_negatives is not None:
+            retriever._check_inputs("hard_negatives", hard_negatives, ndim=3, rows=queries.shape[0])
+        if self.buffer:
+            held = self.buffer[0][2]
+            had = "none" if held is None else f"M={held.shape[0]}"
+            got = "none" if hard_negatives is None else f"M={hard_negatives.shape[1]}"
+            if had != got:
+                raise ValueError(f"hard_negatives must match the buffered examples ({had} hard negatives each), "
+                                 f"got {got}")
+        if retriever.mode == "tokens" and retriever.padding_idx is None and self.buffer:
+            for name, x, held in zip(("queries", "positives", "hard_negatives"), (queries, positives, hard_negatives),
+                                     self.buffer[0]):
+                if x is not None and held.shape[-1] != x.shape[-1]:
+                    raise ValueError(f"{name} has length {x.shape[-1]} but the buffered ones have {held.shape[-1]}; "
+                                     "token inputs of different lengths need a retriever with a padding_idx")
+        before = self.dropped
+        for i in range(queries.shape[0]):
+            if len(self.buffer) == self.buffer_size:
+                self.dropped += 1
+            # clones: a row view would keep (and a checkpoint would save) the caller's whole tensor
+            self.buffer.append((queries[i].detach().clone(), positives[i].detach().clone(),
+                                None if hard_negatives is None else hard_negatives[i].detach().clone()))
+        self._order = None
+        return self.dropped - before
+
+    def _collate(self, indices):
+        examples = [self.buffer[i] for i in indices]
+        pad = self.retriever.padding_idx if self.retriever.padding_idx is not None else 0
+        stack = torch.stack if self.retriever.mode == "features" else lambda rows: _pad_stack(rows, pad)
+        queries, positives = stack([e[0] for e in examples]), stack([e[1] for e in examples])
+        negatives = None if examples[0][2] is None else stack([e[2] for e in examples])
+        return queries, positives, negatives
+
+    def _next_indices(self):
+        if self._order is None or self._cursor + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.buffer), generator=self._generator)
+            self._cursor = 0
+        indices = self._order[self._cursor:self._cursor + self.batch_size].tolist()
+        self._cursor += self.batch_size
+        return indices
+
+    def step(self):
+        """One optimizer step over accumulation_steps micro-batches. Returns {"step", "loss" (mean micro-batch
+        loss)}. Needs at least batch_size buffered examples."""
+        if len(self.buffer) < self.batch_size:
+            raise ValueError(f"the buffer holds {len(self.buffer)} examples, fewer than batch_size "
+                             f"({self.batch_size}); observe more first")
+        self.retriever.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(self.accumulation_steps):
+            loss = self.retriever.loss(*self._collate(self._next_indices()), **self.loss_options)
+            (loss / self.accumulation_steps).backward()
+            total += loss.item()
+        self.optimizer.step()
+        self.step_count += 1
+        if self.checkpoint_every is not None and self.step_count % self.checkpoint_every == 0:
+            self.save_checkpoint()
+        return {"step": self.step_count, "loss": total / self.accumulation_steps}
+
+    def train(self, epochs=1):
+        """ceil(epochs * len(buffer) / (batch_size * accumulation_steps)) steps. Returns {"steps", "losses" (per
+        step), "mean_loss"}."""
+        _check_positive_int("epochs", epochs)
+        steps = math.ceil(epochs * len(self.buffer) / (self.batch_size * self.accumulation_steps))
+        losses = [self.step()["loss"] for _ in range(max(steps, 1))]
+        return {"steps": len(losses), "losses": losses, "mean_loss": sum(losses) / len(losses)}
+
+    def _config(self):
+        return {"buffer_size": self.buffer_size, "batch_size": self.batch_size,
+                "accumulation_steps": self.accumulation_steps}
+
+    def save_checkpoint(self, path=None):
+        """Write the full training state to path (default checkpoint_dir/step-XXXXXXXX.pt) atomically; returns the
+        Path. Size: the model and optimizer state plus the buffered tensors."""
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("save_checkpoint needs a path when the learner has no checkpoint_dir")
+            path = self.checkpoint_dir / f"step-{self.step_count:08d}.pt"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format": FORMAT, "config": self._config(), "model": self.retriever.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step_count, "dropped": self.dropped,
+                 "buffer": [list(example) for example in self.buffer], "generator": self._generator.get_state(),
+                 "order": self._order, "cursor": self._cursor}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        done = False
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(state, file)
+            os.replace(temporary, path)
+            done = True
+        finally:
+            if not done:
+                os.unlink(temporary)
+        return path
+
+    def load_checkpoint(self, path):
+        """Restore the state save_checkpoint wrote. The learner's buffer_size, batch_size and accumulation_steps must
+        equal the checkpoint's (they decide which examples the next steps draw)."""
+        device = self.retriever.log_temperature.device
+        state = torch.load(Path(path), map_location=device, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}")
+        for key, value in self._config().items():
+            if state["config"][key] != value:
+                raise ValueError(f"the checkpoint has {key}={state['config'][key]} but this learner has {value}")
+        self.retriever.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count, self.dropped = state["step"], state["dropped"]
+        self.buffer = deque((tuple(example) for example in state["buffer"]), maxlen=self.buffer_size)
+        self._generator.set_state(state["generator"].cpu())
+        self._order, self._cursor = state["order"], state["cursor"]
+        if self._order is not None:
+            self._order = self._order.cpu()
