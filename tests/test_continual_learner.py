@@ -11,13 +11,7 @@ from hybridrag.retention.continual import ContinualLearner
 from hybridrag.retrieval.neural import NeuralRetriever
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two and immune to a busy machine's OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotation_pairs(count, dim=16, seed=0, negatives=0):

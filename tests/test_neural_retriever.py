@@ -10,13 +10,7 @@ import torch.nn.functional as F
 from hybridrag.retrieval.neural import NeuralRetriever
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two and immune to a busy machine's OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def alias_task(seed, topics=40, aliases=2, docs=100, train_docs=50):

@@ -12,13 +12,7 @@ from hybridrag.retrieval.vector_index import VectorIndex
 HIDDEN, HEADS = 64, 4  # head_dim 16, the smallest the kernels take
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two and immune to a busy machine's OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(gen, hidden, task_ids=None, mask=None):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["AdaptiveRetriever", "AdaptiveResult"]
 
 
@@ -32,14 +34,6 @@ class AdaptiveResult:
     ids: np.ndarray
     scores: np.ndarray
     threshold: float
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_float(name, value, allow_infinite=False):
@@ -86,8 +80,8 @@ class AdaptiveRetriever:
                 raise TypeError(f"index must have search(queries, k) and reconstruct(ids) methods; "
                                 f"{type(index).__name__} has no {method}")
         self.index = index
-        self.coarse_k = _check_int("coarse_k", coarse_k, 1)
-        self.fine_k = _check_int("fine_k", fine_k, 1)
+        self.coarse_k = check_int("coarse_k", coarse_k, 1)
+        self.fine_k = check_int("fine_k", fine_k, 1)
         if self.fine_k > self.coarse_k:
             raise ValueError(f"fine_k ({fine_k}) must be <= coarse_k ({coarse_k})")
         if scorer is not None and not callable(scorer):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["MemoryManager", "MemoryItem", "MemoryHit", "POLICIES"]
 
 POLICIES = ("lru", "lfu", "importance")
@@ -52,14 +54,6 @@ class MemoryHit:
     key: str
     score: float
     payload: object
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_number(name, value, rule, ok):
@@ -104,8 +98,8 @@ class MemoryManager:
     """
 
     def __init__(self, capacity, dimension, *, policy="lru", decay=0.99, boost=1.0, normalize=True):
-        self.capacity = _check_int("capacity", capacity, 1)
-        self.dimension = _check_int("dimension", dimension, 1)
+        self.capacity = check_int("capacity", capacity, 1)
+        self.dimension = check_int("dimension", dimension, 1)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
@@ -197,7 +191,7 @@ class MemoryManager:
         stable sort of each row; no copy of the stored vectors.
         """
         rows, one = _as_rows("query", query, self.dimension)
-        k = _check_int("k", k, 1)
+        k = check_int("k", k, 1)
         queries = self._normalized("query", rows)
         scores = queries @ self._embeddings.T  # [Q, capacity]
         scores[:, ~self._occupied] = -np.inf
