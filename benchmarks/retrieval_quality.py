@@ -99,13 +99,13 @@ def _hard_examples(knowledge_base, chunk_vectors, chunk_ids, queries, encoder, n
             torch.from_numpy(chunk_vectors[np.array(hard)]))
 
 
-def train_retriever(examples, dimension, *, steps=300, batch=16, seed=0):
+def train_retriever(examples, dimension, *, steps=300, batch=16, lr=1e-4, seed=0):
     """InfoNCE on the train queries; one shared tower starting at the identity, a small learning rate (74 train
     queries: separate towers or lr 1e-3 overfit and fall below the untrained dense row on the test split)."""
     torch.manual_seed(seed)
     queries, positives, negatives = examples
     retriever = NeuralRetriever(dimension, temperature=0.05, shared_towers=True)
-    optimizer = torch.optim.AdamW(retriever.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(retriever.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         rows = torch.randperm(len(queries), generator=generator)[:batch]

@@ -28,7 +28,7 @@ def test_chunk_rankings_fold_into_topic_rankings_and_score():
     assert len(chunk_ids) == len(kb)
 
 
-def test_training_moves_queries_to_their_positives():
+def test_training_moves_queries_to_their_positives(one_thread):
     rng = np.random.default_rng(0)
     documents = rng.standard_normal((64, 16)).astype(np.float32)
     documents /= np.linalg.norm(documents, axis=1, keepdims=True)
@@ -36,10 +36,9 @@ def test_training_moves_queries_to_their_positives():
     queries[:, :8] = 0.5 * rng.standard_normal((64, 8))  # half the dims are noise: the base cosine is weak
     negatives = np.stack([documents[np.roll(np.arange(64), s)] for s in range(1, 5)], axis=1)
     examples = tuple(torch.from_numpy(a) for a in (queries, documents, negatives))
-    retriever = quality.train_retriever(examples, 16, steps=1000)
+    retriever = quality.train_retriever(examples, 16, steps=150, lr=1e-2)
     with torch.no_grad():
         _, top = retriever.top_k(examples[0], retriever.encode_documents(examples[1]), 1)
     base = (torch.from_numpy(queries @ documents.T).argmax(dim=1) == torch.arange(64)).float().mean()
     trained = (top[:, 0] == torch.arange(64)).float().mean()
-    # the suite's small learning rate (chosen against overfitting 74 questions) moves slowly: 0.19 -> 0.44 here
     assert base < 0.25 and trained > base + 0.15, (base, trained)
