@@ -41,4 +41,4 @@ def test_training_moves_queries_to_their_positives(one_thread):
         _, top = retriever.top_k(examples[0], retriever.encode_documents(examples[1]), 1)
     base = (torch.from_numpy(queries @ documents.T).argmax(dim=1) == torch.arange(64)).float().mean()
     trained = (top[:, 0] == torch.arange(64)).float().mean()
-    assert base < 0.25 and trained > base + 0.15, (base, trained)
+    assert base < 0.25 and trained > 0.9, (base, trained)
