@@ -16,7 +16,7 @@ from .common import (default_device, device_slug, environment, format_table, mea
                      write_json)
 
 # register a suite by adding its module name under benchmarks/
-SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality")
+SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality", "retrieval_speed")
 SUITES = [importlib.import_module(f".{name}", __package__) for name in SUITE_MODULES]
 OTHER_LOAD_WARNING = 0.10
 
