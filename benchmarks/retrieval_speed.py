@@ -511,6 +511,7 @@ BENCH_COLUMNS = [
     ("RSS +MiB", lambda r: _mib(r.get("rss_growth_bytes"))),
     ("QPS batch", lambda r: fmt_number(r["qps"], ".0f")),
     ("latency ms", lambda r: fmt_number(r["latency_ms"], ".3f")),
+    ("p90 ms", lambda r: fmt_number(r["latency_p90_ms"], ".3f")),
     ("recall@10", lambda r: fmt_number(r["recall_at_10"], ".4f")),
     ("status", lambda r: r["status"] if r["reason"] is None else f"{r['status']}: {r['reason'][:60]}"),
 ]
