@@ -4,15 +4,8 @@ import torch
 from hybridrag.kernels.streaming import streaming_attention_blockwise, streaming_attention_reference
 
 from .backend import resolve_backend
-from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_interpreter_dtype, check_scale,
-                         check_tensor)
-
-
-def _check_count(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_int, check_interpreter_dtype,
+                         check_scale, check_tensor)
 
 
 class StreamingKVCache:
@@ -27,7 +20,7 @@ class StreamingKVCache:
     def __init__(self, batch, kv_heads, head_dim, window, *, sinks=4, dtype=torch.float32, device=None):
         for name, value, low in (("batch", batch, 1), ("kv_heads", kv_heads, 1), ("head_dim", head_dim, 1),
                                  ("window", window, 1), ("sinks", sinks, 0)):
-            _check_count(name, value, low)
+            check_int(name, value, low)
         if dtype not in REFERENCE_DTYPES:  # float64 serves the reference backend (the tests' truth)
             raise TypeError(f"dtype must be one of {REFERENCE_DTYPES}, got {dtype}")
         self.window, self.sinks = window, sinks

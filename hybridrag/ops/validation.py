@@ -1,9 +1,20 @@
 """Input checks shared by the ops. They read metadata only and raise before any kernel runs."""
+import numpy as np
 import torch
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = ATTENTION_DTYPES + (torch.float64,)  # the reference also serves as the float64 truth
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def check_int(name, value, minimum, *, numpy_ints=False):
+    """An int (not bool; numpy integers too with numpy_ints=True) >= minimum, returned as int."""
+    types = (int, np.integer) if numpy_ints else int
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_tensor(name, t):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check_int
+from ..ops.validation import check_int
 
 __all__ = ["AdaptiveRetriever", "AdaptiveResult"]
 
@@ -80,8 +80,8 @@ class AdaptiveRetriever:
                 raise TypeError(f"index must have search(queries, k) and reconstruct(ids) methods; "
                                 f"{type(index).__name__} has no {method}")
         self.index = index
-        self.coarse_k = check_int("coarse_k", coarse_k, 1)
-        self.fine_k = check_int("fine_k", fine_k, 1)
+        self.coarse_k = check_int("coarse_k", coarse_k, 1, numpy_ints=True)
+        self.fine_k = check_int("fine_k", fine_k, 1, numpy_ints=True)
         if self.fine_k > self.coarse_k:
             raise ValueError(f"fine_k ({fine_k}) must be <= coarse_k ({coarse_k})")
         if scorer is not None and not callable(scorer):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check_int
+from ..ops.validation import check_int
 
 __all__ = ["MemoryManager", "MemoryItem", "MemoryHit", "POLICIES"]
 
@@ -98,8 +98,8 @@ class MemoryManager:
     """
 
     def __init__(self, capacity, dimension, *, policy="lru", decay=0.99, boost=1.0, normalize=True):
-        self.capacity = check_int("capacity", capacity, 1)
-        self.dimension = check_int("dimension", dimension, 1)
+        self.capacity = check_int("capacity", capacity, 1, numpy_ints=True)
+        self.dimension = check_int("dimension", dimension, 1, numpy_ints=True)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
@@ -191,7 +191,7 @@ class MemoryManager:
         stable sort of each row; no copy of the stored vectors.
         """
         rows, one = _as_rows("query", query, self.dimension)
-        k = check_int("k", k, 1)
+        k = check_int("k", k, 1, numpy_ints=True)
         queries = self._normalized("query", rows)
         scores = queries @ self._embeddings.T  # [Q, capacity]
         scores[:, ~self._occupied] = -np.inf

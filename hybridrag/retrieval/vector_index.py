@@ -10,6 +10,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ..ops.validation import check_int
+
 KINDS = ("auto", "flat", "ivf", "hnsw")
 DEVICES = ("auto", "cpu", "gpu")
 # "auto" picks exact search below this many vectors, IVF from there on (benchmarks/retrieval_speed.py).
@@ -20,13 +22,6 @@ FORMAT_VERSION = 1
 def gpu_available():
     """True when the installed faiss is the GPU build and sees at least one GPU (feature-detected, never assumed)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class VectorIndex:
@@ -52,7 +47,7 @@ class VectorIndex:
 
     def __init__(self, dimension, *, kind="auto", device="auto", nlist=None, nprobe=32, hnsw_m=32,
                  ef_construction=80, ef_search=64):
-        _check_int("dimension", dimension, 1)
+        check_int("dimension", dimension, 1)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if device not in DEVICES:
@@ -61,10 +56,10 @@ class VectorIndex:
             raise ValueError("device='gpu' needs faiss's GPU build (pip install faiss-gpu) and a visible GPU; "
                              "this faiss has no GPU support or sees none")
         if nlist is not None:
-            _check_int("nlist", nlist, 1)
+            check_int("nlist", nlist, 1)
         for name, value in (("nprobe", nprobe), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
                             ("ef_search", ef_search)):
-            _check_int(name, value, 1)
+            check_int(name, value, 1)
         self.dimension = dimension
         self.requested_kind = kind
         self.kind = None if kind == "auto" else kind
@@ -200,7 +195,7 @@ class VectorIndex:
     def search(self, queries, k):
         """Top-k by inner product: (scores float32 (Q, k), ids int64 (Q, k)), best first. Slots the index did not
         fill (k beyond the stored vectors, or beyond what IVF's probed cells hold) have id -1 and score -inf."""
-        _check_int("k", k, 1)
+        check_int("k", k, 1)
         queries = self._check_vectors("queries", queries)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         labels = np.full((len(queries), k), -1, dtype=np.int64)
