@@ -130,23 +130,26 @@ def benchmark(device, quick=False, ceilings=None, log=print):
     started = time.perf_counter()
     knowledge_base = KnowledgeBase.build(corpus(), encoder, chunk_tokens=200, overlap=40, index_kind="flat")
     log(f"[{SUITE}] knowledge base: {len(knowledge_base)} chunks in {time.perf_counter() - started:.1f} s")
-    rows = []
+    rows, lexical = [], {}
     for split in ("train", "test"):
         texts = [q["query"] for q in queries[split]]
         for mode in ("bm25", "dense", "hybrid"):
-            rows.append(_score(mode, split, queries[split], _search_topics(knowledge_base, texts, mode)))
+            rankings = _search_topics(knowledge_base, texts, mode)
+            rows.append(_score(mode, split, queries[split], rankings))
+            if mode == "bm25":
+                lexical[split] = rankings  # fused with the trained retriever below
     chunk_ids = [d.id for d in knowledge_base.documents]
     chunk_vectors = knowledge_base.embeddings_for(chunk_ids)
     examples = _hard_examples(knowledge_base, chunk_vectors, chunk_ids, queries["train"], encoder)
-    retriever = train_retriever(examples, encoder.dimension, steps=60 if quick else 300)
+    steps = 60 if quick else 300
+    retriever = train_retriever(examples, encoder.dimension, steps=steps)
     for split in ("train", "test"):
         trained = _trained_topics(retriever, knowledge_base, chunk_vectors, chunk_ids, encoder, queries[split])
         rows.append(_score("trained", split, queries[split], trained))
-        lexical = _search_topics(knowledge_base, [q["query"] for q in queries[split]], "bm25")
-        fused = [[t for t, _ in reciprocal_rank_fusion([a, b])] for a, b in zip(trained, lexical)]
+        fused = [[t for t, _ in reciprocal_rank_fusion([a, b])] for a, b in zip(trained, lexical[split])]
         rows.append(_score("trained+bm25", split, queries[split], fused))
     for row in rows:
-        row.update(chunks=len(knowledge_base), encoder=encoder.name, train_steps=60 if quick else 300)
+        row.update(chunks=len(knowledge_base), encoder=encoder.name, train_steps=steps)
     return rows
 
 

@@ -84,10 +84,10 @@ class KnowledgeBase:
             raise ValueError(f"document ids already in the knowledge base: {clashes[:5]}")
         if not documents:
             return
-        vectors = self.encoder.encode([embedding_text(d) for d in documents])
+        texts = [embedding_text(d) for d in documents]
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.int64)
-        self.index.add(vectors, keys)
-        self.bm25.add([embedding_text(d) for d in documents], [d.id for d in documents])
+        self.index.add(self.encoder.encode(texts), keys)
+        self.bm25.add(texts, [d.id for d in documents])
         for key, document in zip(keys.tolist(), documents):
             self._documents[document.id] = document
             self._keys[document.id] = key

@@ -213,7 +213,6 @@ class VectorIndex:
             if self._tombstones:
                 excluded = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64))
                 params.sel = faiss.IDSelectorNot(excluded)
-                return self._index.search(queries, k, params=params)
             return self._index.search(queries, k, params=params)
         if self._use_gpu():
             return self._gpu_search(queries, k)
