@@ -29,24 +29,21 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def _sha256(path):
+def _sha256(path, *, fsync=False):
+    """The file's sha256; with fsync=True it is also flushed to disk in the same pass."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
+        if fsync:
+            os.fsync(stream.fileno())
     return digest.hexdigest()
 
 
-def _file_table(folder):
+def _synced_file_table(folder):
+    """{relative path: {bytes, sha256}} of every file but the manifest, each file fsynced as it is hashed."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-
-
-def _fsync_tree(folder):
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as stream:
-                os.fsync(stream.fileno())
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)} for p in files}
 
 
 def save_knowledge_base(knowledge_base, directory):
@@ -63,12 +60,11 @@ def save_knowledge_base(knowledge_base, directory):
     np.save(staging / "keys.npy", np.array([knowledge_base._keys[d.id] for d in documents], dtype=np.int64))
     knowledge_base.index.save(staging / "vectors.npz")
     knowledge_base.bm25.save(staging / "bm25")
-    _fsync_tree(staging)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "documents": len(documents),
                 "next_key": knowledge_base._next_key,
                 "encoder": {"name": knowledge_base.encoder.name, "dimension": knowledge_base.encoder.dimension},
                 "index": {"kind": knowledge_base.index.kind, "requested_kind": knowledge_base.index.requested_kind},
-                "files": _file_table(staging)}
+                "files": _synced_file_table(staging)}
     with open(staging / MANIFEST, "w", encoding="utf-8") as out:
         json.dump(manifest, out, indent=1)
         out.flush()
