@@ -248,6 +248,21 @@ def test_landmarks_refuse_a_sliding_cache_that_dropped_keys():
     assert out.shape == (3, 13)
 
 
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
+def test_cache_guard_reads_both_spellings_of_the_cache_argument(spelling):
+    # transformers 5.24 hands attention modules `cache=`; 5.4 to 5.23 `past_key_values=`: the guard reads either.
+    from hybridrag.integrations.transformers import _check_cache_keeps_keys
+    _, model = build_pair("mistral")
+    apply_hybrid_attention(model, landmark_stride=4)
+    cache = DynamicCache(config=model.config)  # sliding layers keep the last WINDOW keys
+    with torch.no_grad():
+        model.model(make_batch("none", length=10)[0], **{spelling: cache}, use_cache=True)
+    module = model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="keeps only the last"):
+        _check_cache_keeps_keys(module, (), {spelling: cache})
+    _check_cache_keeps_keys(module, (), {spelling: DynamicCache()})  # a cache that keeps every key passes
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(landmark_stride=0), ValueError, "landmark_stride"),
     (dict(landmark_stride=2.0), TypeError, "landmark_stride"),

@@ -269,12 +269,19 @@ def _set_memory_tokens(module, count, std):
                                                      .to(weight.dtype)))
 
 
+def _cache_argument(kwargs):
+    """The KV cache handed to an attention module's forward: `cache=` from transformers 5.24 on (its
+    `deprecate_kwarg` renames the old spelling), `past_key_values=` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _check_cache_keeps_keys(module, args, kwargs):
     """Forward pre-hook: refuse a sliding-window cache layer that has dropped keys the settings still need."""
     settings = getattr(module, SETTINGS_ATTR, None)
     if settings is None or (settings.landmark_stride is None and settings.window is None):
         return  # the layer's own window: its cache keeps what it needs
-    layers = getattr(kwargs.get("past_key_values"), "layers", None)
+    layers = getattr(_cache_argument(kwargs), "layers", None)
     index = getattr(module, "layer_idx", None)
     if layers is None or index is None or index >= len(layers) or not getattr(layers[index], "is_sliding", False):
         return
