@@ -39,6 +39,8 @@ def test_buffer_keeps_the_newest_and_counts_the_dropped():
     assert learner.observe(torch.arange(12.0, 28.0).view(4, 4), torch.zeros(4, 4)) == 2
     assert len(learner) == 5 and learner.dropped == 2
     assert [int(q[0]) for q, _, _ in learner.buffer] == [8, 12, 16, 20, 24]
+    assert repr(learner) == ("ContinualLearner(buffered=5/5, batch_size=2, accumulation_steps=1, steps=0, dropped=2, "
+                             "checkpoint_dir=None)")
 
 
 @pytest.mark.parametrize("in_batch", [False, True])

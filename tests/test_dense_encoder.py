@@ -3,7 +3,8 @@ hashing encoder."""
 import numpy as np
 import pytest
 
-from hybridrag.retrieval.encoder import DEFAULT_MODEL_NAME, DenseEncoder, HashingEncoder, bundled_model_path
+from hybridrag.retrieval.encoder import (DEFAULT_MODEL_NAME, DenseEncoder, HashingEncoder, LazyEncoder,
+                                        bundled_model_path)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,40 @@ def test_hashing_encoder_is_deterministic_and_lexical():
     assert first[0] @ first[1] > 0.5
     with pytest.raises(ValueError, match="dimension must be an int >= 2, got 1"):
         HashingEncoder(1)
+
+
+def test_loading_prints_no_progress_bar_and_leaves_the_bars_as_they_were(capfd):
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()
+    DenseEncoder(device="cpu")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert logging.is_progress_bar_enabled()  # our own encode bars (show_progress) and the caller's still work
+
+
+def test_reprs(encoder):
+    assert repr(encoder) == f"DenseEncoder(name={DEFAULT_MODEL_NAME!r}, dimension=384, device=cpu)"
+    assert repr(HashingEncoder(64)) == "HashingEncoder(dimension=64)"
+
+
+def test_lazy_encoder_builds_on_first_use_and_checks_what_it_built():
+    built = []
+
+    def build():
+        built.append(1)
+        encoder = HashingEncoder(64)
+        encoder.tokenizer = "a tokenizer"
+        return encoder
+
+    lazy = LazyEncoder("hashing-64", 64, build)
+    assert repr(lazy) == "LazyEncoder(name='hashing-64', dimension=64, not loaded)" and not built
+    assert (lazy.name, lazy.dimension) == ("hashing-64", 64) and not built
+    np.testing.assert_array_equal(lazy.encode(["a b"]), HashingEncoder(64).encode(["a b"]))
+    assert lazy.tokenizer == "a tokenizer" and built == [1]  # other public attributes are the built encoder's
+    assert repr(lazy) == "LazyEncoder(name='hashing-64', dimension=64, loaded HashingEncoder(dimension=64))"
+    with pytest.raises(AttributeError, match="'LazyEncoder' object has no attribute '_bucket'"):
+        lazy._bucket
+    wrong = LazyEncoder(DEFAULT_MODEL_NAME, 384, build)
+    with pytest.raises(ValueError, match=r"the encoder built for .*all-MiniLM-L6-v2' \(384-dim\) is 'hashing-64'"):
+        wrong.encode(["x"])

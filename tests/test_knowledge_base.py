@@ -4,12 +4,14 @@ import json
 import numpy as np
 import pytest
 
+from hybridrag.retrieval import encoder as encoder_module
 from hybridrag.retrieval import storage
 from hybridrag.retrieval.cli import main
 from hybridrag.retrieval.documents import Document, save_jsonl
-from hybridrag.retrieval.encoder import HashingEncoder
+from hybridrag.retrieval.encoder import DEFAULT_MODEL_NAME, HashingEncoder
 from hybridrag.retrieval.fusion import reciprocal_rank_fusion
 from hybridrag.retrieval.knowledge_base import KnowledgeBase
+from hybridrag.retrieval.manager import RetrievalManager
 
 CORPUS = [
     Document("try", "Use try and except to handle an exception; finally runs cleanup code.", "Errors"),
@@ -189,3 +191,36 @@ def test_command_line_build_search_stats(tmp_path, capsys):
     assert "error: no knowledge base at" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "kb"), ""]) == 2
     assert "error: query is empty" in capsys.readouterr().err
+
+
+class NamedLikeMiniLM(HashingEncoder):
+    """A hashing encoder under the bundled model's name: a knowledge base "built with MiniLM" in microseconds."""
+
+    def __init__(self):
+        super().__init__(384)
+        self.name = DEFAULT_MODEL_NAME
+
+
+def test_loading_never_loads_the_model_until_a_query_is_encoded(tmp_path, monkeypatch, capsys):
+    KnowledgeBase.build(CORPUS, NamedLikeMiniLM()).save(tmp_path / "kb")
+    loads = []
+    monkeypatch.setattr(encoder_module, "DenseEncoder", lambda: loads.append(1) or NamedLikeMiniLM())
+    assert main(["stats", str(tmp_path / "kb")]) == 0
+    assert f"encoder: {DEFAULT_MODEL_NAME}" in capsys.readouterr().out and not loads
+    assert main(["search", str(tmp_path / "kb"), "context manager", "--mode", "bm25"]) == 0
+    assert "with" in capsys.readouterr().out and not loads
+    loaded = KnowledgeBase.load(tmp_path / "kb")
+    assert repr(loaded.encoder) == f"LazyEncoder(name={DEFAULT_MODEL_NAME!r}, dimension=384, not loaded)"
+    assert ids(loaded.search("context manager enter exit", 1, "dense")) == ["with"] and loads == [1]
+
+
+def test_reprs(kb):
+    assert repr(kb) == ("KnowledgeBase(documents=6, sources=6, encoder='hashing-512', dimension=512, index='flat', "
+                        "bm25_documents=6)")
+    assert repr(kb.index) == "VectorIndex(dimension=512, kind='flat', size=6, on_gpu=False)"
+    assert repr(kb.bm25) == "BM25Index(size=6, method='lucene', k1=1.5, b=0.75, stopwords='en')"
+    empty = KnowledgeBase(HashingEncoder(8))
+    assert repr(empty) == ("KnowledgeBase(documents=0, sources=0, encoder='hashing-8', dimension=8, index='auto', "
+                           "bm25_documents=0)")
+    manager = RetrievalManager(kb, mode="bm25")
+    assert repr(manager) == f"RetrievalManager({kb!r}, mode='bm25', weights=None, reranker=None, candidates=50)"

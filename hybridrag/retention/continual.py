@@ -85,6 +85,11 @@ class ContinualLearner:
     def __len__(self):
         return len(self.buffer)
 
+    def __repr__(self):
+        return (f"ContinualLearner(buffered={len(self)}/{self.buffer_size}, batch_size={self.batch_size}, "
+                f"accumulation_steps={self.accumulation_steps}, steps={self.step_count}, dropped={self.dropped}, "
+                f"checkpoint_dir={None if self.checkpoint_dir is None else str(self.checkpoint_dir)!r})")
+
     def observe(self, queries, positives, hard_negatives=None):
         """Buffer N examples: queries and positives (N, ...) as `NeuralRetriever.loss` takes them, hard_negatives
         (N, M, ...) or None. Returns how many old examples this call dropped (oldest first)."""

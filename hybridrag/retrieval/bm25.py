@@ -4,10 +4,12 @@ import os
 import shutil
 from pathlib import Path
 
-import bm25s
 import numpy as np
 
+from .._optional import import_optional
 from .encoder import check_texts
+
+bm25s = import_optional("bm25s", "bm25s", "retrieval")
 
 METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
 
@@ -39,6 +41,10 @@ class BM25Index:
 
     def __len__(self):
         return len(self._ids)
+
+    def __repr__(self):
+        return (f"BM25Index(size={len(self)}, method={self.method!r}, k1={self.k1}, b={self.b}, "
+                f"stopwords={self.stopwords!r})")
 
     def build(self, texts, ids):
         """Replace the contents with `texts` under `ids` (unique strings) and index them."""

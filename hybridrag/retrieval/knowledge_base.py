@@ -67,6 +67,12 @@ class KnowledgeBase:
     def __contains__(self, doc_id):
         return doc_id in self._documents
 
+    def __repr__(self):
+        stats = self.stats()
+        return (f"KnowledgeBase(documents={stats['documents']}, sources={stats['sources']}, "
+                f"encoder={stats['encoder']!r}, dimension={stats['dimension']}, "
+                f"index={self.index.kind or self.index.requested_kind!r}, bm25_documents={stats['bm25_documents']})")
+
     @property
     def documents(self):
         return list(self._documents.values())

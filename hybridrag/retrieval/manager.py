@@ -37,6 +37,10 @@ class RetrievalManager:
         self.knowledge_base = knowledge_base
         self.mode, self.weights, self.reranker, self.candidates = mode, weights, reranker, candidates
 
+    def __repr__(self):
+        return (f"RetrievalManager({self.knowledge_base!r}, mode={self.mode!r}, weights={self.weights!r}, "
+                f"reranker={self.reranker!r}, candidates={self.candidates})")
+
     def retrieve(self, query, k=5):
         """The k best SearchResults for `query` after rerank and weighting, best first."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:

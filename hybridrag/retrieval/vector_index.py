@@ -7,10 +7,12 @@ import math
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 
+from .._optional import import_optional
 from ..ops.validation import check_int
+
+faiss = import_optional("faiss", "faiss-cpu", "retrieval")
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 DEVICES = ("auto", "cpu", "gpu")
@@ -239,6 +241,14 @@ class VectorIndex:
     @property
     def on_gpu(self):
         return self._use_gpu()
+
+    def __repr__(self):
+        kind = self.kind or f"{self.requested_kind} (chosen on the first add)"
+        settings = {"ivf": f", nlist={self.nlist}, nprobe={self.nprobe}",
+                    "hnsw": f", hnsw_m={self.hnsw_m}, ef_search={self.ef_search}"}.get(self.kind, "")
+        removed = f", tombstones={len(self._tombstones)}" if self._tombstones else ""
+        return (f"VectorIndex(dimension={self.dimension}, kind={kind!r}{settings}, size={len(self)}{removed}, "
+                f"on_gpu={self.on_gpu})")
 
     # ---------------------------------------------------------------- persistence
 
