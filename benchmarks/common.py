@@ -1,10 +1,14 @@
-"""Shared benchmark plumbing: environment record, device slug, timing, measured ceilings, results files, tables."""
+"""Shared benchmark plumbing: environment record, device slug, progress, timing and the load it ran under,
+measured ceilings, flagging rows timed under load, results files, tables, plot markers."""
+import contextlib
 import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,7 +18,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # recorded runs: written only by `report --record`
+RUNS_ROOT = Path(__file__).resolve().parent / "runs"        # every other run (ignored by git)
 
 
 def default_device():
@@ -125,7 +130,62 @@ def release_memory(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Timing
+# Progress: tqdm bars on stderr (shown on a terminal, left out when stderr is a file or a pipe) and log lines that
+# print above them
+# ----------------------------------------------------------------------------------------------------------------
+
+def log(message):
+    """A line on stderr that does not break the progress bars."""
+    from tqdm import tqdm
+    tqdm.write(str(message), file=sys.stderr)
+
+
+def progress(iterable, desc, *, total=None, unit="case", leave=False):
+    """tqdm over `iterable` on stderr; disabled when stderr is not a terminal (log lines say what runs)."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr, disable=None,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+@contextlib.contextmanager
+def long_step(desc, expected_s=None):
+    """A bar for one long call that reports nothing itself (an HNSW build, a k-means): seconds elapsed against the
+    expected seconds, refreshed by a thread once a second; a log line before and after it either way."""
+    from tqdm import tqdm
+    log(f"  {desc}" + ("" if expected_s is None else f" (expected ~{format_seconds(expected_s)})") + " ...")
+    bar = tqdm(desc=desc, total=None if expected_s is None else round(expected_s), unit="s", leave=False,
+               file=sys.stderr, disable=None, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s"
+               if expected_s is not None else "{desc}: {n:.0f} s")
+    done, start = threading.Event(), time.perf_counter()
+
+    def tick():
+        while not done.wait(1.0):
+            bar.n = time.perf_counter() - start
+            bar.refresh()
+    thread = threading.Thread(target=tick, daemon=True)
+    if not bar.disable:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join()
+        bar.close()
+        log(f"  {desc}: {format_seconds(time.perf_counter() - start)}")
+
+
+def format_seconds(seconds):
+    """"45 s", "3.2 min", "1.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing, and the load it ran under
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -142,11 +202,28 @@ def _busy_cpu_seconds():
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+class LoadMeter:
+    """Share of the machine's CPU time that other processes used between start() and stop(): the machine's busy CPU
+    seconds (/proc/stat) minus this process's, over wall time x CPUs. /proc/stat counts in 10 ms ticks, so a window
+    under half a second says little. It counts every thread of this process as its own (a progress bar's refresh
+    thread too: a few microseconds a second)."""
+
+    def start(self):
+        self.busy, self.own, self.wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def stop(self):
+        wall = time.perf_counter() - self.wall
+        other = (_busy_cpu_seconds() - self.busy) - (time.process_time() - self.own)
+        return max(other, 0.0) / (max(wall, 1e-9) * cpu_count())
+
+
 def time_ms(fn, device, *, warmup_ms=25, rep_ms=100, cpu_warmup=1, cpu_reps=10, cpu_min_reps=3, cpu_budget_s=10.0):
     """Median time of fn() in milliseconds.
 
     CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls). CPU: perf_counter around each call after
-    `cpu_warmup` calls; stops after `cpu_reps` calls, or earlier once `cpu_budget_s` is spent and `cpu_min_reps` ran.
+    `cpu_warmup` calls; stops after `cpu_reps` calls, or earlier once `cpu_budget_s` is spent and `cpu_min_reps` ran;
+    other_load from a LoadMeter over the timed calls.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -155,15 +232,13 @@ def time_ms(fn, device, *, warmup_ms=25, rep_ms=100, cpu_warmup=1, cpu_reps=10, 
     for _ in range(cpu_warmup):
         fn()
     times = []
-    busy, own, start = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    meter, start = LoadMeter().start(), time.perf_counter()
     while len(times) < cpu_reps and (len(times) < cpu_min_reps or time.perf_counter() - start < cpu_budget_s):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    wall = time.perf_counter() - start
-    other = (_busy_cpu_seconds() - busy) - (time.process_time() - own)
     return Timing(statistics.median(times), f"perf_counter median of {len(times)} after {cpu_warmup} warm-up",
-                  max(other, 0.0) / (wall * cpu_count()))
+                  meter.stop())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,13 +359,85 @@ TOLERANCE_CHECK_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Rows timed under load: flagged, never counted toward a target, never recorded
+# ----------------------------------------------------------------------------------------------------------------
+
+LOAD_LIMIT = 0.15  # a row is flagged when other processes used more than this share of the CPU while it was timed
+NOT_COUNTED = "not counted (under load)"
+
+
+def compared_to(row, base):
+    """Note that `row`'s ratios (speedup, target) rest on `base`'s timing too: the row is flagged when either was
+    timed under load."""
+    row["ratio_other_load"] = base.get("other_load")
+
+
+def target_checks(target):
+    """The verdict-bearing records of a row's target: the target itself ({"limit", "met", ...}), the records in its
+    "checks" list, or none."""
+    if target is None:
+        return []
+    return target["checks"] if "checks" in target else [target]
+
+
+def flag_under_load(rows, limit):
+    """Flag the rows timed (or compared with a row timed) while other processes used more than `limit` of the CPU:
+    row["flagged"] names the load, and every target verdict of a flagged row becomes NOT_COUNTED (met None).
+    Every other target with a limit gets verdict "met" or "missed". Rows without a measured load (GPU, quality
+    metrics) are never flagged. Returns the rows flagged."""
+    if not 0 < limit <= 1:
+        raise ValueError(f"limit must be a share of the CPU in (0, 1], got {limit!r}")
+    flagged = []
+    for row in rows:
+        own, base = row.get("other_load"), row.get("ratio_other_load")
+        if own is not None and own > limit:
+            row["flagged"] = f"other load {own:.0%} (limit {limit:.0%})"
+        elif base is not None and base > limit:
+            row["flagged"] = f"compared with a row under other load {base:.0%} (limit {limit:.0%})"
+        else:
+            row["flagged"] = None
+        for check in target_checks(row.get("target")):
+            if check["limit"] is None:
+                check["verdict"] = None
+            elif row["flagged"]:
+                check.update(met=None, verdict=NOT_COUNTED)
+            else:
+                check["verdict"] = "met" if check["met"] else "missed"
+        if row["flagged"]:
+            flagged.append(row)
+    return flagged
+
+
+def verdict_text(check):
+    """"met", "MISSED", "not counted (under load)" or "-" (no limit, or not yet judged)."""
+    verdict = check.get("verdict")
+    if verdict is None:
+        return "-" if check.get("met") is None else ("met" if check["met"] else "MISSED")
+    return "MISSED" if verdict == "missed" else verdict
+
+
+def load_column(row):
+    """The table's load column: other processes' share of the CPU, "*" when the row is flagged."""
+    loads = [x for x in (row.get("other_load"), row.get("ratio_other_load")) if x is not None]
+    text = f"{max(loads):.0%}" if loads else "-"
+    return text + (" *" if row.get("flagged") else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Results and tables
 # ----------------------------------------------------------------------------------------------------------------
 
 def results_dir(slug):
+    """benchmarks/results/<slug>/, the recorded runs (only `report --record` writes there)."""
     path = RESULTS_ROOT / slug
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def is_inside(path, folder):
+    """Whether `path` is `folder` or lies under it (both resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 def write_json(path, payload):
@@ -312,3 +459,79 @@ def format_table(title, rows, columns):
 
 def fmt_number(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots: rows flagged under load drawn hollow (markers) or hatched (bars)
+# ----------------------------------------------------------------------------------------------------------------
+
+FLAGGED_NOTE = "hollow / hatched: timed under load (flagged)"
+
+
+def plot_line(ax, points, *, label, color, marker="o", linestyle="-", **style):
+    """A line through (x, y, flagged) points in x order: filled markers for clean points, hollow for flagged."""
+    points = sorted(points, key=lambda p: (p[0], p[1]))
+    xs, ys, _ = zip(*points)
+    ax.plot(xs, ys, linestyle=linestyle, marker=marker, color=color, label=label, **style)
+    hollow = [(x, y) for x, y, flagged in points if flagged]
+    if hollow:  # drawn over the filled markers
+        ax.plot(*zip(*hollow), linestyle="none", marker=marker, color=color, markerfacecolor="white",
+                markeredgewidth=1.5)
+
+
+def plot_bars(ax, xs, heights, flags, **style):
+    """Bars, hatched where flagged."""
+    bars = ax.bar(xs, heights, **style)
+    for bar, flagged in zip(bars, flags):
+        if flagged:
+            bar.set_hatch("///")
+            bar.set_edgecolor("black")
+            bar.set_alpha(0.6)
+    return bars
+
+
+def note_flagged(fig, rows):
+    """A line under the figure when any row is flagged (the legend meaning of hollow markers and hatched bars)."""
+    flagged = [r for r in rows if r.get("flagged")]
+    if flagged:
+        fig.text(0.5, 0.005, f"{FLAGGED_NOTE}: {len(flagged)} of {len(rows)} rows", ha="center", va="bottom",
+                 fontsize=8, color="firebrick")
+
+
+# (dx, dy) in points and the alignment that puts the text on that side of its point: tried in order
+_LABEL_OFFSETS = [(4, 3, "left", "bottom"), (4, -3, "left", "top"), (-4, 3, "right", "bottom"),
+                  (-4, -3, "right", "top"), (0, 6, "center", "bottom"), (0, -6, "center", "top"),
+                  (8, 10, "left", "bottom"), (8, -10, "left", "top"), (-8, 10, "right", "bottom"),
+                  (-8, -10, "right", "top"), (0, 14, "center", "bottom"), (0, -14, "center", "top")]
+
+
+def place_labels(ax, labels, *, obstacles=(), fontsize=6, marker_radius_pt=4):
+    """Annotate points with text that overlaps no other label and no marker: labels are (x, y, text) in data
+    coordinates, obstacles more (x, y) points to keep clear of (every plotted marker). Each label takes the first
+    offset around its point that is clear and inside the axes, else the first offset. Call once the axes' limits
+    and the figure's layout are final (after tight_layout): placement is measured in display coordinates."""
+    renderer = ax.figure.canvas.get_renderer()
+    radius = renderer.points_to_pixels(marker_radius_pt)
+    to_display = ax.transData.transform
+    from matplotlib.transforms import Bbox
+    taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+             for x, y in (to_display(p) for p in list(obstacles) + [(x, y) for x, y, _ in labels])]
+    inside = ax.get_window_extent(renderer)
+    for x, y, text in labels:
+        choice = None
+        for dx, dy, ha, va in _LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                               fontsize=fontsize)
+            box = note.get_window_extent(renderer)
+            clear = not any(box.overlaps(other) for other in taken) and inside.contains(box.x0, box.y0) \
+                and inside.contains(box.x1, box.y1)
+            if clear:
+                choice = (note, box)
+                break
+            note.remove()
+        if choice is None:
+            dx, dy, ha, va = _LABEL_OFFSETS[0]
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                               fontsize=fontsize)
+            choice = (note, note.get_window_extent(renderer))
+        taken.append(choice[1])

@@ -37,10 +37,11 @@ import torch
 import hybridrag as hr
 from hybridrag.kernels.int8 import quantize_activations
 
-from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prepared, compare_to_truth, fmt_number,
-                     release_memory, time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prepared, compare_to_truth, compared_to,
+                     fmt_number, note_flagged, plot_line, progress, release_memory, time_ms, verdict_text)
 
 SUITE = "int8_matmul"
+EXPECTED_S = {"quick": 15, "full": 45}  # on the 2-core AMD EPYC of the recorded results
 GROUP_SIZE = 128
 PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "torch_matmul", "int_mm",
          "int_mm_prequant", "torchao_w8a16", "torchao_w8a8", "bnb_w8a8")
@@ -309,6 +310,11 @@ TARGETS = (
 )
 
 
+def targets_elsewhere(device):
+    """The targets this device cannot measure: all of them name cuBLAS (CUDA)."""
+    return [] if device.type == "cuda" else [f"{what} (CUDA)" for what, *_ in TARGETS]
+
+
 def _target(row, case, device, baseline_ms):
     """Our row's target record: speedup over torch.matmul, % bandwidth, and the verdicts that apply."""
     values = {"speedup": None if baseline_ms is None else baseline_ms / row["ms"],
@@ -325,15 +331,19 @@ def _target(row, case, device, baseline_ms):
 
 def _apply_ratios(group, case, device):
     """Outside peers: ours speedup = peer ms / ours ms (ours of the same scheme). Ours: the target record."""
-    ms = {r["peer"]: r["ms"] for r in group}
+    by_peer = {r["peer"]: r for r in group}
+    ms = {peer: r["ms"] for peer, r in by_peer.items()}
     for row in group:
         if row["ms"] is None:
             continue
         if row["peer"] in OURS:
             row["target"] = _target(row, case, device, ms.get(FLOAT_BASELINE))
+            if ms.get(FLOAT_BASELINE) is not None:
+                compared_to(row, by_peer[FLOAT_BASELINE])
         elif ms.get(COUNTERPART[row["peer"]]) is not None:
             row["vs"] = COUNTERPART[row["peer"]]
             row["speedup_vs_peer"] = row["ms"] / ms[row["vs"]]
+            compared_to(row, by_peer[row["vs"]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,7 +361,7 @@ def _timing_options(device, quick):
 def benchmark(device, quick=False, peers=PEERS, ceilings=None, log=print):
     """One row per (case, peer): ms, TFLOP/s or TOPS, GB/s, ratios to the ceilings, peer_ms / ours_ms, targets."""
     rows = []
-    for case in cases(device, quick):
+    for case in progress(cases(device, quick), SUITE):
         group = []
         for peer in peers:
             if not peer_applies(peer, case):
@@ -397,8 +407,7 @@ def _target_text(target):
     parts = []
     if target["speedup_vs_torch_matmul"] is not None:
         parts.append(f"{target['speedup_vs_torch_matmul']:.2f}x torch.matmul")
-    verdicts = [f"{c['target']} {'-' if c['met'] is None else 'met' if c['met'] else 'MISSED'}"
-                for c in target["checks"]]
+    verdicts = [f"{c['target']} {verdict_text(c)}" for c in target["checks"]]
     return "; ".join(parts + verdicts) or "-"
 
 
@@ -525,17 +534,18 @@ def plot(rows, ceilings, env, path):
     import matplotlib.pyplot as plt
 
     columns = sorted({(r["case"]["n"], r["case"]["k"], r["case"]["dtype"]) for r in rows})
-    fig, axes = plt.subplots(2, len(columns), squeeze=False, figsize=(5.5 * len(columns), 8))
+    fig, axes = plt.subplots(2, len(columns), squeeze=False, figsize=(7 * len(columns), 8))
     for j, (n, k, dtype) in enumerate(columns):
         panel = [r for r in rows if (r["case"]["n"], r["case"]["k"], r["case"]["dtype"]) == (n, k, dtype)]
         for i, (key, ylabel) in enumerate((("gbps", "GB/s (bytes moved / time)"),
                                            ("rate", "TFLOP/s (float) or TOPS (int8)"))):
             ax = axes[i][j]
             for peer in PEERS:
-                points = sorted((r["case"]["m"], r[key]) for r in panel if r["peer"] == peer and r["status"] == "ok")
+                points = [(r["case"]["m"], r[key], r.get("flagged")) for r in panel
+                          if r["peer"] == peer and r["status"] == "ok"]
                 if points:
-                    style = "-" if peer in OURS else "--"
-                    ax.plot(*zip(*points), style, marker="o", label=peer, color=f"C{PEERS.index(peer)}")
+                    plot_line(ax, points, linestyle="-" if peer in OURS else "--", label=peer,
+                              color=f"C{PEERS.index(peer)}")
             if ceilings and key == "gbps":
                 ax.axhline(ceilings["copy_gbps"], color="gray", linestyle=":", label="copy (measured)")
             if ceilings and key == "rate":
@@ -552,10 +562,11 @@ def plot(rows, ceilings, env, path):
             ax.set_ylabel(ylabel)
             ax.set_title(f"N={n} K={k} {dtype}", fontsize=9)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panel, off the data
     fig.suptitle(f"int8 matmul y = x @ W.T\n{env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, "
                  f"{env['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    note_flagged(fig, rows)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

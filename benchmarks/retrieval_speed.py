@@ -1,8 +1,8 @@
 """Retrieval speed suite: hybridrag's `VectorIndex` (exact flat, IVF, HNSW over FAISS; FAISS GPU where present) and
 `BM25Index`, in two parts.
 
-    python -m benchmarks.retrieval_speed            # this suite alone (what benchmarks.report runs once registered)
-    python -m benchmarks.retrieval_speed --quick    # seconds; results in retrieval_speed-quick.json/.png
+    python -m benchmarks.retrieval_speed            # this suite alone, quick (seconds): benchmarks.report --suite
+    python -m benchmarks.retrieval_speed --full     # the recorded sizes (about 25 minutes on 2 CPU cores)
 
 vector  Base sets of the first N vectors of one seeded set (N = 100,000 and 1,000,000, d = 384; quick: 5,000 and
         20,000, d = 64) from `ClusteredVectors` (below), 1,000 queries (quick: 200) from the same distribution on a
@@ -29,9 +29,8 @@ bm25    `BM25Index.build` seconds, queries/s of `search_many` over a batch and s
         (pydoc_data.topics) chunked by `chunk_documents` into 200-word pieces (40 overlap), queries made the same way
         from the chunks' indexable words. bm25s retrieves on one thread (BM25Index does not pass n_threads).
 """
-import argparse
+import contextlib
 import gc
-import importlib
 import math
 import os
 import re
@@ -48,9 +47,12 @@ from hybridrag.retrieval.bm25 import BM25Index
 from hybridrag.retrieval.documents import Document, chunk_documents
 from hybridrag.retrieval.vector_index import VectorIndex, gpu_available
 
-from .common import _busy_cpu_seconds, cpu_count, cpu_model, fmt_number
+from .common import (LoadMeter, cpu_count, cpu_model, fmt_number, long_step, note_flagged, place_labels, plot_bars,
+                     plot_line, progress)
 
 SUITE = "retrieval_speed"
+EXPECTED_S = {"quick": 10, "full": 1500}  # on the 2-core AMD EPYC of the recorded results (HNSW at 1M: ~225 s)
+LONG_BUILD_N = 100_000                      # builds of this many vectors or more get a progress bar
 K = 10
 KINDS = ("flat", "ivf", "hnsw")
 GPU_KINDS = ("flat", "ivf")                 # FAISS has no GPU HNSW
@@ -218,20 +220,6 @@ def resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class LoadMeter:
-    """Share of the machine's CPU time that other processes used between start() and stop() (common.time_ms's
-    other_load)."""
-
-    def start(self):
-        self.busy, self.own, self.wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-        return self
-
-    def stop(self):
-        wall = time.perf_counter() - self.wall
-        other = (_busy_cpu_seconds() - self.busy) - (time.process_time() - self.own)
-        return max(other, 0.0) / (max(wall, 1e-9) * cpu_count())
-
-
 def time_batch(run, batch, warmup, max_reps, budget_s):
     """Median seconds of run(batch): warm-up run(warmup), then up to max_reps calls, stopping once budget_s is spent
     (at least one call). Returns (seconds, calls)."""
@@ -293,15 +281,20 @@ def _gpu_free_bytes():
     return torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else None
 
 
-def build_index(kind, device, base, queries):
-    """Build a VectorIndex over `base` (ids 0..N-1) with the default parameters. Returns (index, build record)."""
+def build_index(kind, device, base, queries, expected_s=None):
+    """Build a VectorIndex over `base` (ids 0..N-1) with the default parameters. Returns (index, build record); the
+    record's build_other_load is the load other processes put on the CPU during the build. Builds of LONG_BUILD_N
+    vectors or more run under a progress bar (elapsed against `expected_s` when given)."""
     gc.collect()
     resident = resident_bytes()
     index = VectorIndex(base.shape[1], kind=kind, device=device)
-    start = time.perf_counter()
-    index.add(base, np.arange(len(base), dtype=np.int64))
-    record = {"build_s": time.perf_counter() - start, "gpu_copy_s": None, "gpu_memory_bytes": None,
-              "saved_bytes": None}
+    step = long_step(f"{SUITE} {kind} {device} build N={len(base):,}", expected_s) if len(base) >= LONG_BUILD_N \
+        else contextlib.nullcontext()
+    with step:
+        meter, start = LoadMeter().start(), time.perf_counter()
+        index.add(base, np.arange(len(base), dtype=np.int64))
+        record = {"build_s": time.perf_counter() - start, "build_other_load": meter.stop(), "gpu_copy_s": None,
+                  "gpu_memory_bytes": None, "saved_bytes": None}
     gc.collect()
     record["rss_growth_bytes"] = resident_bytes() - resident
     if device == "gpu":
@@ -340,16 +333,17 @@ def _vector_row(kind, device, n, sizes, data, **values):
     return row
 
 
-def measure_index(kind, device, base, queries, truth, sizes, data, log, note=None):
-    """Build one index and time it at every width of its sweep: one row a width (flat: one row)."""
+def measure_index(kind, device, base, queries, truth, sizes, data, log, note=None, expected_s=None):
+    """Build one index and time it at every width of its sweep: one row a width (flat: one row). A row's other_load
+    is the larger of the build's and its own search timing's."""
     import faiss
-    index, build = build_index(kind, device, base, queries)
+    index, build = build_index(kind, device, base, queries, expected_s)
     if kind == "ivf":
         widths = [p for p in NPROBES if p <= index.nlist]
     else:
         widths = EF_SEARCHES if kind == "hnsw" else [None]
     rows = []
-    for width in widths:
+    for width in progress(widths, f"{SUITE} {kind} {device} N={len(base):,}", unit="width"):
         if width is not None:
             set_search_width(index, width)
         meter = LoadMeter().start()
@@ -367,11 +361,16 @@ def measure_index(kind, device, base, queries, truth, sizes, data, log, note=Non
                           recall_at_10=recall_at_k(found, truth), faiss_threads=faiss.omp_get_max_threads(),
                           timing=f"batch: perf_counter median of {calls} search calls of {len(queries)} queries "
                                  f"after a 10-query warm-up; latency: median of {single_calls} one-query calls",
-                          other_load=other_load, note=note)
+                          other_load=max(other_load, build["build_other_load"]), note=note)
         log(f"  {SUITE} {device} {label}: build {row['build_s']:.1f} s, {row['qps']:.0f} q/s, "
             f"{latency:.3f} ms, recall@10 {row['recall_at_10']:.4f}")
         rows.append(row)
     return rows  # the index is freed here: the next build_index collects before it measures memory
+
+
+def hnsw_seconds(probe_n, probe_s, n):
+    """A build of probe_n vectors in probe_s seconds, scaled by N log N to n vectors."""
+    return probe_s * n / probe_n * math.log(n) / math.log(probe_n)
 
 
 def hnsw_size(probe_n, probe_s, full_n):
@@ -379,7 +378,7 @@ def hnsw_size(probe_n, probe_s, full_n):
     N log N fits HNSW_FULL_LIMIT_S, else the largest of full_n / 2, full_n / 4 (above probe_n) that fits
     HNSW_FALLBACK_LIMIT_S, else None."""
     def scaled(n):
-        return probe_s * n / probe_n * math.log(n) / math.log(probe_n)
+        return hnsw_seconds(probe_n, probe_s, n)
     if full_n <= probe_n:
         return None
     if scaled(full_n) <= HNSW_FULL_LIMIT_S:
@@ -407,7 +406,7 @@ def vector_rows(sizes, log):
 
     gpu = gpu_available()
     hnsw_probe = None
-    for n in sizes.base:
+    for n in progress(sizes.base, f"{SUITE} vector sizes", unit="size"):
         base = base_all[:n]
         for kind in KINDS:
             if kind == "hnsw" and n != sizes.hnsw_probe:
@@ -425,7 +424,8 @@ def vector_rows(sizes, log):
     log(f"  {SUITE} {rule}: chosen N={chosen}")
     if chosen is not None:
         rows += measure_index("hnsw", "cpu", base_all[:chosen], queries, truth(chosen), sizes, data, log,
-                              note=rule + f": chosen N={chosen}")
+                              note=rule + f": chosen N={chosen}",
+                              expected_s=hnsw_seconds(sizes.hnsw_probe, hnsw_probe, chosen))
     else:
         rows.append(_vector_row("hnsw", "cpu", full_n, sizes, data, hardware=_hardware("cpu"), status="skipped",
                                 reason=rule + ": none fits"))
@@ -444,12 +444,11 @@ def _bm25_row(corpus, texts, vocabulary, queries, sizes, log, note):
     gc.collect()
     resident = resident_bytes()
     index = BM25Index()
-    start = time.perf_counter()
+    meter, start = LoadMeter().start(), time.perf_counter()  # other_load: over the build and the timed searches
     index.build(texts, [str(i) for i in range(len(texts))])
     build_s = time.perf_counter() - start
     gc.collect()
     rss_growth = resident_bytes() - resident
-    meter = LoadMeter().start()
     batch_s, calls = time_batch(lambda q: index.search_many(q, K), queries, queries[:10], sizes.batch_reps,
                                 sizes.batch_budget_s)
     latency, p90, single_calls = time_single(lambda q: index.search(q, K), queries, sizes.latency_queries,
@@ -611,75 +610,61 @@ CHECK_COLUMNS = [
 
 def plot(rows, ceilings, env, path):
     """Recall@10 against batch queries/s (one line per index: the IVF nprobe and HNSW ef_search sweeps, flat a
-    point); build seconds per index; BM25 queries/s (batch and one at a time). Measured points only."""
+    point; labels placed clear of each other); build seconds per index; BM25 queries/s (batch and one at a time).
+    Measured points only; rows flagged under load hollow or hatched."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 5.5))
     vector = [r for r in rows if r["part"] == "vector" and r["status"] == "ok"]
     groups = sorted({(r["kind"], r["device"], r["n"]) for r in vector}, key=lambda g: (g[2], g[0], g[1]))
     markers = {"flat": "s", "ivf": "o", "hnsw": "^"}
-    builds = []
+    builds, labels, markers_at = [], [], []
     for i, (kind, device, n) in enumerate(groups):
         points = [r for r in vector if (r["kind"], r["device"], r["n"]) == (kind, device, n)]
-        left.plot([r["qps"] for r in points], [r["recall_at_10"] for r in points], marker=markers[kind],
+        plot_line(left, [(r["qps"], r["recall_at_10"], r.get("flagged")) for r in points], marker=markers[kind],
                   linestyle="-" if device == "cpu" else "--", color=f"C{i}", label=f"{kind} {device} N={n:,}")
         for r in points:
+            markers_at.append((r["qps"], r["recall_at_10"]))
             width = r["params"].get("nprobe", r["params"].get("ef_search"))
             if width is not None:
-                left.annotate(str(width), (r["qps"], r["recall_at_10"]), fontsize=6, xytext=(2, 2),
-                              textcoords="offset points")
-        builds.append((f"{kind} {device}\nN={n:,}", points[0]["build_s"]))
+                labels.append((r["qps"], r["recall_at_10"], str(width)))
+        builds.append((f"{kind} {device}\nN={n:,}", points[0]["build_s"], points[0].get("flagged"), f"C{i}"))
     left.set_xscale("log")
     left.set(xlabel="queries/s (batch of queries, one search call)", ylabel="recall@10 vs exact",
              title="vector search: recall against throughput\n(labels: nprobe for IVF, ef_search for HNSW)")
     left.grid(True, alpha=0.3)
-    left.legend(fontsize=7)
-    middle.bar(range(len(builds)), [b[1] for b in builds], color=[f"C{i}" for i in range(len(builds))])
+    left.legend(fontsize=7, loc="lower left")
+    left.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
+    plot_bars(middle, range(len(builds)), [b[1] for b in builds], [b[2] for b in builds],
+              color=[b[3] for b in builds])
     middle.set_xticks(range(len(builds)), [b[0] for b in builds], fontsize=6, rotation=45, ha="right")
     middle.set_yscale("log")
     middle.set(ylabel="seconds", title="build (VectorIndex.add; IVF training included)")
     middle.grid(True, axis="y", alpha=0.3)
     bm25 = [r for r in rows if r["part"] == "bm25" and r["status"] == "ok"]
     x = np.arange(len(bm25))
-    right.bar(x - 0.2, [r["qps"] for r in bm25], width=0.4, label="batch (search_many)")
-    right.bar(x + 0.2, [1e3 / r["latency_ms"] for r in bm25], width=0.4, label="one at a time (1 / median latency)")
+    flags = [r.get("flagged") for r in bm25]
+    plot_bars(right, x - 0.2, [r["qps"] for r in bm25], flags, width=0.4, label="batch (search_many)", color="C0")
+    plot_bars(right, x + 0.2, [1e3 / r["latency_ms"] for r in bm25], flags, width=0.4,
+              label="one at a time (1 / median latency)", color="C1")
     right.set_xticks(x, [f"{r['corpus']}\n{r['n']:,} docs" for r in bm25], fontsize=8)
     right.set_yscale("log")
     right.set(ylabel="queries/s", title="BM25Index")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left")
     right.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"retrieval speed, k={K}\n{env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, "
                  f"{env['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    note_flagged(fig, rows)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    place_labels(left, labels, obstacles=markers_at)  # after the layout: placement is measured on the final axes
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Running this suite alone
-# ----------------------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    """This suite through benchmarks.report's run_suite: same payload, files and tables as `python -m
-    benchmarks.report --suite retrieval_speed`."""
-    parser = argparse.ArgumentParser(description="Retrieval speed suite (VectorIndex, BM25Index)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
-    args = parser.parse_args(argv)
-    from . import report
-    from .common import default_device, environment, measure_ceilings
-
-    suite = importlib.import_module(f"{__package__}.retrieval_speed")  # the importable module, not __main__
-    device = default_device()
-    env = environment(device)
-    report.log(f"device: {env['device']}, torch {env['torch']}, commit {env['git_commit']}")
-    ceilings = measure_ceilings(device, suite.bench_dtype(device))
-    tables, passed = report.run_suite(suite, device, env, ceilings, args.quick)
-    print("\n\n".join(tables))
-    return 0 if passed else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from .report import main
+
+    raise SystemExit(main(["--suite", SUITE, *sys.argv[1:]]))

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import hybridrag as hr
 from hybridrag.kernels.patterns import UNBOUNDED, resolve_window, visible_key_counts, window_mask
 
-from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, fmt_number,
-                     free_memory_bytes, prepare_attention, release_memory, time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to, fmt_number,
+                     free_memory_bytes, note_flagged, plot_line, prepare_attention, progress, release_memory, time_ms)
 
 SUITE = "sliding_window"
+EXPECTED_S = {"quick": 40, "full": 150}  # on the 2-core AMD EPYC of the recorded results (FlexAttention compiles)
 PEERS = ("ours", "sdpa_dense_mask", "flex_attention", "flash_attn")
 MODES = ("fwd", "fwd+bwd")
 BACKWARD_FACTOR = 2.5
@@ -213,7 +214,7 @@ def _timing_options(case, device, quick):
 def benchmark(device, quick=False, peers=PEERS, ceilings=None, log=print):
     """One row per (case, mode, peer): ms, TFLOP/s on the band, and peer_ms / ours_ms."""
     rows = []
-    for case in cases(device, quick):
+    for case in progress(cases(device, quick), SUITE):
         for mode in MODES:
             flops = band_flops(case, mode)
             group = []
@@ -236,10 +237,11 @@ def benchmark(device, quick=False, peers=PEERS, ceilings=None, log=print):
                 log(f"  {SUITE} {case.label} {mode:7s} {peer:16s} "
                     + (f"{row['ms']:10.3f} ms{busy}" if row["ms"] is not None else f"{row['status']}: {row['reason']}"))
                 group.append(row)
-            ours_ms = next((r["ms"] for r in group if r["peer"] == "ours"), None)
+            ours = next((r for r in group if r["peer"] == "ours"), None)
             for row in group:
-                if row["peer"] != "ours" and row["ms"] is not None and ours_ms is not None:
-                    row["speedup_vs_peer"] = row["ms"] / ours_ms
+                if row is not ours and row["ms"] is not None and ours is not None and ours["ms"] is not None:
+                    row["speedup_vs_peer"] = row["ms"] / ours["ms"]
+                    compared_to(row, ours)
             rows += group
     return rows
 
@@ -318,11 +320,11 @@ def plot(rows, ceilings, env, path):
     for i, mode in enumerate(MODES):
         for j, window in enumerate(windows):
             ax = axes[i][j]
-            for peer in PEERS:
-                points = sorted((r["case"]["seqlen"], r["tflops"]) for r in rows if r["mode"] == mode
-                                and r["case"]["window"] == window and r["peer"] == peer and r["status"] == "ok")
+            for number, peer in enumerate(PEERS):
+                points = [(r["case"]["seqlen"], r["tflops"], r.get("flagged")) for r in rows if r["mode"] == mode
+                          and r["case"]["window"] == window and r["peer"] == peer and r["status"] == "ok"]
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=peer)
+                    plot_line(ax, points, label=peer, color=f"C{number}")
             missing = sorted({f"{r['peer']} ({r['status']})" for r in rows if r["mode"] == mode
                               and r["case"]["window"] == window and r["status"] != "ok"})
             if missing:
@@ -339,7 +341,8 @@ def plot(rows, ceilings, env, path):
     dtype = rows[0]["case"]["dtype"] if rows else ""
     fig.suptitle(f"sliding-window attention, {dtype}\n{env['device']}, torch {env['torch']}, "
                  f"commit {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    note_flagged(fig, rows)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

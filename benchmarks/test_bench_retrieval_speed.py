@@ -1,12 +1,11 @@
 """pytest-benchmark suite for retrieval speed: VectorIndex.search (flat, IVF, HNSW on the CPU; flat and IVF on the GPU
 where FAISS's GPU build sees one) and BM25Index.search_many at the quick sizes, then the quick suite end to end
-through benchmarks.report's run_suite with its results file checked.
+through benchmarks.report's run_suite with its results file (written to a temporary folder) checked.
 
     pytest benchmarks/test_bench_retrieval_speed.py --benchmark-only   # the timings only
     pytest benchmarks/test_bench_retrieval_speed.py                    # timings and checks (under a minute on CPU)
 
-Not part of the normal test run (pyproject's testpaths is ["tests"]). The end-to-end test writes
-benchmarks/results/<device>/retrieval_speed-quick.json/.png (ignored by git).
+Not part of the normal test run (pyproject's testpaths is ["tests"]).
 """
 import json
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import retrieval_speed as rs
-from benchmarks.common import default_device, device_slug, environment, results_dir
+from benchmarks.common import default_device, environment
 from hybridrag.retrieval.bm25 import BM25Index
 from hybridrag.retrieval.vector_index import VectorIndex, gpu_available
 
@@ -69,12 +68,13 @@ def test_bm25_search(benchmark):
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_results():
+def quick_results(tmp_path_factory):
     from benchmarks import report
-    tables, passed = report.run_suite(rs, DEVICE, environment(DEVICE), None, quick=True)
-    folder = results_dir(device_slug(DEVICE))
+    folder = tmp_path_factory.mktemp("retrieval_speed")
+    env = environment(DEVICE)
+    result = report.run_suite(rs, DEVICE, env, None, quick=True, out=folder, load_limit=1.0)
     payload = json.loads((folder / f"{rs.SUITE}-quick.json").read_text())
-    return payload, passed, tables, folder
+    return payload, result.passed, report.tables(result, env), folder
 
 
 def _vector(rows, kind, device, n=None):
@@ -84,8 +84,8 @@ def _vector(rows, kind, device, n=None):
 
 def test_quick_results_file(quick_results):
     payload, passed, tables, folder = quick_results
-    assert set(payload) == {"suite", "quick", "env", "ceilings", "correctness", "rows"}
-    assert payload["suite"] == rs.SUITE and payload["quick"] is True and passed
+    assert set(payload) == {"suite", "size", "env", "ceilings", "load_limit", "duration_s", "correctness", "rows"}
+    assert payload["suite"] == rs.SUITE and payload["size"] == "quick" and passed
     assert {"device", "git_commit", "date", "torch"} <= set(payload["env"])
     assert all(row["passed"] for row in payload["correctness"]) and len(payload["correctness"]) >= 3
     assert (folder / f"{rs.SUITE}-quick.png").stat().st_size > 0
