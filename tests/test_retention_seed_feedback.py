@@ -2,6 +2,7 @@
 .update_weights. The seed's worked example exactly, the three metadata forms (the matrix at ranks 2, 3 and 4), items
 as ids and as dicts, the embedding fallback, EMA updates in a graph, both forms kept apart, and bad input."""
 import asyncio
+import inspect
 
 import numpy as np
 import pytest
@@ -157,10 +158,13 @@ def test_embedding_fallback(config, metadata, embed):
 
 def test_defaults_and_empty_retrieval():
     extractor = FeedbackExtractor(Recorder())
-    assert extractor._seed.config == {"method": "embedding", "attention_threshold": 0.1, "positive_feedback": 1.0,
-                                      "negative_feedback": 0.3, "neutral_feedback": 0.5, "similarity_threshold": 0.7}
-    assert repr(extractor).startswith("FeedbackExtractor(Recorder, {'method': 'embedding'")
+    assert repr(extractor) == ("FeedbackExtractor(Recorder, {'method': 'embedding', 'attention_threshold': 0.1, "
+                               "'positive_feedback': 1.0, 'negative_feedback': 0.3, 'neutral_feedback': 0.5, "
+                               "'similarity_threshold': 0.7})")
     assert asyncio.run(extractor.extract_feedback("the answer", [])) == {}
+    # the seed's threshold and feedback values are the defaults: only the method needs setting
+    assert_feedback(extract({"method": "attention"}, ["he1", "he2", "he3"], {"hyperedge_attention": SEED_ATTENTION}),
+                    {"he1": 1.0, "he2": 0.4, "he3": 1.0})
 
 
 def run(coroutine):
@@ -186,8 +190,10 @@ def test_ema_updates_with_the_seeds_numbers():
     for _ in range(9):
         run(updater.update_weights("he", 0.3))
     assert low.weight("he") == pytest.approx(0.3 + (0.55 - 0.3) * 0.9 ** 9, abs=1e-12)   # drawn to the signal
-    assert WeightUpdater(HyperedgeGraph({"x": 0.2}), {"update_alpha": 1.0})._seed.config == {"strategy": "ema",
-                                                                                             "update_alpha": 1.0}
+    default = HyperedgeGraph({"x": 0.2})
+    assert run(WeightUpdater(default, {}).update_weights("x", 1.0)) == pytest.approx(0.28, abs=1e-12)   # alpha 0.1
+    assert repr(WeightUpdater(default, {"update_alpha": 1.0})) == ("WeightUpdater(HyperedgeGraph, {'strategy': 'ema', "
+                                                                   "'update_alpha': 1.0})")
 
 
 class SlowGraph:
@@ -231,11 +237,13 @@ def test_hyperedge_graph_stores_copies():
         run(graph.upsert_node("x", {"label": "x"}))
     with pytest.raises(TypeError, match=r"weights\['a'\] must be a number, got str"):
         HyperedgeGraph({"a": "1"})
-    with pytest.raises(TypeError, match=r"hyperedge ids must be non-empty str, got 3"):
+    with pytest.raises(TypeError, match=r"hyperedge ids must be str, got int"):
         HyperedgeGraph({3: 1.0})
 
 
 def test_the_two_forms_stay_apart():
+    assert inspect.iscoroutinefunction(FeedbackExtractor.extract_feedback)
+    assert inspect.iscoroutinefunction(WeightUpdater.update_weights)
     seed, keyword = FeedbackExtractor(Recorder(), SEED), FeedbackExtractor(threshold=0.2)
     with pytest.raises(TypeError, match=r"from_scores belongs to the keyword form FeedbackExtractor\(\*, threshold"):
         seed.from_scores(np.ones(2))
@@ -349,7 +357,8 @@ def bad_calls():
         (["he1", "he1"], {"hyperedge_attention": SEED_ATTENTION}, ValueError, r"retrieved repeats the ids \['he1'\]"),
         ([{"id": "he1"}], None, ValueError, r"retrieved\[0\] has no 'text'; a dict item needs 'id' and 'text'"),
         ([{"id": "he1", "text": " "}], None, ValueError, r"retrieved\[0\]\['text'\] must be a non-empty str"),
-        ([{"id": 1, "text": "a"}], None, ValueError, r"retrieved\[0\]'s id must be a non-empty str, got 1"),
+        ([{"id": 1, "text": "a"}], None, TypeError, r"retrieved\[0\]'s id must be a str, got int"),
+        (["he1", ""], None, ValueError, r"retrieved\[1\]'s id must be a non-empty str, got ''"),
         ([("he1", "a")], None, TypeError, r"retrieved\[0\] must be an id str or a dict with 'id' and 'text', got "
                                           r"tuple"),
         (["same"], None, ValueError, r"the embedding fallback embeds each item's text, but \['same'\] came as bare"),
@@ -378,6 +387,9 @@ def test_bad_fallback_and_method_calls():
         extract({}, EMBEDDED[:1], None, embed=lambda texts: np.array([[1.0, 0], [0, 0]]), answer="the answer")
     with pytest.raises(ValueError, match="embedding_func's result has NaN or inf values"):
         extract({}, EMBEDDED[:1], None, embed=lambda texts: [[1.0, 0], [np.nan, 0]], answer="the answer")
+    with pytest.raises(ValueError, match=r"embedding_func must return \(2, d\) real embeddings, got a list numpy "
+                                         r"cannot read as one"):
+        extract({}, EMBEDDED[:1], None, embed=lambda texts: [[1.0, 0], [1.0]], answer="the answer")
 
 
 class SyncGraph:
@@ -413,7 +425,8 @@ def test_bad_updater_config_and_updates():
         (("he1", float("nan")), ValueError, r"signal must be finite, got nan"),
         (("he1", "0.5"), TypeError, r"signal must be a number, got str"),
         (("he9", 0.5), ValueError, r"hyperedge 'he9' is not in the graph"),
-        ((7, 0.5), TypeError, r"hyperedge ids must be non-empty str, got 7"),
+        ((7, 0.5), TypeError, r"hyperedge ids must be str, got int"),
+        (("", 0.5), ValueError, r"hyperedge ids must be non-empty str, got ''"),
     ]
     for args, error, match in updates:
         with pytest.raises(error, match=match):

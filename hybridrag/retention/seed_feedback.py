@@ -84,7 +84,7 @@ class SeedFeedback:
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        form = _form(metadata)
+        form = _metadata_form(metadata)
         if form is not None and self.config["method"] == "embedding":
             raise ValueError(f"config['method'] is 'embedding' but metadata has the {form} form; set method "
                              "'attention' to use it")
@@ -139,8 +139,10 @@ def _items(retrieved):
         else:
             raise TypeError(f"retrieved[{position}] must be an id str or a dict with 'id' and 'text', got "
                             f"{type(item).__name__}")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"retrieved[{position}]'s id must be a non-empty str, got {key!r}")
+        if not isinstance(key, str):
+            raise TypeError(f"retrieved[{position}]'s id must be a str, got {type(key).__name__}")
+        if not key:
+            raise ValueError(f"retrieved[{position}]'s id must be a non-empty str, got ''")
         items.append((key, text))
     keys = [key for key, _ in items]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -149,7 +151,7 @@ def _items(retrieved):
     return items
 
 
-def _form(metadata):
+def _metadata_form(metadata):
     """The attention form whose keys metadata holds (all of them), or None for the embedding fallback."""
     present = [form for form, keys in FORMS.items()
                if any(key in metadata for key in keys + OPTIONAL_KEYS.get(form, ()))]
@@ -283,7 +285,11 @@ def _spans(spans, count, context_end):
 def _embeddings(vectors, count):
     """(count, d) float64 finite from embedding_func's result (numpy, torch, or a list of vectors)."""
     if isinstance(vectors, (list, tuple)):
-        vectors = np.array(vectors)
+        try:
+            vectors = np.array(vectors, dtype=np.float64)
+        except ValueError as error:  # ragged rows or non-numbers
+            raise ValueError(f"embedding_func must return ({count}, d) real embeddings, got a list numpy cannot "
+                             f"read as one: {error}") from error
     array = to_numpy("embedding_func's result", vectors)
     if array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[0] != count or array.shape[1] == 0:
         raise ValueError(f"embedding_func must return ({count}, d) real embeddings for the answer and the "

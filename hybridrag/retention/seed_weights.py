@@ -24,8 +24,10 @@ CONFIG_DEFAULTS = {"strategy": "ema", "update_alpha": 0.1}
 
 
 def _check_id(hyperedge_id):
-    if not isinstance(hyperedge_id, str) or not hyperedge_id:
-        raise TypeError(f"hyperedge ids must be non-empty str, got {hyperedge_id!r}")
+    if not isinstance(hyperedge_id, str):
+        raise TypeError(f"hyperedge ids must be str, got {type(hyperedge_id).__name__}")
+    if not hyperedge_id:
+        raise ValueError("hyperedge ids must be non-empty str, got ''")
     return hyperedge_id
 
 
