@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops import int8_matmul, quantize_int8
-from ..ops.int8 import FLOAT_DTYPES
+from ..ops.int8 import FLOAT_DTYPES, check_cpu_cache
 from .common import _check_backend, _check_flag, _check_positive_int
 
 MODES = ("w8a16", "w8a8")
@@ -21,6 +21,17 @@ def _check_mode(mode, group_size):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "w8a8" and group_size is not None:
         raise ValueError(f"mode='w8a8' needs a per-channel weight (group_size=None), got group_size={group_size}")
+
+
+def _check_cpu_cache(cpu_cache, mode, dtype=None):
+    """cpu_cache: None, "bf16" (bfloat16 layers only) or "fp32"; W8A16 only. dtype None: any (quantize_model)."""
+    check_cpu_cache(cpu_cache)
+    if cpu_cache is not None and mode != "w8a16":
+        raise ValueError(f"cpu_cache keeps a dequantized weight for mode='w8a16'; got cpu_cache={cpu_cache!r} with "
+                         f"mode={mode!r}")
+    if cpu_cache == "bf16" and dtype is not None and dtype != torch.bfloat16:
+        raise ValueError(f"cpu_cache='bf16' needs a bfloat16 layer (its inputs are cast to the cache's dtype), got "
+                         f"dtype {dtype}; use cpu_cache='fp32'")
 
 
 def _check_group_size(group_size, in_features):
@@ -48,6 +59,11 @@ class Int8Linear(nn.Module):
         group_size: None for one weight scale per output channel, or g dividing in_features for one scale per g
             inputs of each output channel (more accurate, more scales; W8A16 only).
         backend: passed to `hr.int8_matmul`: "auto" | "triton" | "cpu" | "reference".
+        cpu_cache: None (default), "bf16" or "fp32" (W8A16): opt in to keeping the dequantized weight in that dtype
+            for calls on the CPU backend, which then run as one dense matmul (a float layer's speed: on CPU the
+            uncached W8A16 path, see `hr.int8_matmul`, is slower than a bfloat16 nn.Linear for M > 4). It costs
+            N * K * 2 bytes ("bf16", bfloat16 layers only) or N * K * 4 bytes ("fp32") more, built on the first CPU
+            call; not saved in the state_dict.
         device: for the int8 weight, its scales and the bias.
         dtype: the compute dtype: bias, output, and the dtype the input must have (float16, bfloat16 or float32;
             default torch.get_default_dtype()).
@@ -66,8 +82,8 @@ class Int8Linear(nn.Module):
 
     Memory:
         N * K bytes for the int8 weight, plus N float32 scales (per channel) or N * (K / g) (group-wise), plus the
-        bias (N values in the compute dtype): about a quarter of a float32 nn.Linear, half of a float16 one.
-        The CPU path also makes float32 copies of x and of the output (and, group-wise, of the (N, K) weight).
+        bias (N values in the compute dtype): about a quarter of a float32 nn.Linear, half of a float16 one; plus the
+        cpu_cache when set. Per call on CPU: a float32 (M, N) accumulator and one widened weight block (~1 MiB).
 
     state_dict: `qweight.data` (int8), `qweight.scale` (float32), `qweight._extra_state` (the group size), `bias`.
     Load it into an Int8Linear made with the same in/out features, bias and group_size. `.to(dtype)` / `.half()`
@@ -75,7 +91,7 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, *, mode="w8a16", group_size=None, backend="auto",
-                 device=None, dtype=None):
+                 cpu_cache=None, device=None, dtype=None):
         super().__init__()
         _check_positive_int("in_features", in_features)
         _check_positive_int("out_features", out_features)
@@ -85,6 +101,7 @@ class Int8Linear(nn.Module):
         _check_backend(backend)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         _check_dtype(dtype)
+        _check_cpu_cache(cpu_cache, mode, dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
@@ -95,6 +112,7 @@ class Int8Linear(nn.Module):
         weight = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self.qweight = quantize_int8(weight, group_size=group_size)
+        self.qweight.cpu_cache = cpu_cache
         if bias:
             bound = 1 / math.sqrt(in_features)
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
@@ -105,21 +123,27 @@ class Int8Linear(nn.Module):
     def group_size(self):
         return self.qweight.group_size
 
+    @property
+    def cpu_cache(self):
+        return self.qweight.cpu_cache
+
     @classmethod
-    def from_linear(cls, linear, *, mode="w8a16", group_size=None, backend="auto"):
+    def from_linear(cls, linear, *, mode="w8a16", group_size=None, backend="auto", cpu_cache=None):
         """An Int8Linear holding `linear`'s weight quantized to int8 and a copy of its bias (same requires_grad), on
         linear's device, computing in linear's dtype. `linear` itself is left as it was.
 
         Raises TypeError for a non-nn.Linear or a weight dtype other than float16/bfloat16/float32, and ValueError for
-        a group_size that does not divide in_features or a mode that cannot take it."""
+        a group_size that does not divide in_features, a mode that cannot take it or a cpu_cache the layer cannot
+        use."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
         _check_dtype(weight.dtype, "linear's weight dtype")
         # Built on the meta device (nothing allocated, no init drawn), then given the real weight and bias.
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
-                    group_size=group_size, backend=backend, device="meta", dtype=weight.dtype)
+                    group_size=group_size, backend=backend, cpu_cache=cpu_cache, device="meta", dtype=weight.dtype)
         layer.qweight = quantize_int8(weight.detach(), group_size=group_size)
+        layer.qweight.cpu_cache = cpu_cache
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(weight.dtype, copy=True),
                                       requires_grad=linear.bias.requires_grad)
@@ -127,8 +151,9 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self):
         grouping = "per channel" if self.group_size is None else f"group_size={self.group_size}"
+        cache = "" if self.cpu_cache is None else f", cpu_cache={self.cpu_cache!r}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"mode={self.mode!r}, {grouping}, dtype={self.dtype}, backend={self.backend!r}")
+                f"mode={self.mode!r}, {grouping}, dtype={self.dtype}, backend={self.backend!r}{cache}")
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor):

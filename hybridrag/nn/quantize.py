@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.int8 import FLOAT_DTYPES
+from ..ops.int8 import CPU_CACHES, FLOAT_DTYPES
 from .common import _check_backend, _check_positive_int
-from .int8_linear import Int8Linear, _check_mode, _dtype_names
+from .int8_linear import Int8Linear, _check_cpu_cache, _check_mode, _dtype_names
 
 
 @dataclass
@@ -20,6 +20,8 @@ class QuantizationReport:
         after. bytes_saved = bytes_before - bytes_after; for each replaced (N, K) layer it is
         N * K * (weight element size - 1) - 4 * (number of scales): N per channel, N * K / group_size group-wise.
     unmatched_skip: the `skip` patterns that matched no module name (a likely typo).
+    cpu_cache, cpu_cache_bytes: the cpu_cache asked for and the bytes its dequantized weights will take once built
+        (N * K * 2 or 4 per replaced layer; not in bytes_after, which counts parameters and buffers).
     """
     mode: str
     group_size: int | None
@@ -28,6 +30,8 @@ class QuantizationReport:
     bytes_before: int = 0
     bytes_after: int = 0
     unmatched_skip: list = field(default_factory=list)
+    cpu_cache: str | None = None
+    cpu_cache_bytes: int = 0
 
     @property
     def bytes_saved(self):
@@ -40,6 +44,8 @@ class QuantizationReport:
                  f"skipped {len(self.skipped)}",
                  f"  parameters and buffers: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
                  f"(saved {self.bytes_saved:,}, {percent:.1f}%)"]
+        if self.cpu_cache is not None:
+            lines.append(f"  cpu_cache={self.cpu_cache!r}: {self.cpu_cache_bytes:,} more bytes once built")
         if self.skipped:
             lines.append("  skipped:")
             lines += [f"    {name or '<the model itself>'}: {reason}" for name, reason in self.skipped.items()]
@@ -102,7 +108,7 @@ def _skip_matcher(skip):
     return by_pattern, patterns
 
 
-def _structural_reason(names, module, owners, group_size):
+def _structural_reason(names, module, owners, group_size, cpu_cache):
     """Why this nn.Linear cannot be replaced (None when it can)."""
     if type(module) is not nn.Linear:
         return f"a subclass of nn.Linear ({type(module).__name__}) whose forward or users may differ"
@@ -119,10 +125,12 @@ def _structural_reason(names, module, owners, group_size):
         return f"weight dtype {module.weight.dtype} (int8_matmul takes {_dtype_names(FLOAT_DTYPES)})"
     if group_size is not None and module.in_features % group_size != 0:
         return f"group_size {group_size} does not divide in_features {module.in_features}"
+    if cpu_cache == "bf16" and module.weight.dtype != torch.bfloat16:
+        return f"cpu_cache='bf16' needs a bfloat16 layer, this one is {module.weight.dtype}"
     return None
 
 
-def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"):
+def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto", cpu_cache=None):
     """Replace the model's nn.Linear layers by `Int8Linear.from_linear` in place (at any depth) and report it.
 
     Args:
@@ -136,12 +144,16 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
             callable(name, module) -> bool, called for each nn.Linear with its qualified name. Default: skip nothing
             (for a transformers causal LM, ("lm_head",) keeps the output head in float, often worth its memory).
         backend: passed to each Int8Linear (and so to `hr.int8_matmul`).
+        cpu_cache: None (default), "bf16" or "fp32": each Int8Linear keeps its dequantized weight in that dtype for
+            CPU calls (see Int8Linear; W8A16 only): a float layer's CPU speed for N * K * 2 or 4 more bytes per
+            layer (the report's cpu_cache_bytes). With "bf16", layers that are not bfloat16 are skipped (reported).
 
     Layers that are never replaced, each listed in the report's `skipped` with the reason (nothing is skipped
     silently): those matching `skip`; subclasses of nn.Linear (e.g. nn.MultiheadAttention's out_proj, whose owner
     reads `.weight` directly); layers whose weight or bias is shared with another module (tied weights, e.g. an
     lm_head tied to the input embeddings: quantizing it would untie and duplicate it); weights in a dtype the op
-    does not take (float64); and, with group_size, layers whose in_features it does not divide.
+    does not take (float64); with group_size, layers whose in_features it does not divide; and with cpu_cache="bf16",
+    layers that are not bfloat16.
     A module registered under several names is replaced by one Int8Linear at all of them.
 
     Returns:
@@ -156,9 +168,11 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
         _check_positive_int("group_size", group_size)
     _check_mode(mode, group_size)
     _check_backend(backend)
+    _check_cpu_cache(cpu_cache, mode)
     matcher, patterns = _skip_matcher(skip)
 
-    report = QuantizationReport(mode=mode, group_size=group_size, bytes_before=_tensor_bytes(model))
+    report = QuantizationReport(mode=mode, group_size=group_size, bytes_before=_tensor_bytes(model),
+                                cpu_cache=cpu_cache)
     names_of = {}  # id(module) -> every qualified name it has, in module order
     modules = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -173,13 +187,16 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
         if not isinstance(module, nn.Linear):
             continue
         names = names_of[key]
-        reason = matcher(names, module) or _structural_reason(names, module, owners, group_size)
+        reason = matcher(names, module) or _structural_reason(names, module, owners, group_size, cpu_cache)
         if reason is not None:
             for name in names:
                 report.skipped[name] = reason
             continue
         with torch.no_grad():
-            replacement = Int8Linear.from_linear(module, mode=mode, group_size=group_size, backend=backend)
+            replacement = Int8Linear.from_linear(module, mode=mode, group_size=group_size, backend=backend,
+                                                 cpu_cache=cpu_cache)
+        if cpu_cache is not None:
+            report.cpu_cache_bytes += module.weight.numel() * CPU_CACHES[cpu_cache].itemsize
         for name in names:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, replacement)

@@ -1,9 +1,12 @@
 """`quantize_int8` and `int8_matmul`: int8 weights with float activations (W8A16) or int8 activations (W8A8)."""
+import weakref
+
 import torch
 from torch import nn
 
 from hybridrag.kernels.int8 import (MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_cpu, int8_matmul_grad_input_cpu,
                                     int8_matmul_reference, quantize_weight)
+from hybridrag.kernels.int8.cpu import w8a16_route
 
 from .backend import resolve_backend
 from .validation import check_interpreter_dtype, check_tensor
@@ -11,18 +14,54 @@ from .validation import check_interpreter_dtype, check_tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("fp", "int8")
 ACCUMULATE = ("fp32", "fp16")
+CPU_CACHES = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_cpu_cache(cpu_cache):
+    """cpu_cache must be None, "bf16" or "fp32"."""
+    if not (cpu_cache is None or isinstance(cpu_cache, str)) or cpu_cache not in CPU_CACHES:
+        raise ValueError(f"cpu_cache must be one of {tuple(CPU_CACHES)}, got {cpu_cache!r}")
 
 
 class QuantizedWeight(nn.Module):
     """An int8 weight: `data` int8 (N, K), `scale` float32 (N,) per output channel or (N, K // group_size) per group
     of K, and `group_size` (None for per channel). W ~= data * scale. A module so that it saves and loads through
-    `state_dict` (data and scale are buffers, group_size rides in the extra state)."""
+    `state_dict` (data and scale are buffers, group_size rides in the extra state).
 
-    def __init__(self, data, scale, group_size=None):
+    cpu_cache: None (default), "bf16" or "fp32": opt in to keeping the dequantized (N, K) weight in that dtype for
+    W8A16 calls on the CPU backend, which then run as one dense matmul on it (the speed of a float layer, see
+    `int8_matmul`). Memory: N * K * 2 bytes ("bf16") or N * K * 4 bytes ("fp32") more, on top of the int8 weight,
+    built on the first such call and rebuilt when data or scale change; a device or dtype move drops it. "bf16"
+    takes bfloat16 x only (other dtypes would lose bits on the way in); "fp32" takes any float x. Not saved in the
+    state_dict."""
+
+    def __init__(self, data, scale, group_size=None, cpu_cache=None):
         super().__init__()
         self.register_buffer("data", data)
         self.register_buffer("scale", scale)
         self.group_size = group_size
+        self.cpu_cache = cpu_cache
+
+    @property
+    def cpu_cache(self):
+        return self._cpu_cache
+
+    @cpu_cache.setter
+    def cpu_cache(self, value):
+        check_cpu_cache(value)
+        self._cpu_cache = value
+        self._dense = self._dense_key = None
+
+    def cached_dense(self):
+        """The dequantized (N, K) weight in the cpu_cache dtype (requires cpu_cache set), kept between calls and
+        rebuilt when `data` or `scale` is replaced or changed in place."""
+        key = (self.data._version, self.scale._version, self._cpu_cache)
+        current = self._dense_key
+        if current is None or current[0]() is not self.data or current[1]() is not self.scale or current[2] != key:
+            self._dense = None  # free the old copy before building the new one
+            self._dense = self.dequantize(CPU_CACHES[self._cpu_cache])
+            self._dense_key = (weakref.ref(self.data), weakref.ref(self.scale), key)
+        return self._dense
 
     @property
     def out_features(self):
@@ -40,10 +79,15 @@ class QuantizedWeight(nn.Module):
         # .to(device) moves both buffers; dtype casts (.half(), .to(torch.bfloat16)) must not touch the float32 scales
         # (or the int8 data, which fn already leaves alone): put the old scales back, moved to the new device.
         scale = self.scale
+        self._dense = self._dense_key = None
         super()._apply(fn, recurse)
         if self.scale.dtype != scale.dtype:
             self.scale = scale.to(self.scale.device)
         return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_dense": None, "_dense_key": None}  # the cache holds weak references: rebuilt on use
 
     def get_extra_state(self):
         return {"group_size": self.group_size}
@@ -53,7 +97,8 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self):
         grouping = "per channel" if self.group_size is None else f"group_size={self.group_size}"
-        return f"out_features={self.out_features}, in_features={self.in_features}, {grouping}"
+        cache = "" if self.cpu_cache is None else f", cpu_cache={self.cpu_cache!r}"
+        return f"out_features={self.out_features}, in_features={self.in_features}, {grouping}{cache}"
 
 
 def _check_group_size(group_size, k):
@@ -122,6 +167,9 @@ def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     check_interpreter_dtype(backend, x)
+    if qweight.cpu_cache == "bf16" and backend == "cpu" and activations == "fp" and x.dtype != torch.bfloat16:
+        raise TypeError(f"qweight.cpu_cache='bf16' takes bfloat16 x (x is cast to the cache's dtype), got {x.dtype}; "
+                        "use cpu_cache='fp32' or None")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if accumulate not in ACCUMULATE:
@@ -147,13 +195,41 @@ def _triton_functions():
     return triton_kernels.int8_matmul_triton, triton_kernels.int8_matmul_grad_input_triton
 
 
+def _without_autocast(fn):
+    """The CPU functions run their matmuls in the dtypes they chose; autocast must not recast them."""
+    def call(*args):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+    return call
+
+
 def _backend_functions(backend):
     if backend == "triton":
         return _triton_functions()
-    return (lambda x, data, scale, group_size, bias, activations, accumulate:
-            int8_matmul_cpu(x, data, scale, group_size, bias, activations),
-            lambda grad_out, data, scale, group_size, accumulate:
-            int8_matmul_grad_input_cpu(grad_out, data, scale, group_size))
+    return (_without_autocast(lambda x, data, scale, group_size, bias, activations, accumulate:
+                              int8_matmul_cpu(x, data, scale, group_size, bias, activations)),
+            _without_autocast(lambda grad_out, data, scale, group_size, accumulate:
+                              int8_matmul_grad_input_cpu(grad_out, data, scale, group_size)))
+
+
+def cpu_route(x, qweight, activations="fp"):
+    """Which CPU computation `int8_matmul(x, qweight, activations=..., backend="cpu")` runs for x (M, K):
+    "int_mm" (W8A8), "cached" (W8A16 on the qweight's cpu_cache), or the uncached W8A16 route of
+    `hybridrag.kernels.int8.cpu.w8a16_route`: "int8pack", "bf16" or "fp32". Chosen from dtypes, sizes and layout only."""
+    if activations == "int8":
+        return "int_mm"
+    if qweight.cpu_cache is not None:
+        return "cached"
+    return w8a16_route(x, qweight.data, qweight.group_size)
+
+
+def _cached_matmul(x, qweight, bias):
+    """x (M, K) @ the cached dense weight .T + bias, in the cache's dtype (x and bias converted exactly), autograd to
+    x and bias."""
+    dense = qweight.cached_dense()
+    with torch.autocast("cpu", enabled=False):
+        out = nn.functional.linear(x.to(dense.dtype), dense, None if bias is None else bias.to(dense.dtype))
+    return out.to(x.dtype)
 
 
 class Int8MatmulFunction(torch.autograd.Function):
@@ -195,7 +271,13 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
         (..., N) in x's dtype. Gradients flow to x and bias, never to the int8 weight (adapters on a frozen base);
         W8A8's gradient to x passes straight through the activation quantization.
 
-    Memory: the output; the CPU path and the reference also hold float32 copies (see their modules).
+    CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 4 and a
+    per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a
+    time, float16 and float32 x in float32 the same way; or, when the qweight has a `cpu_cache`, one dense matmul on
+    its cached dequantized weight.
+
+    Memory: the output; the CPU path a float32 (M, N) accumulator and one widened weight block of about 2 MiB
+    (`hybridrag.kernels.int8.cpu`), or the qweight's cache; the reference a float32 (N, K) copy of the weight.
     """
     check_tensor("x", x)
     backend = resolve_backend(backend, x.device)
@@ -204,6 +286,8 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
     x2d = x.reshape(-1, x.shape[-1])
     if backend == "reference":
         out = int8_matmul_reference(x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations)
+    elif backend == "cpu" and cpu_route(x2d, qweight, activations) == "cached":
+        out = _cached_matmul(x2d, qweight, bias)
     else:
         out = Int8MatmulFunction.apply(x2d, qweight.data, qweight.scale, bias, qweight.group_size, activations,
                                        accumulate, backend)
