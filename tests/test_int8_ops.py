@@ -61,19 +61,13 @@ MODES = [(case, activations) for case in CASES for activations in ("fp", "int8")
          if activations == "fp" or case[3] is None]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case, activations", MODES,
-                         ids=lambda c: "M{}K{}N{}g{}{}".format(*c[:4], "b" if c[4] else "") if isinstance(c, tuple)
-                         else c)
-def test_cpu_path_matches_reference(case, activations, dtype):
-    m, k, n, group_size, with_bias = case
-    qweight = hr.quantize_int8(torch.randn(n, k), group_size=group_size)
-    x = torch.randn(m, k).to(dtype)
-    bias = torch.randn(n).to(dtype) if with_bias else None
+def assert_cpu_matches_reference(x, qweight, bias=None, activations="fp"):
+    """y, dx and dbias of backend="cpu" against the float64 reference under the tolerance rule (baseline: the
+    dequantized weight in x's dtype, one matmul)."""
+    dtype, (m, n) = x.dtype, (x.shape[0], qweight.out_features)
     x_ref = x.detach().double().requires_grad_(True)
     bias_ref = None if bias is None else bias.detach().double().requires_grad_(True)
     truth = hr.int8_matmul(x_ref, qweight, bias_ref, activations=activations, backend="reference")
-    # What PyTorch does in the input dtype: the dequantized weight in that dtype, one matmul.
     baseline = x @ qweight.dequantize(dtype).T + (0 if bias is None else bias)
     x_got = x.detach().requires_grad_(True)
     bias_got = None if bias is None else bias.detach().requires_grad_(True)
@@ -88,6 +82,144 @@ def test_cpu_path_matches_reference(case, activations, dtype):
         failures.append(tolerance_error(name, g, t, b, dtype))
     failures = [f for f in failures if f is not None]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, activations", MODES,
+                         ids=lambda c: "M{}K{}N{}g{}{}".format(*c[:4], "b" if c[4] else "") if isinstance(c, tuple)
+                         else c)
+def test_cpu_path_matches_reference(case, activations, dtype):
+    m, k, n, group_size, with_bias = case
+    qweight = hr.quantize_int8(torch.randn(n, k), group_size=group_size)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    assert_cpu_matches_reference(x, qweight, bias, activations)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU routes (chosen from dtype, M, grouping and layout; kernels/int8/cpu.py): which one runs, and each against the
+# reference. WIDEN_BLOCK_BYTES is shrunk so that the small shapes here cut the weight into several blocks, the last
+# one ragged (forward: 16-row blocks of 72 rows; gradient: column blocks of whole groups).
+# ------------------------------------------------------------------------------------------------------------------
+
+ROUTE_CASES = [  # (dtype, M, K, group_size, route)
+    (torch.bfloat16, 1, 64, None, "int8pack"),
+    (torch.bfloat16, 4, 64, None, "int8pack"),
+    (torch.bfloat16, 5, 64, None, "bf16"),
+    (torch.bfloat16, 128, 64, None, "bf16"),
+    (torch.bfloat16, 1, 40, None, "bf16"),  # K % 16 != 0: _weight_int8pack_mm would read past the rows
+    (torch.bfloat16, 1, 64, 16, "fp32"),  # group-wise, small M
+    (torch.bfloat16, 16, 64, 16, "bf16"),
+    (torch.float16, 1, 64, None, "fp32"),
+    (torch.float16, 128, 64, 16, "fp32"),
+    (torch.float32, 1, 64, None, "fp32"),
+    (torch.float32, 128, 64, None, "fp32"),
+]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    from hybridrag.kernels.int8 import cpu
+    monkeypatch.setattr(cpu, "WIDEN_BLOCK_BYTES", 16 * 64 * 2)
+
+
+@pytest.fixture
+def int8pack_calls(monkeypatch):
+    """Counts the calls of torch._weight_int8pack_mm (still running it)."""
+    calls = []
+    real = torch._weight_int8pack_mm
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype, m, k, group_size, route", ROUTE_CASES,
+                         ids=[f"{str(c[0])[6:]}-M{c[1]}K{c[2]}g{c[3]}" for c in ROUTE_CASES])
+def test_cpu_route_choice_and_accuracy(dtype, m, k, group_size, route, small_blocks, int8pack_calls):
+    from hybridrag.ops.int8 import cpu_route
+    qweight = hr.quantize_int8(torch.randn(72, k), group_size=group_size)
+    x = torch.randn(m, k).to(dtype)
+    assert cpu_route(x, qweight) == route
+    assert_cpu_matches_reference(x, qweight, torch.randn(72).to(dtype))
+    assert len(int8pack_calls) == (1 if route == "int8pack" else 0)  # the forward only; its gradient widens
+
+
+def test_int8pack_route_takes_unaligned_and_strided_x(int8pack_calls):
+    """_weight_int8pack_mm loads rows of x 32-byte aligned: views that are not get copied first, not misread."""
+    qweight = hr.quantize_int8(torch.randn(24, 64))
+    base = torch.randn(3 * 64 + 8).bfloat16()
+    views = {"offset 8 elements": base[8:].view(3, 64), "transposed": torch.randn(64, 3).bfloat16().T,
+             "row stride 72": torch.randn(3, 72).bfloat16()[:, 4:68]}
+    for name, x in views.items():
+        assert x.data_ptr() % 32 != 0 or not x.is_contiguous(), name
+        assert_cpu_matches_reference(x, qweight)
+    assert len(int8pack_calls) == len(views)
+
+
+def test_w8a8_route_and_empty_rows():
+    from hybridrag.ops.int8 import cpu_route
+    qweight = hr.quantize_int8(torch.randn(24, 64))
+    assert cpu_route(torch.randn(2, 64), qweight, "int8") == "int_mm"
+    for dtype in (torch.bfloat16, torch.float32):
+        assert hr.int8_matmul(torch.empty(0, 64, dtype=dtype), qweight, backend="cpu").shape == (0, 24)
+
+
+def test_cpu_path_ignores_autocast():
+    """Under CPU autocast the routes still compute in the dtypes they chose (float32 x stays float32-accurate)."""
+    qweight = hr.quantize_int8(torch.randn(72, 64))
+    x = torch.randn(9, 64)
+    want = hr.int8_matmul(x, qweight, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hr.int8_matmul(x, qweight, backend="cpu")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cache, dtype", [("fp32", torch.float32), ("fp32", torch.float16), ("fp32", torch.bfloat16),
+                                          ("bf16", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("group_size", [None, 16], ids=lambda g: f"g{g}")
+def test_cpu_cache_route(cache, dtype, group_size, int8pack_calls):
+    from hybridrag.ops.int8 import cpu_route
+    qweight = hr.quantize_int8(torch.randn(72, 64), group_size=group_size)
+    qweight.cpu_cache = cache
+    x = torch.randn(3, 64).to(dtype)
+    assert cpu_route(x, qweight) == "cached"
+    assert_cpu_matches_reference(x, qweight, torch.randn(72).to(dtype))
+    dense = qweight.cached_dense()
+    assert dense.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[cache] and dense.shape == (72, 64)
+    assert qweight.cached_dense() is dense  # kept between calls
+    assert not int8pack_calls
+    assert "_dense" not in str(qweight.state_dict().keys())
+
+
+def test_cpu_cache_is_rebuilt_when_the_weight_changes():
+    weight = torch.randn(24, 64)
+    qweight = hr.quantize_int8(weight)
+    qweight.cpu_cache = "fp32"
+    x = torch.randn(2, 64)
+    first = hr.int8_matmul(x, qweight, backend="cpu")
+    other = hr.quantize_int8(-weight)
+    qweight.load_state_dict(other.state_dict())  # in place: the buffers' version counters move
+    torch.testing.assert_close(hr.int8_matmul(x, qweight, backend="cpu"), -first)
+    qweight.scale = qweight.scale * 2  # replaced
+    torch.testing.assert_close(hr.int8_matmul(x, qweight, backend="cpu"), -2 * first)
+    qweight.cpu_cache = None
+    assert qweight._dense is None
+    torch.testing.assert_close(hr.int8_matmul(x, qweight, backend="cpu"), -2 * first)
+
+
+def test_cpu_cache_bad_values_and_dtype():
+    qweight = hr.quantize_int8(torch.randn(24, 40))
+    for bad in ("fp16", "bfloat16", True, torch.bfloat16):
+        with pytest.raises(ValueError, match="cpu_cache must be one of"):
+            qweight.cpu_cache = bad
+    qweight.cpu_cache = "bf16"
+    with pytest.raises(TypeError, match="cpu_cache='bf16' takes bfloat16 x"):
+        hr.int8_matmul(torch.randn(2, 40), qweight, backend="cpu")
+    assert qweight._dense is None  # refused before anything was built
+    hr.int8_matmul(torch.randn(2, 40), qweight, backend="reference")  # the reference never uses the cache
 
 
 def test_tolerance_rule_can_fail():
