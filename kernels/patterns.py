@@ -70,9 +70,9 @@ def visible_key_counts(tq, tk, left, right):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hybrid pattern: window | landmark keys | (global_queries) landmark rows see every key; plus memory tokens.
-# For a query at p and a key at j (kv_start[b] hides the keys of left padding):
-#   visible = j >= kv_start[b]  and  (not causal or j <= p)  and  (p - left <= j <= p + right  or  j is a landmark
-#             or  (global_queries and p is a landmark))
+# For a query at p and a key at j (kv_start[b] hides the keys of left padding, key_mask[b, j] = False any key):
+#   visible = j >= kv_start[b]  and  key_mask[b, j]  and  (not causal or j <= p)
+#             and  (p - left <= j <= p + right  or  j is a landmark  or  (global_queries and p is a landmark))
 # Memory tokens are keys every query sees. Each key counts once in the softmax.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -112,11 +112,13 @@ def global_query_rows(landmark_positions, tq, tk):
     return rows[rows >= 0]
 
 
-def hybrid_visibility(query_pos, key_pos, left, right, causal, key_is_landmark, query_is_global, kv_start=None):
+def hybrid_visibility(query_pos, key_pos, left, right, causal, key_is_landmark, query_is_global, kv_start=None,
+                      key_mask=None):
     """Visibility of keys at `key_pos` (N,) from queries at `query_pos` (R,) under the hybrid pattern.
 
     key_is_landmark (N,) and query_is_global (R,) are bool. Returns (R, N) bool, or (B, R, N) when kv_start (B,)
-    is given. One tile of the mask; memory tokens are not part of it (every query sees them)."""
+    or key_mask (B, Tk) bool is given. One tile of the mask; memory tokens are not part of it (every query sees
+    them)."""
     p, j = query_pos[:, None], key_pos[None, :]
     visible = torch.ones(p.shape[0], j.shape[1], dtype=torch.bool, device=key_pos.device)
     if left != UNBOUNDED:
@@ -128,6 +130,8 @@ def hybrid_visibility(query_pos, key_pos, left, right, causal, key_is_landmark, 
         visible &= j <= p
     if kv_start is not None:
         visible = visible[None] & (j[None] >= kv_start[:, None, None])
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, key_pos]
     return visible
 
 
@@ -139,14 +143,14 @@ def landmark_flags(positions, landmark_positions):
     return landmark_positions[index] == positions
 
 
-def hybrid_mask(tq, tk, left, right, causal, landmark_positions, global_queries, kv_start=None):
-    """Dense visibility (tq, tk), or (B, tq, tk) with kv_start. For references and small peers only."""
+def hybrid_mask(tq, tk, left, right, causal, landmark_positions, global_queries, kv_start=None, key_mask=None):
+    """Dense visibility (tq, tk), or (B, tq, tk) with kv_start or key_mask. For references and small peers only."""
     device = landmark_positions.device
     query_pos = torch.arange(tk - tq, tk, device=device)
     key_pos = torch.arange(tk, device=device)
     query_global = landmark_flags(query_pos, landmark_positions) & global_queries
     return hybrid_visibility(query_pos, key_pos, left, right, causal, landmark_flags(key_pos, landmark_positions),
-                             query_global, kv_start)
+                             query_global, kv_start, key_mask)
 
 
 def hybrid_key_counts(tq, tk, left, right, causal, landmark_positions, global_queries, memory=0):

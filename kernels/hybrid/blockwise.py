@@ -25,7 +25,7 @@ class Tile:
     bias: torch.Tensor  # (B or 1, R, band + X + M) additive 0 / -inf
 
 
-def _tiles(tq, tk, left, right, causal, landmarks, global_queries, memory, kv_start, block, device):
+def _tiles(tq, tk, left, right, causal, landmarks, global_queries, memory, kv_start, key_mask, block, device):
     """The tiles of one call, in the order rows are written."""
     offset = tk - tq
     key_is_landmark = landmark_flags(torch.arange(tk, device=device), landmarks)
@@ -38,14 +38,14 @@ def _tiles(tq, tk, left, right, causal, landmarks, global_queries, memory, kv_st
         extra = landmarks[((landmarks < key_lo) | (landmarks >= key_hi)) & (landmarks < reach)]
         keys = torch.cat([torch.arange(key_lo, key_hi, device=device), extra])
         visible = hybrid_visibility(rows + offset, keys, left, right, causal, key_is_landmark[keys],
-                                    torch.zeros_like(rows, dtype=torch.bool), kv_start)
+                                    torch.zeros_like(rows, dtype=torch.bool), kv_start, key_mask)
         yield _tile(rows, slice(key_lo, key_hi), extra, visible, memory, hidden_rows=landmark_flags(rows, global_rows))
     for start in range(0, global_rows.numel(), block):
         rows = global_rows[start:start + block]
         key_hi = int(rows[-1]) + offset + 1 if causal else tk
         keys = torch.arange(key_hi, device=device)
         visible = hybrid_visibility(rows + offset, keys, left, right, causal, key_is_landmark[keys],
-                                    torch.ones_like(rows, dtype=torch.bool), kv_start)
+                                    torch.ones_like(rows, dtype=torch.bool), kv_start, key_mask)
         yield _tile(rows, slice(0, key_hi), landmarks[:0], visible, memory)
 
 
@@ -100,15 +100,15 @@ class _Operands:
 
 
 def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None,
-                         memory_v=None, kv_start=None, block=CPU_BLOCK):
+                         memory_v=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None, landmarks (L,) sorted int64,
-    kv_start (B,) or None -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32). With v None, only lse is
+    kv_start (B,) or None, key_mask (B, Tk) bool or None -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32). With v None, only lse is
     computed (o is None)."""
     ops = _Operands(q, k, v, memory_k, memory_v)
     out = None if v is None else torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     for tile in _tiles(q.shape[2], k.shape[2], left, right, causal, landmarks, global_queries, ops.memory, kv_start,
-                       block, q.device):
+                       key_mask, block, q.device):
         keys = ops.keys(k, ops.memory_k, tile)
         scores = torch.baddbmm(ops.bias(tile), ops.rows(q, tile.rows), keys.transpose(1, 2), alpha=scale)
         row_max = scores.amax(dim=-1, keepdim=True)
@@ -124,7 +124,7 @@ def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries
 
 
 def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks, global_queries, scale,
-                         memory_k=None, memory_v=None, kv_start=None, block=CPU_BLOCK):
+                         memory_k=None, memory_v=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """Gradients (dq, dk, dv, dmemory_k, dmemory_v) of out and lse (grad_lse may be None); the memory gradients are
     None without memory and are summed over the batch when memory_k has batch 1."""
     ops = _Operands(q, k, v, memory_k, memory_v)
@@ -134,8 +134,8 @@ def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, cau
     dv = torch.zeros_like(dk)
     dmem_k = torch.zeros(batch * kv_heads, ops.memory, dim, dtype=torch.float32, device=q.device)
     dmem_v = torch.zeros_like(dmem_k)
-    for tile in _tiles(q.shape[2], tk, left, right, causal, landmarks, global_queries, ops.memory, kv_start, block,
-                       q.device):
+    for tile in _tiles(q.shape[2], tk, left, right, causal, landmarks, global_queries, ops.memory, kv_start, key_mask,
+                       block, q.device):
         q_tile, grad_o_tile = ops.rows(q, tile.rows), ops.rows(grad_out, tile.rows)
         keys, values = ops.keys(k, ops.memory_k, tile), ops.keys(v, ops.memory_v, tile)
         row_lse = ops.row_stat(lse, tile.rows)
@@ -167,7 +167,7 @@ def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, cau
 
 
 def attention_mass_blockwise(q, k, lse, segments, num_segments, row_weights, left, right, causal, landmarks,
-                             global_queries, scale, memory_k=None, kv_start=None, block=CPU_BLOCK):
+                             global_queries, scale, memory_k=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """(B, H, S) float32: sum over rows of row_weights (B, Tq) times the probability each row gives to the keys of
     each segment (segments (B, Tk), -1 = none), with probabilities recomputed tile by tile from lse (B, H, Tq)."""
     ops = _Operands(q, k, None, memory_k, None)
@@ -175,7 +175,7 @@ def attention_mass_blockwise(q, k, lse, segments, num_segments, row_weights, lef
     mass = torch.zeros(batch, heads, num_segments + 1, dtype=torch.float32, device=q.device)
     bins = torch.where(segments < 0, num_segments, segments).long()
     for tile in _tiles(q.shape[2], k.shape[2], left, right, causal, landmarks, global_queries, ops.memory, kv_start,
-                       block, q.device):
+                       key_mask, block, q.device):
         row_lse = ops.row_stat(lse, tile.rows)
         row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)
         scores = torch.baddbmm(ops.bias(tile), ops.rows(q, tile.rows), ops.keys(k, ops.memory_k, tile).transpose(1, 2),

@@ -7,7 +7,8 @@ import torch
 from ..patterns import hybrid_mask
 
 
-def _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start):
+def _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
+                   key_mask):
     """Scores (B, H, Tq, Tk + M) in q's dtype with -inf where hidden; memory keys come last and are always seen."""
     batch, heads, tq, _ = q.shape
     group = heads // k.shape[1]
@@ -15,7 +16,8 @@ def _masked_scores(q, k, left, right, causal, landmark_positions, global_queries
     if memory_k is not None:
         keys = torch.cat([k, memory_k.expand(batch, -1, -1, -1)], dim=2)
     scores = (q @ keys.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-    visible = hybrid_mask(tq, k.shape[2], left, right, causal, landmark_positions, global_queries, kv_start)
+    visible = hybrid_mask(tq, k.shape[2], left, right, causal, landmark_positions, global_queries, kv_start,
+                          key_mask)
     if memory_k is not None:
         visible = torch.cat([visible, visible.new_ones(visible.shape[:-1] + (memory_k.shape[2],))], dim=-1)
     visible = visible[:, None] if visible.dim() == 3 else visible  # (B or 1, 1, Tq, Tk + M) against (B, H, ...)
@@ -33,24 +35,27 @@ def _softmax_with_lse(scores):
 
 
 def hybrid_attention_reference(q, k, v, left, right, causal, landmark_positions, global_queries, scale,
-                               memory_k=None, memory_v=None, kv_start=None):
-    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None -> (o, lse (B, H, Tq)).
+                               memory_k=None, memory_v=None, kv_start=None, key_mask=None):
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None, kv_start (B,) or None,
+    key_mask (B, Tk) bool or None -> (o, lse (B, H, Tq)).
 
     Computes in q's dtype; a row that sees no key gets o = 0 and lse = -inf."""
-    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start)
+    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
+                            key_mask)
     probs, lse = _softmax_with_lse(scores)
     values = v if memory_v is None else torch.cat([v, memory_v.expand(v.shape[0], -1, -1, -1)], dim=2)
     return probs @ values.repeat_interleave(q.shape[1] // k.shape[1], dim=1), lse
 
 
 def attention_mass_reference(q, k, segments, num_segments, left, right, causal, landmark_positions, global_queries,
-                             scale, query_mask=None, memory_k=None, kv_start=None):
+                             scale, query_mask=None, memory_k=None, kv_start=None, key_mask=None):
     """(B, H, S) float32 (float64 for float64 inputs): the probability the selected query rows give to each key
     segment, averaged over the rows.
 
     segments (B, Tk) int (-1 = no segment), query_mask (B, Tq) bool or None (all rows). Memory tokens take part in
     the softmax but belong to no segment."""
-    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start)
+    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
+                            key_mask)
     probs = _softmax_with_lse(scores)[0][..., :k.shape[2]]  # (B, H, Tq, Tk) in q's dtype
     batch, heads, tq, _ = q.shape
     sums = torch.promote_types(q.dtype, torch.float32)

@@ -4,13 +4,13 @@ import triton
 import triton.language as tl
 
 from ..triton_common import _block_range
-from .triton_tiles import _key_blocks, _key_positions, _masked_scores, _rows, _visible
+from .triton_tiles import _key_blocks, _key_ok, _key_positions, _masked_scores, _rows, _visible
 
 
 @triton.jit
 def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS, pos, offs_n, offs_d, mask_d,
-              start, stop, limit, LEFT, RIGHT, kv_start, qk_scale,
-              MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+              start, stop, limit, LEFT, RIGHT, kv_start, key_mask, qk_scale,
+              MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         idx = start_n + offs_n
@@ -20,7 +20,8 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS
         vT = tl.load(v_base + idx[None, :] * stride_vn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         kpos = _key_positions(KPOS, idx, valid, MODE)
-        s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, MODE, HAS_KV_START)
+        s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, key_mask, MODE, HAS_KV_START,
+                           HAS_KEY_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -29,12 +30,12 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, DO, LSE, DELTA, DQ,
+def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, KEY_MASK, DO, LSE, DELTA, DQ,
                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                stride_xkb, stride_xkh, stride_xkn, stride_xvb, stride_xvh, stride_xvn,
-               stride_dob, stride_doh, stride_dom, stride_dqs, stride_dqb, stride_dqh, stride_dqm,
+               stride_dob, stride_doh, stride_dom, stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_kmb,
                H, GROUP, R, Tq, Tk, D, LEFT, RIGHT, X_LO, X_HI, CHUNK, qk_scale, scale,
-               CAUSAL: tl.constexpr, GATHERED: tl.constexpr, HAS_KV_START: tl.constexpr,
+               CAUSAL: tl.constexpr, GATHERED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq of the launch's R rows over the same keys as `_fwd_kernel` visits; split s writes its partial sum."""
     off_bh = tl.program_id(1)
@@ -51,6 +52,7 @@ def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, DO, LSE, DELTA, DQ,
         kv_start = tl.load(KV_START + off_b)
     else:
         kv_start = 0
+    key_mask = KEY_MASK + off_b * stride_kmb
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row[:, None] * stride_qm + offs_d[None, :],
                 mask=mask_rd, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row[:, None] * stride_dom + offs_d[None, :],
@@ -66,17 +68,19 @@ def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, DO, LSE, DELTA, DQ,
     k_lo = split * CHUNK
     lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
     dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   lo, mid_lo, Tk, LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+                   lo, mid_lo, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 1, CAUSAL, HAS_KV_START,
+                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
     dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   mid_lo, mid_hi, Tk, LEFT, RIGHT, kv_start, qk_scale, 0, CAUSAL, HAS_KV_START, BLOCK_N,
-                   DOT_PRECISION)
+                   mid_lo, mid_hi, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 0, CAUSAL, HAS_KV_START,
+                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
     dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   mid_hi, hi, Tk, LEFT, RIGHT, kv_start, qk_scale, 1, CAUSAL, HAS_KV_START, BLOCK_N, DOT_PRECISION)
+                   mid_hi, hi, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 1, CAUSAL, HAS_KV_START,
+                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
     x_hi = tl.where(split == 0, X_HI, X_LO)
     dq = _dq_stage(dq, q, do, lse2, delta, XK + off_b * stride_xkb + off_kv * stride_xkh,
                    XV + off_b * stride_xvb + off_kv * stride_xvh, stride_xkn, stride_xvn, XPOS, pos, offs_n, offs_d,
-                   mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, HAS_KV_START, BLOCK_N,
-                   DOT_PRECISION)
+                   mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, key_mask, qk_scale, 2, CAUSAL, HAS_KV_START,
+                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
     dq_ptrs = DQ + split * stride_dqs + off_b * stride_dqb + off_h * stride_dqh + offs_r[:, None] * stride_dqm
     tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_rd)
 
@@ -116,13 +120,14 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, LM_INDEX, XDK, XDV, DK, DV,
+def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, KEY_MASK, LM_INDEX, XDK, XDV, DK, DV,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_xb, stride_xh, stride_xn,
-                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_kmb,
                  H, Hkv, GROUP, Tq, Tk, D, G, LEFT, RIGHT, G_LEFT, G_RIGHT, qk_scale, scale,
-                 CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_LANDMARKS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                 HAS_LANDMARKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One program per (key block, batch x kv head), summing over the kv head's query heads (no atomics): the rows
     whose band covers the block (LSE_BAND hides the global rows), then the G global rows (ROWS). Landmark keys then
     add what the extra-key pass gathered for them (XDK/XDV at LM_INDEX)."""
@@ -178,6 +183,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, LM_INDEX, XD
         is_landmark = (index >= 0)[:, None] & mask_d[None, :]
         dk += tl.load(XDK + x_ptrs, mask=is_landmark, other=0.0)
         dv += tl.load(XDV + x_ptrs, mask=is_landmark, other=0.0)
+    if HAS_KEY_MASK:  # hidden keys (landmarks among them): no query sees them
+        key_ok = _key_ok(KEY_MASK + off_b * stride_kmb, offs_n, mask_n)[:, None]
+        dk = tl.where(key_ok, dk, 0.0)
+        dv = tl.where(key_ok, dv, 0.0)
     tl.store(DK + off_b * stride_dkb + off_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + off_b * stride_dvb + off_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],

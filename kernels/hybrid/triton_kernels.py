@@ -44,7 +44,8 @@ def _global_splits(row_blocks, programs_per_split, tk, block_n, device):
 class _Launch:
     """What every launch of one call shares: shapes, the extra keys, the global rows, the pattern's constants."""
 
-    def __init__(self, q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start):
+    def __init__(self, q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start,
+                 key_mask=None):
         _check_row_offsets(q=q, k=k, **({} if v is None else {"v": v}))
         self.batch, self.heads, self.tq, self.dim = q.shape
         self.kv_heads, self.tk = k.shape[1], k.shape[2]
@@ -58,6 +59,7 @@ class _Launch:
         self.num_landmarks = landmarks.numel()
         self.memory = 0 if memory_k is None else memory_k.shape[2]
         self.kv_start = kv_start
+        self.key_mask = None if key_mask is None else key_mask.contiguous().view(torch.uint8)  # (B, Tk)
         self.global_rows = (global_query_rows(landmarks, self.tq, self.tk) if global_queries else landmarks[:0])
         self.global_rows = self.global_rows.to(torch.int32)
         self.num_global = self.global_rows.numel()
@@ -93,6 +95,18 @@ class _Launch:
         return self.placeholder if self.kv_start is None else self.kv_start
 
     @property
+    def has_key_mask(self):
+        return self.key_mask is not None
+
+    @property
+    def key_mask_ptr(self):
+        return self.placeholder if self.key_mask is None else self.key_mask
+
+    @property
+    def key_mask_stride(self):
+        return 0 if self.key_mask is None else self.key_mask.stride(0)
+
+    @property
     def rows_ptr(self):
         return self.global_rows if self.num_global else self.placeholder
 
@@ -114,12 +128,13 @@ def _forward(call, q, k, v, rows, out, lse, band, extra, chunk, splits, gathered
     values, extra_values = (v, call.extra_v) if compute_o else (k, call.extra_k)
     out_strides = [out.stride(i) for i in range(4)] if compute_o else [0, 0, 0, 0]
     _fwd_kernel[(triton.cdiv(count, block_m), call.batch * call.heads, splits)](
-        q, k, values, call.extra_k, extra_values, call.extra_pos, rows, call.kv_start_ptr,
+        q, k, values, call.extra_k, extra_values, call.extra_pos, rows, call.kv_start_ptr, call.key_mask_ptr,
         out if compute_o else lse, lse,
         *_strides(q), *_strides(k), *_strides(values), *_strides(call.extra_k), *_strides(extra_values), *out_strides,
-        call.batch, call.heads, call.group, count, call.tq, call.tk, call.dim, *band, *extra, chunk,
+        call.key_mask_stride, call.batch, call.heads, call.group, count, call.tq, call.tk, call.dim, *band, *extra, chunk,
         call.scale * LOG2E,
-        CAUSAL=call.causal, GATHERED=gathered, HAS_KV_START=call.has_kv_start, COMPUTE_O=compute_o,
+        CAUSAL=call.causal, GATHERED=gathered, HAS_KV_START=call.has_kv_start, HAS_KEY_MASK=call.has_key_mask,
+        COMPUTE_O=compute_o,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -134,12 +149,14 @@ def _merge_splits(out_parts, lse_parts):
 
 
 def hybrid_fwd_triton(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None, memory_v=None,
-                      kv_start=None):
+                      kv_start=None, key_mask=None):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None, landmarks (L,) sorted int64,
-    kv_start (B,) int32 or None -> (o (B, H, Tq, D), lse (B, H, Tq) float32). With v None only lse is computed.
+    kv_start (B,) int32 or None, key_mask (B, Tk) bool or None -> (o (B, H, Tq, D), lse (B, H, Tq) float32). With v
+    None only lse is computed.
 
     Extra memory: o, lse, the gathered extra keys/values and the global rows' partials (splits, B, H, G, D) float32."""
-    call = _Launch(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start)
+    call = _Launch(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start,
+                   key_mask)
     compute_o = v is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if compute_o else None
     lse = torch.empty(call.batch, call.heads, call.tq, dtype=torch.float32, device=q.device)
@@ -167,12 +184,13 @@ def _dq(call, q, k, v, grad_out, lse, delta, rows, dq, band, extra, chunk, split
     block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
     count = call.num_global if gathered else call.tq
     _dq_kernel[(triton.cdiv(count, block_m), call.batch * call.heads, splits)](
-        q, k, v, call.extra_k, call.extra_v, call.extra_pos, rows, call.kv_start_ptr, grad_out, lse, delta, dq,
+        q, k, v, call.extra_k, call.extra_v, call.extra_pos, rows, call.kv_start_ptr, call.key_mask_ptr, grad_out, lse,
+        delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(call.extra_k), *_strides(call.extra_v),
-        *_strides(grad_out), *[dq.stride(i) for i in range(4)],
+        *_strides(grad_out), *[dq.stride(i) for i in range(4)], call.key_mask_stride,
         call.heads, call.group, count, call.tq, call.tk, call.dim, *band, *extra, chunk, call.scale * LOG2E,
         call.scale,
-        CAUSAL=call.causal, GATHERED=gathered, HAS_KV_START=call.has_kv_start,
+        CAUSAL=call.causal, GATHERED=gathered, HAS_KV_START=call.has_kv_start, HAS_KEY_MASK=call.has_key_mask,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -201,14 +219,15 @@ def _extra_grads(call, q, grad_out, lse_band, lse, delta):
 
 
 def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks, global_queries, scale,
-                      memory_k=None, memory_v=None, kv_start=None):
+                      memory_k=None, memory_v=None, kv_start=None, key_mask=None):
     """Gradients (dq, dk, dv, dmemory_k, dmemory_v) of out and lse (grad_lse may be None); memory gradients are None
     without memory and summed over the batch when memory_k has batch 1.
 
     Extra memory: delta and a copy of lse (B, H, Tq) float32, the extra keys' gradients (B, Hkv, L + M, D) float32,
     the global rows' dq partials, and a (Tk,) int32 landmark index. Deterministic: no atomics."""
     _check_row_offsets(grad_out=grad_out)
-    call = _Launch(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start)
+    call = _Launch(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start,
+                   key_mask)
     block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
     delta = torch.empty(call.batch, call.heads, call.tq, dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(call.tq, block_m), call.batch * call.heads)](
@@ -232,13 +251,14 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     _dkdv_kernel[(triton.cdiv(call.tk, block_n), call.batch * call.kv_heads)](
-        q, k, v, grad_out, lse_band, lse, delta, call.rows_ptr, call.kv_start_ptr, landmark_index, extra_dk, extra_dv,
-        dk, dv,
+        q, k, v, grad_out, lse_band, lse, delta, call.rows_ptr, call.kv_start_ptr, call.key_mask_ptr, landmark_index,
+        extra_dk, extra_dv, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(extra_dk), *_strides(dk),
-        *_strides(dv),
+        *_strides(dv), call.key_mask_stride,
         call.heads, call.kv_heads, call.group, call.tq, call.tk, call.dim, call.num_global, call.left, call.right,
         call.global_left, call.global_right, call.scale * LOG2E, call.scale,
-        CAUSAL=call.causal, HAS_KV_START=call.has_kv_start, HAS_LANDMARKS=call.num_landmarks > 0,
+        CAUSAL=call.causal, HAS_KV_START=call.has_kv_start, HAS_KEY_MASK=call.has_key_mask,
+        HAS_LANDMARKS=call.num_landmarks > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -266,36 +286,37 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
 
 
 def attention_mass_triton(q, k, lse, segments, num_segments, row_weights, left, right, causal, landmarks,
-                          global_queries, scale, memory_k=None, kv_start=None):
+                          global_queries, scale, memory_k=None, kv_start=None, key_mask=None):
     """(B, H, S) float32: sum over rows of row_weights (B, Tq) times each row's probability on each segment's keys
     (segments (B, Tk), -1 = none), recomputed from lse (B, H, Tq). Key-major, like the dk/dv pass: each program
     sums the probabilities its keys get, so there are no atomics and the result is deterministic.
 
     Extra memory: the per-key mass (B, H, Tk) and per-landmark mass (B, H, L) in float32 and a copy of lse."""
-    call = _Launch(q, k, None, left, right, causal, landmarks, global_queries, scale, memory_k, None, kv_start)
+    call = _Launch(q, k, None, left, right, causal, landmarks, global_queries, scale, memory_k, None, kv_start,
+                   key_mask)
     block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
     row_weights = row_weights.float().contiguous()
     kv_start = call.kv_start if call.has_kv_start else torch.zeros(call.batch, dtype=torch.int32, device=q.device)
     lse_band = lse.index_fill(2, call.global_rows.long(), float("inf")) if call.num_global else lse
     key_mass = torch.empty(call.batch, call.heads, call.tk, dtype=torch.float32, device=q.device)
     _key_mass_kernel[(triton.cdiv(call.tk, block_n), call.batch * call.kv_heads)](
-        q, k, lse_band, lse, row_weights, call.rows_ptr, kv_start, key_mass,
-        *_strides(q), *_strides(k),
+        q, k, lse_band, lse, row_weights, call.rows_ptr, kv_start, call.key_mask_ptr, key_mass,
+        *_strides(q), *_strides(k), call.key_mask_stride,
         call.heads, call.kv_heads, call.group, call.tq, call.tk, call.dim, call.num_global, call.left, call.right,
         call.global_left, call.global_right, call.scale * LOG2E,
-        CAUSAL=call.causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d, DOT_PRECISION=call.precision,
-        num_warps=num_warps, num_stages=num_stages,
+        CAUSAL=call.causal, HAS_KEY_MASK=call.has_key_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d,
+        DOT_PRECISION=call.precision, num_warps=num_warps, num_stages=num_stages,
     )
     if call.num_landmarks:
         landmark_mass = torch.empty(call.batch, call.heads, call.num_landmarks, dtype=torch.float32,
                                     device=q.device)
         _landmark_mass_kernel[(triton.cdiv(call.num_landmarks, block_n), call.batch * call.kv_heads)](
-            q, call.extra_k, call.extra_pos, lse_band, row_weights, kv_start, landmark_mass,
-            *_strides(q), *_strides(call.extra_k),
+            q, call.extra_k, call.extra_pos, lse_band, row_weights, kv_start, call.key_mask_ptr, landmark_mass,
+            *_strides(q), *_strides(call.extra_k), call.key_mask_stride,
             call.heads, call.kv_heads, call.group, call.tq, call.tk, call.dim, call.num_landmarks, call.left,
             call.right, call.scale * LOG2E,
-            CAUSAL=call.causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=call.block_d,
-            DOT_PRECISION=call.precision, num_warps=num_warps, num_stages=num_stages,
+            CAUSAL=call.causal, HAS_KEY_MASK=call.has_key_mask, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=call.block_d, DOT_PRECISION=call.precision, num_warps=num_warps, num_stages=num_stages,
         )
         key_mass[:, :, landmarks] += landmark_mass
     bins = torch.where(segments < 0, num_segments, segments).long()

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common import _block_range
-from .triton_tiles import _visible
+from .triton_tiles import _key_ok, _visible
 
 
 @triton.jit
@@ -37,10 +37,10 @@ def _key_mass_stage(acc, k, q_base, stride_qm, LSE, WEIGHT, ROWS, kpos, valid_k,
 
 
 @triton.jit
-def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASS,
-                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASK, KEY_MASS,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kmb,
                      H, Hkv, GROUP, Tq, Tk, D, G, LEFT, RIGHT, G_LEFT, G_RIGHT, qk_scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """KEY_MASS[b, h, key] = sum over rows of WEIGHT[b, row] * p(row, key) for the main keys, through the band
     (LSE_BAND hides the global rows) and from the G global rows; one program per (key block, batch x kv head)."""
@@ -58,6 +58,9 @@ def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASS,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     kv_start = tl.load(KV_START + off_b)
     weight = WEIGHT + off_b * Tq
+    key_ok = offs_n >= kv_start  # keys of the padding: the interior stage does not mask them
+    if HAS_KEY_MASK:
+        key_ok = key_ok & _key_ok(KEY_MASK + off_b * stride_kmb, offs_n, mask_n)
     last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
     lo, mid_lo, mid_hi, hi = _block_range(start_n - offset, last_n - offset, RIGHT, LEFT, Tq, BLOCK_M)
     for g in range(GROUP):
@@ -77,15 +80,15 @@ def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASS,
         acc = _key_mass_stage(acc, k, q_base, stride_qm, LSE + stat, weight, ROWS, offs_n, mask_n, offs_m,
                               offs_d, mask_d, 0, G, G, offset, G_LEFT, G_RIGHT, kv_start, qk_scale,
                               1, CAUSAL, True, BLOCK_M, DOT_PRECISION)
-        acc = tl.where(offs_n >= kv_start, acc, 0.0)  # keys of the padding: the interior stage does not mask them
+        acc = tl.where(key_ok, acc, 0.0)
         tl.store(KEY_MASS + (off_b * H + off_h) * Tk + offs_n, acc, mask=mask_n)
 
 
 @triton.jit
-def _landmark_mass_kernel(Q, XK, XPOS, LSE_BAND, WEIGHT, KV_START, LANDMARK_MASS,
-                          stride_qb, stride_qh, stride_qm, stride_xkb, stride_xkh, stride_xkn,
+def _landmark_mass_kernel(Q, XK, XPOS, LSE_BAND, WEIGHT, KV_START, KEY_MASK, LANDMARK_MASS,
+                          stride_qb, stride_qh, stride_qm, stride_xkb, stride_xkh, stride_xkn, stride_kmb,
                           H, Hkv, GROUP, Tq, Tk, D, L, LEFT, RIGHT, qk_scale,
-                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """LANDMARK_MASS[b, h, l]: the weighted probability the band rows give landmark l outside their band."""
     offs_x = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,4 +115,6 @@ def _landmark_mass_kernel(Q, XK, XPOS, LSE_BAND, WEIGHT, KV_START, LANDMARK_MASS
                               LSE_BAND + (off_b * H + off_h) * Tq, WEIGHT + off_b * Tq, XPOS, xpos, mask_x, offs_m,
                               offs_d, mask_d, row_lo, Tq, Tq, offset, LEFT, RIGHT, kv_start, qk_scale,
                               2, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+        if HAS_KEY_MASK:  # hidden landmarks get nothing
+            acc = tl.where(_key_ok(KEY_MASK + off_b * stride_kmb, xpos, mask_x), acc, 0.0)
         tl.store(LANDMARK_MASS + (off_b * H + off_h) * L + offs_x, acc, mask=mask_x)

@@ -49,15 +49,25 @@ def _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, k_hi, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL: tl.constexpr, kv_start,
-                   MODE: tl.constexpr, HAS_KV_START: tl.constexpr):
-    """Scores [M, N] with -inf where hidden. MODE 0: interior band blocks (only kv_start can hide a key)."""
+def _key_ok(KEY_MASK, kpos, valid):
+    """Keys at positions kpos [N] that the key padding mask lets through (KEY_MASK points at this batch row's
+    (Tk,) uint8 mask); memory tokens, at negative positions, always pass."""
+    return tl.load(KEY_MASK + kpos, mask=valid & (kpos >= 0), other=1) != 0
+
+
+@triton.jit
+def _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL: tl.constexpr, kv_start, KEY_MASK,
+                   MODE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """Scores [M, N] with -inf where hidden. MODE 0: interior band blocks (only kv_start and the key mask can hide
+    a key)."""
     if MODE == 0:
         if HAS_KV_START:
             s = tl.where(kpos[None, :] >= kv_start, s, float("-inf"))
     else:
         s = tl.where(_visible(pos[:, None], kpos[None, :], valid[None, :], LEFT, RIGHT, CAUSAL, kv_start, MODE),
                      s, float("-inf"))
+    if HAS_KEY_MASK:
+        s = tl.where(_key_ok(KEY_MASK, kpos, valid)[None, :], s, float("-inf"))
     return s
 
 
