@@ -27,7 +27,8 @@ BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backen
 class Case:
     """One hybrid-attention problem. landmarks: None, an int stride or a tuple of positions (passed as a tensor);
     memory: the number of memory tokens, with batch 1 (shared) or `batch` (memory_batch); kv_start: per-batch
-    first real key (left padding) or None."""
+    first real key (left padding) or None; hidden: the share of keys a random key_mask hides (0 = no mask), or
+    "batch0" to hide every key of batch row 0."""
     tq: int
     tk: int
     dim: int
@@ -41,6 +42,7 @@ class Case:
     memory: int = 0
     memory_batch: int = 1
     kv_start: tuple = None
+    hidden: object = 0.0
 
     def id(self):
         parts = [f"B{self.batch}H{self.heads}kv{self.kv_heads}q{self.tq}k{self.tk}D{self.dim}w{self.window}",
@@ -51,6 +53,8 @@ class Case:
             parts.append(f"-M{self.memory}x{self.memory_batch}")
         if self.kv_start is not None:
             parts.append(f"-pad{self.kv_start}")
+        if self.hidden:
+            parts.append(f"-hide{self.hidden}")
         return "".join(parts).replace(" ", "")
 
     def pattern(self, device=DEVICE):
@@ -59,7 +63,19 @@ class Case:
         if isinstance(landmarks, tuple):
             landmarks = torch.tensor(landmarks, dtype=torch.long, device=device)
         kv_start = None if self.kv_start is None else torch.tensor(self.kv_start, device=device)
-        return dict(landmarks=landmarks, global_queries=self.global_queries, causal=self.causal, kv_start=kv_start)
+        return dict(landmarks=landmarks, global_queries=self.global_queries, causal=self.causal, kv_start=kv_start,
+                    key_mask=self.key_mask(device))
+
+    def key_mask(self, device=DEVICE):
+        """(B, Tk) bool, the same for every call of one case, or None."""
+        if not self.hidden:
+            return None
+        if self.hidden == "batch0":
+            mask = torch.ones(self.batch, self.tk, dtype=torch.bool)
+            mask[0] = False
+            return mask.to(device)
+        generator = torch.Generator().manual_seed(self.tq * 1000 + self.tk)
+        return (torch.rand(self.batch, self.tk, generator=generator) >= self.hidden).to(device)
 
 
 def make_inputs(case, dtype, device=DEVICE, non_contiguous=False):

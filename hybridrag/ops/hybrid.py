@@ -8,9 +8,10 @@ from hybridrag.kernels.hybrid import (attention_mass_blockwise, attention_mass_r
 from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
 
 from .backend import resolve_backend
-from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_flag,
-                         check_interpreter_dtype, check_kv_start, check_memory_tokens, check_scale, check_tensor,
-                         unit_last_stride)
+from .packed import packed_attention
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
+                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens, check_scale,
+                         check_tensor, unit_last_stride)
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,14 @@ class HybridPattern:
     global_queries: bool
     scale: float
     kv_start: torch.Tensor = None  # (B,) int32 or None
+    key_mask: torch.Tensor = None  # (B, Tk) bool or None
 
     def args(self):
         return self.left, self.right, self.causal, self.landmarks, self.global_queries, self.scale
+
+    def hidden_keys(self):
+        """The tail of every kernel call: kv_start, key_mask."""
+        return self.kv_start, self.key_mask
 
 
 def _triton_functions():
@@ -46,7 +52,7 @@ class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, memory_k, memory_v, pattern, backend):
         forward_fn, backward_fn, _ = _backend_functions(backend)
-        out, lse = forward_fn(q, k, v, *pattern.args(), memory_k, memory_v, pattern.kv_start)
+        out, lse = forward_fn(q, k, v, *pattern.args(), memory_k, memory_v, *pattern.hidden_keys())
         ctx.save_for_backward(q, k, v, memory_k, memory_v, out, lse)
         ctx.pattern, ctx.backward_fn = pattern, backward_fn
         ctx.set_materialize_grads(False)
@@ -58,20 +64,23 @@ class HybridAttentionFunction(torch.autograd.Function):
         grad_out = torch.zeros_like(out) if grad_out is None else unit_last_stride(grad_out)
         grad_lse = None if grad_lse is None else grad_lse.contiguous()
         grads = ctx.backward_fn(q, k, v, out, lse, grad_out, grad_lse, *ctx.pattern.args(), memory_k, memory_v,
-                                ctx.pattern.kv_start)
+                                *ctx.pattern.hidden_keys())
         return *grads, None, None
 
 
-def _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start):
+def _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask=None, tk=None):
+    """The checked pattern; tk (default Tk) bounds tensor landmark positions (the longest packed sequence)."""
     check_flag("causal", causal)
     check_flag("global_queries", global_queries)
     left, right = resolve_window(window, causal)
-    return HybridPattern(left, right, causal, resolve_landmarks(landmarks, k.shape[2], q.device), global_queries,
-                         check_scale(scale, q.shape[-1]), check_kv_start(kv_start, k))
+    return HybridPattern(left, right, causal, resolve_landmarks(landmarks, tk or k.shape[2], q.device),
+                         global_queries, check_scale(scale, q.shape[-1]), check_kv_start(kv_start, k),
+                         check_key_mask(key_mask, k))
 
 
 def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, memory_k=None, memory_v=None,
-                     causal=True, scale=None, return_lse=False, kv_start=None, backend="auto"):
+                     causal=True, scale=None, return_lse=False, kv_start=None, key_mask=None, cu_seqlens_q=None,
+                     cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, backend="auto"):
     """Sliding-window attention fused with landmark (global) tokens and learned memory tokens, in one softmax.
 
     A query at position p sees key j iff j >= kv_start[b] and (not causal or j <= p) and (j is in p's window, or
@@ -91,6 +100,14 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
         return_lse: also return the natural-log log-sum-exp (B, H, Tq) float32 (-inf for rows that see no key).
         kv_start: (B,) integer tensor or None; keys with index < kv_start[b] are padding that no query sees
             (left padding). Memory tokens are always seen.
+        key_mask: (B, Tk) bool or None; False marks a key no query sees (padding anywhere). A row whose keys are
+            all hidden (and that has no memory tokens) outputs zeros with lse -inf.
+        cu_seqlens_q, cu_seqlens_k: packed sequences as flash-attn's varlen API takes them: q (1, H, total_q, D),
+            k/v (1, Hkv, total_k, D) and (N + 1,) int32 offsets of the N sequences. A sequence never sees another;
+            window, landmarks (positions within each sequence) and query alignment (each sequence's queries are
+            the last of its keys) apply per sequence; memory tokens are shared. Reads the offsets to the host.
+        max_seqlen_q, max_seqlen_k: optional ints, checked against the longest sequence (flash-attn's
+            arguments; the offsets are read anyway).
         backend: "auto" | "triton" | "cpu" | "reference" (see DESIGN.md); "reference" also takes float64.
 
     Returns:
@@ -105,15 +122,28 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
     check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
     check_memory_tokens(memory_k, memory_v, k)
     check_interpreter_dtype(backend, q)
-    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start)
-    if backend == "reference":
-        out, lse = hybrid_attention_reference(q, k, v, *pattern.args(), memory_k, memory_v, pattern.kv_start)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if kv_start is not None:
+            raise ValueError("kv_start does not apply to packed sequences (cu_seqlens_q/cu_seqlens_k); hide keys "
+                             "with key_mask (1, total_k) instead")
+        sequences = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+        longest = max(1, max(hi - lo for _, _, lo, hi in sequences))
+        pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, None, key_mask, tk=longest)
+        out, lse = packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences, backend)
     else:
-        q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-        if memory_k is not None:
-            memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
-        out, lse = HybridAttentionFunction.apply(q, k, v, memory_k, memory_v, pattern, backend)
+        pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
+        out, lse = _attention(q, k, v, memory_k, memory_v, pattern, backend)
     return (out, lse) if return_lse else out
+
+
+def _attention(q, k, v, memory_k, memory_v, pattern, backend):
+    """(o, lse) of one batch of checked inputs on a concrete backend."""
+    if backend == "reference":
+        return hybrid_attention_reference(q, k, v, *pattern.args(), memory_k, memory_v, *pattern.hidden_keys())
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    if memory_k is not None:
+        memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
+    return HybridAttentionFunction.apply(q, k, v, memory_k, memory_v, pattern, backend)
 
 
 def _check_segments(segments, num_segments, k):
@@ -150,11 +180,11 @@ def _check_query_mask(query_mask, q):
 
 @torch.no_grad()
 def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, global_queries=True, query_mask=None,
-                   memory_k=None, causal=True, scale=None, kv_start=None, backend="auto"):
+                   memory_k=None, causal=True, scale=None, kv_start=None, key_mask=None, backend="auto"):
     """Attention probability the selected query rows give to each key segment, averaged over those rows.
 
     Args:
-        q, k, window, landmarks, global_queries, memory_k, causal, scale, kv_start, backend: as in
+        q, k, window, landmarks, global_queries, memory_k, causal, scale, kv_start, key_mask, backend: as in
             `hybrid_attention` (the same pattern; memory tokens take part in the softmax but belong to no segment).
         segments: (B, Tk) integer segment id of each key in [0, num_segments), -1 for none.
         num_segments: S.
@@ -175,14 +205,14 @@ def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, glob
     check_interpreter_dtype(backend, q)
     _check_segments(segments, num_segments, k)
     query_mask = _check_query_mask(query_mask, q)
-    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start)
+    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
     if backend == "reference":
         return attention_mass_reference(q, k, segments, num_segments, *pattern.args(), query_mask, memory_k,
-                                        pattern.kv_start)
+                                        *pattern.hidden_keys())
     q, k = unit_last_stride(q), unit_last_stride(k)
     memory_k = None if memory_k is None else unit_last_stride(memory_k)
     forward_fn, _, mass_fn = _backend_functions(backend)
-    _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, pattern.kv_start)
+    _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, *pattern.hidden_keys())
     row_weights = query_mask.float() / query_mask.sum(dim=1, keepdim=True).clamp(min=1)
     return mass_fn(q, k, lse, segments.contiguous(), num_segments, row_weights, *pattern.args(), memory_k,
-                   pattern.kv_start)
+                   *pattern.hidden_keys())

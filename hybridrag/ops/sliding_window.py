@@ -43,7 +43,9 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return_lse=False, backend="auto"):
+def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return_lse=False, key_mask=None,
+                             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                             backend="auto"):
     """Attention of each query to the keys inside its window.
 
     Args:
@@ -55,6 +57,8 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return
         causal: also hide keys after the query.
         scale: multiplies q.k; default D ** -0.5.
         return_lse: also return the natural-log log-sum-exp (B, H, Tq) float32 (-inf for rows that see no key).
+        key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: key padding anywhere and packed
+            sequences, as in `hybrid_attention` (these calls run as `hybrid_attention` with no landmarks).
         backend: "auto" | "triton" | "cpu" | "reference" (see DESIGN.md); "reference" also takes float64.
 
     Returns:
@@ -63,6 +67,11 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return
     Memory: o and lse, plus (B, H, Tq) float32 in the backward. Work grows with Tq x window, never Tq x Tk
     (the "reference" backend alone builds the dense Tq x Tk mask and scores).
     """
+    if key_mask is not None or cu_seqlens_q is not None or cu_seqlens_k is not None:
+        from .hybrid import hybrid_attention  # the same kernels, with the hidden keys they know how to skip
+        return hybrid_attention(q, k, v, window, causal=causal, scale=scale, return_lse=return_lse,
+                                key_mask=key_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, backend=backend)
     check_tensor("q", q)
     backend = resolve_backend(backend, q.device)
     check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)

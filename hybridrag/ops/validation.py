@@ -116,3 +116,59 @@ def check_kv_start(kv_start, k):
 def check_flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_key_mask(key_mask, k):
+    """key_mask: None or a bool tensor (B, Tk) on k's device (False = the key is never seen). Metadata only."""
+    if key_mask is None:
+        return None
+    check_tensor("key_mask", key_mask)
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True = the key is seen), got dtype {key_mask.dtype}")
+    if key_mask.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_mask must have shape ({k.shape[0]}, {k.shape[2]}) (batch, Tk), "
+                         f"got {tuple(key_mask.shape)}")
+    if key_mask.device != k.device:
+        raise ValueError(f"key_mask is on {key_mask.device} but k is on {k.device}")
+    return key_mask
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
+    """Packed sequences (flash-attn's varlen meaning): q (1, H, total_q, D), k (1, Hkv, total_k, D), cu_seqlens_*
+    (N + 1,) integer tensors starting at 0, non-decreasing, ending at total_*. Returns the sequences' bounds as a
+    list of (q_lo, q_hi, k_lo, k_hi) ints; reads both tensors to the host (one sync)."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("pass cu_seqlens_q and cu_seqlens_k together (packed sequences), got only "
+                         f"{'cu_seqlens_q' if cu_seqlens_k is None else 'cu_seqlens_k'}")
+    if q.shape[0] != 1:
+        raise ValueError(f"packed sequences take q, k, v with batch 1 ((1, heads, total, head_dim)), got q batch "
+                         f"{q.shape[0]}")
+    bounds = {}
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[2]), ("cu_seqlens_k", cu_seqlens_k, k.shape[2])):
+        check_tensor(name, cu)
+        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a 1-D int32 or int64 tensor, got dtype {cu.dtype} and shape "
+                            f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        values = cu.tolist()
+        if len(values) < 2 or values[0] != 0 or values[-1] != total:
+            raise ValueError(f"{name} must start at 0 and end at the packed length {total}, got {values[:3]} .. "
+                             f"{values[-3:]} ({len(values)} entries)")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0), got {values}")
+        bounds[name] = values
+    if len(bounds["cu_seqlens_q"]) != len(bounds["cu_seqlens_k"]):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{len(bounds['cu_seqlens_q']) - 1} and {len(bounds['cu_seqlens_k']) - 1}")
+    cq, ck = bounds["cu_seqlens_q"], bounds["cu_seqlens_k"]
+    sequences = list(zip(cq, cq[1:], ck, ck[1:]))
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, max(b - a for a, b, _, _ in sequences)),
+                                 ("max_seqlen_k", max_seqlen_k, max(b - a for _, _, a, b in sequences))):
+        if given is None:
+            continue
+        if isinstance(given, bool) or not isinstance(given, int):
+            raise TypeError(f"{name} must be an int or None, got {type(given).__name__}")
+        if given < longest:
+            raise ValueError(f"{name} is {given} but the longest sequence has {longest} positions")
+    return sequences
