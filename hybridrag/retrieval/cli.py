@@ -5,6 +5,7 @@
     python -m hybridrag.retrieval stats kb/
 
 --encoder takes "minilm" (the bundled all-MiniLM-L6-v2, default), "hashing-<dim>", or a local model directory.
+A knowledge base's own encoder is loaded only when a query is encoded: `stats` and `search --mode bm25` load none.
 Errors print one line to stderr and exit with status 2.
 """
 import argparse
