@@ -10,11 +10,13 @@ and torch.matmul, against the measured dense matmul rate) and TOPS for peers tha
 kinds, against the measured torch._int_mm rate; measured on CUDA only).
 
 Bytes moved: what the call must read and write at the least, each tensor once, with e = the case dtype's size:
-    int8 weight      N * K  +  scales 4 * N (per channel) or 4 * N * K / 128 (group_size=128)
-    float weight     N * K * e                                   (torch.matmul)
+    int8 weight      N * K  +  scales 4 * N (per channel) or 4 * N * K / 128 (group_size=128); 2 * N for
+                     weight_int8pack_mm's bfloat16 scales
+    float weight     N * K * e                                   (torch.matmul; ours_w8a16_cached: its cache's e)
     x                M * K * e, or M * K + 4 * M when x is quantized outside the timed call (int_mm_prequant)
     out              M * N * e
-Intermediates are not counted (W8A8's int8 x and int32 accumulator when they go through memory: _int_mm's do).
+e is the peer's dtype: the case's, or bfloat16 / float32 for torch_matmul_bf16, torch_matmul_fp32 and
+weight_int8pack_mm (x cast outside the timed call). Intermediates are not counted (W8A8's int8 x and int32 accumulator when they go through memory: _int_mm's do).
 torchao and bitsandbytes are credited with the bytes of ours for the same scheme (their scale layouts differ by a
 few N-sized vectors). GB/s is held against the measured copy bandwidth (read + write counted).
 
@@ -43,14 +45,18 @@ from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prep
 SUITE = "int8_matmul"
 EXPECTED_S = {"quick": 15, "full": 45}  # on the 2-core AMD EPYC of the recorded results
 GROUP_SIZE = 128
-PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "torch_matmul", "int_mm",
-         "int_mm_prequant", "torchao_w8a16", "torchao_w8a8", "bnb_w8a8")
-OURS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8")
+PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached", "torch_matmul",
+         "torch_matmul_bf16", "torch_matmul_fp32", "weight_int8pack_mm", "int_mm", "int_mm_prequant", "torchao_w8a16",
+         "torchao_w8a8", "bnb_w8a8")
+OURS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached")
 W8A16_OURS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc")
 INT8_COMPUTE = ("ours_w8a8", "int_mm", "int_mm_prequant", "torchao_w8a8", "bnb_w8a8")  # int8 x int8 products: TOPS
 # The outside peers' "ours speedup" is taken against ours of the same scheme.
-COUNTERPART = {"torch_matmul": "ours_w8a16", "torchao_w8a16": "ours_w8a16", "int_mm": "ours_w8a8",
+COUNTERPART = {"torch_matmul": "ours_w8a16", "torch_matmul_bf16": "ours_w8a16", "torch_matmul_fp32": "ours_w8a16",
+               "weight_int8pack_mm": "ours_w8a16", "torchao_w8a16": "ours_w8a16", "int_mm": "ours_w8a8",
                "int_mm_prequant": "ours_w8a8", "torchao_w8a8": "ours_w8a8", "bnb_w8a8": "ours_w8a8"}
+# Peers that compute in a fixed dtype whatever the case's (x cast outside the timed call): "the same layer in bf16"
+PEER_DTYPE = {"torch_matmul_bf16": "bfloat16", "torch_matmul_fp32": "float32", "weight_int8pack_mm": "bfloat16"}
 FLOAT_BASELINE = "torch_matmul"
 
 PEER_NOTES = {
@@ -59,8 +65,17 @@ PEER_NOTES = {
     "ours_w8a16_g128": f"as ours_w8a16 with quantize_int8(group_size={GROUP_SIZE})",
     "ours_w8a16_fp16acc": 'as ours_w8a16 with accumulate="fp16" (Triton only; float16 cases)',
     "ours_w8a8": 'hr.int8_matmul(activations="int8"): x quantized per token inside the call, per-channel weight',
-    "torch_matmul": "torch.matmul(x, W.T) with the float weight in the case dtype (cuBLAS on CUDA; on CPU the "
-                    "float32 matmul)",
+    "ours_w8a16_cached": 'as ours_w8a16 with the opt-in QuantizedWeight.cpu_cache ("bf16" for bfloat16 cases, "fp32" '
+                         'otherwise; built outside the timed call): one dense matmul on the cached dequantized '
+                         'weight (CPU only)',
+    "torch_matmul": "torch.matmul(x, W.T) with the float weight in the case dtype (cuBLAS on CUDA; MKL / oneDNN "
+                    "on CPU)",
+    "torch_matmul_bf16": "torch.matmul(x, W.T) in bfloat16 (x cast outside the timed call; output bfloat16): the "
+                         "same layer in bf16, the yardstick of issue 11 on CPU (non-bfloat16 cases)",
+    "torch_matmul_fp32": "torch.matmul(x, W.T) in float32 (x cast outside the timed call; non-float32 cases)",
+    "weight_int8pack_mm": "PyTorch's torch._weight_int8pack_mm(x_bf16, W_int8, scale_bf16): bfloat16 x (cast "
+                          "outside the timed call), ours' per-channel int8 weight, its scales rounded to bfloat16; "
+                          "CPU only here",
     "int_mm": "x quantized per token inside the timed call (hybridrag's quantize_activations, eager PyTorch), "
               "torch._int_mm(x_int8, W_int8.T) -> int32, then the dequantizing epilogue "
               "(acc.float() * x_scale[:, None] * w_scale[None, :]).to(dtype): the same work as ours_w8a8",
@@ -108,24 +123,37 @@ def ours_backend(device):
 
 def cases(device, quick=False):
     """GPU: M in 1, 16, 128, 4096; N = K in 4096, 8192; bfloat16 and float16 (quick: M 1 and 4096, N = K = 4096).
-    CPU: float32, M in 1, 16, 128, N = K = 1024 (quick: N = K = 512)."""
+    CPU: float32, bfloat16 and float16, M in 1, 16, 128, N = K in 1024 and 4096 (quick: float32 and bfloat16,
+    M 1 and 128, N = K = 512)."""
     if device.type == "cuda":
         ms, sizes = ((1, 4096), (4096,)) if quick else ((1, 16, 128, 4096), (4096, 8192))
         return [Case(m, nk, nk, dtype) for dtype in ("bfloat16", "float16") for nk in sizes for m in ms]
-    nk = 512 if quick else 1024
-    return [Case(m, nk, nk, "float32") for m in (1, 16, 128)]
+    if quick:
+        return [Case(m, 512, 512, dtype) for dtype in ("float32", "bfloat16") for m in (1, 128)]
+    return [Case(m, nk, nk, dtype) for dtype in ("float32", "bfloat16", "float16") for nk in (1024, 4096)
+            for m in (1, 16, 128)]
 
 
 def pytest_cases(device):
     """The sizes the pytest-benchmark suite times (CPU: small, to keep it fast)."""
     if device.type == "cuda":
         return [Case(m, 8192, 8192, dtype) for dtype in ("bfloat16", "float16") for m in (1, 16, 4096)]
-    return [Case(m, 512, 512, "float32") for m in (1, 128)]
+    return [Case(m, 512, 512, dtype) for dtype in ("float32", "bfloat16") for m in (1, 128)]
 
 
 def peer_applies(peer, case):
-    """Whether the peer has a row for this case: float16 accumulation is a float16-only option."""
-    return peer != "ours_w8a16_fp16acc" or case.dtype == "float16"
+    """Whether the peer has a row for this case: float16 accumulation is a float16-only option; the fixed-dtype
+    matmul peers only where they differ from torch_matmul (which runs in the case dtype)."""
+    if peer == "ours_w8a16_fp16acc":
+        return case.dtype == "float16"
+    if peer in ("torch_matmul_bf16", "torch_matmul_fp32"):
+        return case.dtype != PEER_DTYPE[peer]
+    return True
+
+
+def peer_dtype(peer, case):
+    """The dtype the peer's x and output have: the case's, or the peer's own (PEER_DTYPE)."""
+    return getattr(torch, PEER_DTYPE.get(peer, case.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,10 +166,15 @@ def matmul_flops(case):
 
 def moved_bytes(peer, case):
     """Bytes the call must read and write at the least (module docstring)."""
-    m, n, k, e = case.m, case.n, case.k, case.element_size
+    m, n, k = case.m, case.n, case.k
+    e = peer_dtype(peer, case).itemsize
     out = m * n * e
-    if peer == FLOAT_BASELINE:
+    if peer in (FLOAT_BASELINE, "torch_matmul_bf16", "torch_matmul_fp32"):
         return n * k * e + m * k * e + out
+    if peer == "ours_w8a16_cached":  # the cached dense weight, bfloat16 or float32
+        return n * k * (2 if case.dtype == "bfloat16" else 4) + m * k * e + out
+    if peer == "weight_int8pack_mm":  # bfloat16 scales
+        return n * k + 2 * n + m * k * e + out
     scales = 4 * n * (k // GROUP_SIZE if peer == "ours_w8a16_g128" else 1)
     x = m * k + 4 * m if peer == "int_mm_prequant" else m * k * e
     return n * k + scales + x + out
@@ -177,10 +210,41 @@ def _ours(activations, group_size=None, accumulate="fp32"):
     return build
 
 
-def _torch_matmul(case, device):
+def _ours_cached(case, device):
+    if device.type != "cpu":
+        raise PeerUnavailable("cpu_cache serves the CPU backend only")
     x, weight = make_inputs(case, device)
-    weight = weight.to(case.torch_dtype)
-    return (lambda: torch.matmul(x, weight.T)), [x, weight]
+    qweight = hr.quantize_int8(weight)
+    qweight.cpu_cache = "bf16" if case.dtype == "bfloat16" else "fp32"
+    qweight.cached_dense()  # built outside the timed call
+
+    def call():
+        return hr.int8_matmul(x, qweight, backend="cpu")
+    return call, [x, qweight.cached_dense()]
+
+
+def _torch_matmul_in(dtype_name):
+    def build(case, device):
+        dtype = getattr(torch, dtype_name) if dtype_name else case.torch_dtype
+        x, weight = make_inputs(case, device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        return (lambda: torch.matmul(x, weight.T)), [x, weight]
+    return build
+
+
+_torch_matmul = _torch_matmul_in(None)
+
+
+def _weight_int8pack_mm(case, device):
+    if device.type != "cpu":
+        raise PeerUnavailable("measured on CPU only here")
+    if case.k % 16:
+        raise PeerSkipped(f"_weight_int8pack_mm's CPU kernel reads K in steps of 16 unchecked; got K={case.k}")
+    x, weight = make_inputs(case, device)
+    x = x.to(torch.bfloat16)
+    qweight = hr.quantize_int8(weight)
+    scale = qweight.scale.to(torch.bfloat16)
+    return (lambda: torch._weight_int8pack_mm(x, qweight.data, scale)), [x, qweight.data, scale]
 
 
 def _check_int_mm_shape(case, device):
@@ -260,7 +324,11 @@ BUILDERS = {
     "ours_w8a16_g128": _ours("fp", group_size=GROUP_SIZE),
     "ours_w8a16_fp16acc": _ours("fp", accumulate="fp16"),
     "ours_w8a8": _ours("int8"),
+    "ours_w8a16_cached": _ours_cached,
     "torch_matmul": _torch_matmul,
+    "torch_matmul_bf16": _torch_matmul_in("bfloat16"),
+    "torch_matmul_fp32": _torch_matmul_in("float32"),
+    "weight_int8pack_mm": _weight_int8pack_mm,
     "int_mm": _int_mm,
     "int_mm_prequant": _int_mm_prequant,
     "torchao_w8a16": _torchao("Int8WeightOnlyConfig"),

@@ -60,7 +60,7 @@ def test_bytes_count_the_tensors(peer):
     if prepared.status != "ok" or prepared.reads is None:
         pytest.skip(f"{peer}: {prepared.reason or 'a library module; credited with ours bytes'}")
     out = prepared.run()
-    assert out.shape == (case.m, case.n) and out.dtype == case.torch_dtype
+    assert out.shape == (case.m, case.n) and out.dtype == im.peer_dtype(peer, case)
     assert sum(t.nbytes for t in prepared.reads) + out.nbytes == im.moved_bytes(peer, case)
 
 
@@ -99,8 +99,23 @@ def test_moved_bytes_formula():
     assert im.moved_bytes("ours_w8a16_g128", case) == weight + scales * 4096 // 128 + x + out
     assert im.moved_bytes("torch_matmul", case) == 2 * weight + x + out
     assert im.moved_bytes("int_mm_prequant", case) == weight + scales + 16 * 4096 + 4 * 16 + out
+    assert im.moved_bytes("weight_int8pack_mm", case) == weight + 2 * 4096 + x + out
+    assert im.moved_bytes("ours_w8a16_cached", case) == 2 * weight + x + out
+    fp32 = im.Case(16, 4096, 4096, "float32")
+    assert im.moved_bytes("torch_matmul_bf16", fp32) == 2 * weight + x + out  # bfloat16 whatever the case
+    assert im.moved_bytes("ours_w8a16_cached", fp32) == 4 * weight + 2 * x + 2 * out
+    assert not im.peer_applies("torch_matmul_bf16", case) and im.peer_applies("torch_matmul_fp32", case)
     assert im.matmul_flops(case) == 2 * 16 * 4096 * 4096
     assert math.isclose(im.moved_bytes("torch_matmul", case) / im.moved_bytes("ours_w8a16", case), 2, rel_tol=0.02)
+
+
+def test_cpu_cases_cover_the_issue_sizes_and_dtypes():
+    """Issue 11: the CPU suite times N = K = 4096 (and 1024) in every activation dtype, M 1 to 128, with the bf16 and
+    fp32 matmuls and _weight_int8pack_mm side by side."""
+    cpu = im.cases(torch.device("cpu"))
+    assert {(c.n, c.k) for c in cpu} == {(1024, 1024), (4096, 4096)} and {c.m for c in cpu} == {1, 16, 128}
+    assert {c.dtype for c in cpu} == {"float32", "bfloat16", "float16"}
+    assert {"torch_matmul_bf16", "torch_matmul_fp32", "weight_int8pack_mm", "ours_w8a16_cached"} <= set(im.PEERS)
 
 
 def test_quantized_weight_is_shared_by_ours_and_int_mm():

@@ -240,6 +240,57 @@ def test_int8_linear_bad_arguments():
         layer([1.0] * 64)
 
 
+@pytest.mark.parametrize("cache, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float16), ("fp32", torch.float32)])
+def test_cpu_cache_layer_matches_uncached_and_trains(cache, dtype):
+    """cpu_cache computes what the uncached layer computes (up to float rounding: both are within the tolerance rule
+    of the reference, tests/test_int8_ops.py), keeps gradients to x and bias, and stays out of the state_dict."""
+    linear = gaussian_linear(64, 48, dtype=dtype)
+    plain = Int8Linear.from_linear(linear)
+    cached = Int8Linear.from_linear(linear, cpu_cache=cache)
+    assert cached.cpu_cache == cache and f"cpu_cache={cache!r}" in repr(cached)
+    assert cached.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+    cached(x).sum().backward()
+    assert x.grad is not None and cached.bias.grad is not None
+    bound = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-6}[dtype]  # relative, in norm
+
+    def close(got, want):
+        return ((got.double() - want.double()).norm() / want.double().norm()).item() <= bound
+    with torch.no_grad():
+        assert close(cached(x), plain(x))
+        assert cached.qweight.cached_dense().shape == (48, 64)
+        cached.load_state_dict(Int8Linear.from_linear(gaussian_linear(64, 48, dtype=dtype)).state_dict())
+        assert not close(cached(x), plain(x))  # the cache followed the loaded weights ...
+        plain.load_state_dict(cached.state_dict())
+        assert close(cached(x), plain(x))  # ... to the same layer
+
+
+def test_cpu_cache_bad_arguments():
+    with pytest.raises(ValueError, match="cpu_cache must be one of"):
+        Int8Linear(64, 32, cpu_cache="fp16")
+    with pytest.raises(ValueError, match="cpu_cache keeps a dequantized weight for mode='w8a16'"):
+        Int8Linear(64, 32, mode="w8a8", cpu_cache="fp32")
+    with pytest.raises(ValueError, match="cpu_cache='bf16' needs a bfloat16 layer"):
+        Int8Linear.from_linear(nn.Linear(64, 32), cpu_cache="bf16")
+    layer = Int8Linear(64, 32, cpu_cache="bf16", dtype=torch.bfloat16).half()  # a later dtype change
+    with pytest.raises(TypeError, match="cpu_cache='bf16' takes bfloat16 x"):
+        layer(torch.randn(2, 64).half())
+    with pytest.raises(ValueError, match="cpu_cache must be one of"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), cpu_cache=True)
+
+
+def test_quantize_model_cpu_cache_reports_its_bytes_and_skips_what_it_cannot_serve():
+    model = nn.Sequential(nn.Linear(64, 32).bfloat16(), nn.Linear(32, 16))
+    report = quantize_model(model, cpu_cache="bf16")
+    assert report.replaced == ["0"] and "cpu_cache='bf16' needs a bfloat16 layer" in report.skipped["1"]
+    assert model[0].cpu_cache == "bf16" and report.cpu_cache_bytes == 64 * 32 * 2
+    assert "cpu_cache='bf16': 4,096 more bytes once built" in str(report)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    report = quantize_model(model, cpu_cache="fp32", group_size=16)
+    assert report.cpu_cache_bytes == (64 * 32 + 32 * 16) * 4 and model[1].cpu_cache == "fp32"
+    assert quantize_model(nn.Sequential(nn.Linear(8, 8))).cpu_cache_bytes == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # quantize_model on the project's own layers
 
