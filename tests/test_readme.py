@@ -39,64 +39,63 @@ class Block:
 
 def parse(text, source="README.md"):
     """{section heading: [Block]} for the python and bash blocks of a Markdown text, with their directives."""
-    sections, heading, pending, fence = {}, None, None, None
-    lines = text.splitlines()
-    index = 0
-    while index < len(lines):
-        line, number = lines[index], index + 1
-        if fence is not None:
-            if line.startswith("```"):
+    sections, heading, pending, fence, indent = {}, None, [], None, 0
+    lines = iter(enumerate(text.splitlines(), start=1))
+    for number, line in lines:
+        if fence is not None:  # inside a code block (indented ones, in a list item, lose their indentation)
+            if line.strip().startswith("```"):
                 if fence.language in RUN:
                     sections.setdefault(heading, []).append(fence)
-                elif pending is not None:
-                    kind = fence.language or "plain"
-                    raise ValueError(f"{source}:{pending[1]}: a readme-test directive before a {kind} block, which is "
-                                     "never run")
-                fence, pending = None, None
+                fence = None
             else:
-                fence.code += line + "\n"
-        elif line.startswith("```"):
-            fence = Block(line[3:].strip(), "", number + 1)
-            for kind, argument, setup_code, setup_line in (pending[0] if pending else []):
+                fence.code += line[indent:] + "\n"
+        elif line.lstrip().startswith("```"):
+            indent = len(line) - len(line.lstrip())
+            fence = Block(line.strip()[3:].strip(), "", number + 1)
+            if pending and fence.language not in RUN:
+                raise ValueError(f"{source}:{pending[0][0]}: a readme-test directive before a "
+                                 f"{fence.language or 'plain'} block, which is never run")
+            for _, kind, argument in pending:
                 if kind == "setup":
-                    fence.setup.append((setup_code, setup_line))
+                    fence.setup.append(argument)
                 elif kind == "skip":
-                    if not argument:
-                        raise ValueError(f"{source}:{number}: readme-test: skip needs a reason")
                     fence.skip = argument
                 else:
                     fence.cuda = True
+            pending = []
         elif (match := DIRECTIVE.match(line)) is not None:
-            kind, argument = match.group(1), match.group(2).strip()
-            setup_code, setup_line = "", number + 1
-            if kind == "setup":
-                if argument:
-                    raise ValueError(f"{source}:{number}: put the set-up code on the lines after '<!-- readme-test: "
-                                     "setup', then close it with '-->' on a line of its own")
-                index += 1
-                while index < len(lines) and lines[index].strip() != "-->":
-                    setup_code += lines[index] + "\n"
-                    index += 1
-                if index == len(lines):
-                    raise ValueError(f"{source}:{number}: readme-test: setup is never closed with '-->'")
-            elif not argument.endswith("-->"):
-                raise ValueError(f"{source}:{number}: end 'readme-test: {kind}' with '-->' on the same line")
-            else:
-                argument = argument[:-3].strip()
-            pending = (pending[0] if pending else []) + [(kind, argument, setup_code, setup_line)], number
+            pending.append((number, match.group(1), _directive_argument(match, number, lines, source)))
+        elif line.strip() and pending:
+            raise ValueError(f"{source}:{pending[0][0]}: a readme-test directive must come just before its code "
+                             f"block (only blank lines between), but line {number} is text")
         elif line.startswith("## "):
             heading = line[3:].strip()
-            if pending is not None:
-                raise ValueError(f"{source}:{pending[1]}: a readme-test directive that no code block follows")
-        elif line.strip() and pending is not None:
-            raise ValueError(f"{source}:{pending[1]}: a readme-test directive must come just before its code block "
-                             f"(only blank lines between), but line {number} is text")
-        index += 1
     if fence is not None:
         raise ValueError(f"{source}:{fence.line - 1}: a code block that is never closed")
-    if pending is not None:
-        raise ValueError(f"{source}:{pending[1]}: a readme-test directive that no code block follows")
+    if pending:
+        raise ValueError(f"{source}:{pending[0][0]}: a readme-test directive that no code block follows")
     return sections
+
+
+def _directive_argument(match, number, lines, source):
+    """setup: (code, its first line), read up to the closing '-->'; skip: the reason; cuda: None."""
+    kind, rest = match.group(1), match.group(2).strip()
+    if kind == "setup":
+        if rest:
+            raise ValueError(f"{source}:{number}: put the set-up code on the lines after '<!-- readme-test: setup', "
+                             "then close it with '-->' on a line of its own")
+        code = ""
+        for _, line in lines:
+            if line.strip() == "-->":
+                return code, number + 1
+            code += line + "\n"
+        raise ValueError(f"{source}:{number}: readme-test: setup is never closed with '-->'")
+    if not rest.endswith("-->"):
+        raise ValueError(f"{source}:{number}: end 'readme-test: {kind}' with '-->' on the same line")
+    reason = rest[:-3].strip()
+    if kind == "skip" and not reason:
+        raise ValueError(f"{source}:{number}: readme-test: skip needs a reason")
+    return reason or None
 
 
 SECTIONS = parse(README.read_text(encoding="utf-8"))
@@ -146,6 +145,8 @@ def test_the_parser_reads_the_directives():
     assert (one.language, one.code, one.line, one.setup, one.skip) == ("python", "y = x\n", 8, [("x = 1\n", 4)], None)
     skipped, cuda = sections["Two"]
     assert skipped.skip == "installs things" and not skipped.cuda and cuda.cuda and cuda.skip is None
+    (listed,) = parse("## Three\n- a list item:\n\n  ```python\n  if True:\n      x = 1\n  ```\n")["Three"]
+    assert listed.code == "if True:\n    x = 1\n"
 
 
 @pytest.mark.parametrize("text, match", [
