@@ -4,7 +4,8 @@ The conventions, read from HTML comments that GitHub does not show:
 
 - Each `## ` section is one script: its blocks run in order in a fresh Python namespace (a later block may use an
   earlier block's names), with a fresh temporary folder as the working directory. Bash blocks run there too, with
-  `bash -euo pipefail`, the test's Python first on PATH.
+  `bash -euo pipefail`, the test's Python first on PATH and hybridrag as installed (`install.sh` installs this
+  working tree in editable mode).
 - `<!-- readme-test: setup` + Python lines + `-->` just before a block runs first, in the same namespace: the inputs
   the snippet assumes (`x`, a model directory `name`, a `docs.jsonl`), at sizes a CPU runs in a moment.
 - `<!-- readme-test: skip <reason> -->` just before a block leaves it out (the install commands); the reason is
@@ -106,8 +107,7 @@ def run_python(code, line, namespace):
 
 
 def run_bash(code, line):
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               PYTHONPATH=os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, (f"README.md:{line}: the bash block failed with status {done.returncode}\n"
