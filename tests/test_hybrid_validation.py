@@ -6,10 +6,13 @@ import torch
 
 import hybridrag as hr
 from hybridrag.ops import hybrid as hybrid_module
+from hybridrag.ops import packed as packed_module
 
 HAS_CUDA = torch.cuda.is_available()
-KERNELS = ("hybrid_fwd_blockwise", "hybrid_bwd_blockwise", "attention_mass_blockwise", "hybrid_attention_reference",
-           "attention_mass_reference", "_triton_functions")
+# every way the ops reach a kernel: the custom op, the backend table (attention_mass, packed sequences), references
+KERNELS = ((hybrid_module, "hybrid_attention_fwd"), (hybrid_module, "backend_functions"),
+           (hybrid_module, "hybrid_attention_reference"), (hybrid_module, "attention_mass_reference"),
+           (packed_module, "backend_functions"), (packed_module, "hybrid_attention_reference"))
 
 
 @pytest.fixture(autouse=True)
@@ -17,8 +20,8 @@ def no_kernels(monkeypatch):
     """Every kernel entry point of the ops module fails the test if it is reached: the checks must come first."""
     def reached(*args, **kwargs):
         raise AssertionError("a kernel ran before the bad input was refused")
-    for name in KERNELS:
-        monkeypatch.setattr(hybrid_module, name, reached)
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, reached)
 
 
 def inputs(batch=2, heads=4, kv_heads=2, tq=8, tk=8, dim=32, dtype=torch.float32):

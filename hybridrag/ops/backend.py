@@ -1,17 +1,23 @@
 """Backend choice shared by every op: "auto" | "triton" | "cpu" | "reference"."""
-import functools
 import os
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+_DEFAULT_BACKEND = []  # filled on first use (a list, not functools.lru_cache, which torch.compile warns about)
+
+
 def default_backend():
     """The backend "auto" stands for unless HYBRIDRAG_BACKEND names another; read once, on first use."""
-    value = os.environ.get("HYBRIDRAG_BACKEND", "auto")
-    if value not in BACKENDS:
-        raise ValueError(f"HYBRIDRAG_BACKEND must be one of {BACKENDS}, got {value!r}")
-    return value
+    if not _DEFAULT_BACKEND:
+        value = os.environ.get("HYBRIDRAG_BACKEND", "auto")
+        if value not in BACKENDS:
+            raise ValueError(f"HYBRIDRAG_BACKEND must be one of {BACKENDS}, got {value!r}")
+        _DEFAULT_BACKEND.append(value)
+    return _DEFAULT_BACKEND[0]
+
+
+default_backend.cache_clear = _DEFAULT_BACKEND.clear  # read the variable again on the next use (tests)
 
 
 def triton_interpreting():

@@ -3,11 +3,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridrag.kernels.hybrid import (attention_mass_blockwise, attention_mass_reference, hybrid_attention_reference,
-                                      hybrid_bwd_blockwise, hybrid_fwd_blockwise)
+from hybridrag.kernels.hybrid import attention_mass_reference, hybrid_attention_reference
 from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
 
 from .backend import resolve_backend
+from .library import backend_functions, hybrid_attention_fwd
 from .packed import packed_attention
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
                          check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens, check_scale,
@@ -32,40 +32,6 @@ class HybridPattern:
     def hidden_keys(self):
         """The tail of every kernel call: kv_start, key_mask."""
         return self.kv_start, self.key_mask
-
-
-def _triton_functions():
-    # Imported on first use: CPU-only installs need not have Triton.
-    from hybridrag.kernels.hybrid import triton_kernels
-    return triton_kernels.hybrid_fwd_triton, triton_kernels.hybrid_bwd_triton, triton_kernels.attention_mass_triton
-
-
-def _backend_functions(backend):
-    if backend == "triton":
-        return _triton_functions()
-    return hybrid_fwd_blockwise, hybrid_bwd_blockwise, attention_mass_blockwise
-
-
-class HybridAttentionFunction(torch.autograd.Function):
-    """Differentiable (o, lse) with gradients for q, k, v and the memory tokens; gradients flow through lse too."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, memory_k, memory_v, pattern, backend):
-        forward_fn, backward_fn, _ = _backend_functions(backend)
-        out, lse = forward_fn(q, k, v, *pattern.args(), memory_k, memory_v, *pattern.hidden_keys())
-        ctx.save_for_backward(q, k, v, memory_k, memory_v, out, lse)
-        ctx.pattern, ctx.backward_fn = pattern, backward_fn
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, memory_k, memory_v, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else unit_last_stride(grad_out)
-        grad_lse = None if grad_lse is None else grad_lse.contiguous()
-        grads = ctx.backward_fn(q, k, v, out, lse, grad_out, grad_lse, *ctx.pattern.args(), memory_k, memory_v,
-                                *ctx.pattern.hidden_keys())
-        return *grads, None, None
 
 
 def _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask=None, tk=None):
@@ -143,7 +109,9 @@ def _attention(q, k, v, memory_k, memory_v, pattern, backend):
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if memory_k is not None:
         memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
-    return HybridAttentionFunction.apply(q, k, v, memory_k, memory_v, pattern, backend)
+    return hybrid_attention_fwd(q, k, v, pattern.landmarks, memory_k, memory_v, pattern.kv_start, pattern.key_mask,
+                                pattern.left, pattern.right, pattern.causal, pattern.global_queries, pattern.scale,
+                                backend)
 
 
 def _check_segments(segments, num_segments, k):
@@ -211,7 +179,7 @@ def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, glob
                                         *pattern.hidden_keys())
     q, k = unit_last_stride(q), unit_last_stride(k)
     memory_k = None if memory_k is None else unit_last_stride(memory_k)
-    forward_fn, _, mass_fn = _backend_functions(backend)
+    forward_fn, _, mass_fn = backend_functions(backend)
     _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, *pattern.hidden_keys())
     row_weights = query_mask.float() / query_mask.sum(dim=1, keepdim=True).clamp(min=1)
     return mass_fn(q, k, lse, segments.contiguous(), num_segments, row_weights, *pattern.args(), memory_k,

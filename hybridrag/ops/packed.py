@@ -7,6 +7,7 @@ import torch
 from hybridrag.kernels.hybrid import hybrid_attention_reference
 from hybridrag.kernels.patterns import resolve_landmarks
 
+from .library import backend_functions
 from .validation import unit_last_stride
 
 
@@ -92,8 +93,6 @@ def packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences,
     """(o (1, H, total_q, D), lse (1, H, total_q)) of packed sequences, bounds [(q_lo, q_hi, k_lo, k_hi), ...].
 
     Memory: o and lse, and per sequence what one call of the backend needs for that sequence alone."""
-    from .hybrid import _backend_functions  # the backend table lives with the unpacked op
-
     _check_keys_present(sequences)
     patterns = _sequence_patterns(pattern, landmarks, sequences)
     if backend == "reference":
@@ -103,6 +102,6 @@ def packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences,
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if memory_k is not None:
         memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
-    forward_fn, backward_fn, _ = _backend_functions(backend)
+    forward_fn, backward_fn, _ = backend_functions(backend)
     return PackedHybridAttentionFunction.apply(q, k, v, memory_k, memory_v, patterns, sequences,
                                                (forward_fn, backward_fn))
