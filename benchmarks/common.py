@@ -153,7 +153,7 @@ def long_step(desc, expected_s=None):
     expected seconds, refreshed by a thread once a second; a log line before and after it either way."""
     from tqdm import tqdm
     log(f"  {desc}" + ("" if expected_s is None else f" (expected ~{format_seconds(expected_s)})") + " ...")
-    bar = tqdm(desc=desc, total=None if expected_s is None else round(expected_s), unit="s", leave=False,
+    bar = tqdm(desc=desc, total=None if expected_s is None else max(1, round(expected_s)), unit="s", leave=False,
                file=sys.stderr, disable=None, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s"
                if expected_s is not None else "{desc}: {n:.0f} s")
     done, start = threading.Event(), time.perf_counter()
@@ -204,9 +204,9 @@ def _busy_cpu_seconds():
 
 class LoadMeter:
     """Share of the machine's CPU time that other processes used between start() and stop(): the machine's busy CPU
-    seconds (/proc/stat) minus this process's, over wall time x CPUs. /proc/stat counts in 10 ms ticks, so a window
-    under half a second says little. It counts every thread of this process as its own (a progress bar's refresh
-    thread too: a few microseconds a second)."""
+    seconds (/proc/stat) minus this process's, over wall time x CPUs, at most 1. /proc/stat counts in 10 ms ticks, so
+    a window under half a second says little (the cap keeps its rounding from reading above 100%). It counts every
+    thread of this process as its own (a progress bar's refresh thread too: a few microseconds a second)."""
 
     def start(self):
         self.busy, self.own, self.wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
@@ -215,7 +215,7 @@ class LoadMeter:
     def stop(self):
         wall = time.perf_counter() - self.wall
         other = (_busy_cpu_seconds() - self.busy) - (time.process_time() - self.own)
-        return max(other, 0.0) / (max(wall, 1e-9) * cpu_count())
+        return min(max(other, 0.0) / (max(wall, 1e-9) * cpu_count()), 1.0)
 
 
 def time_ms(fn, device, *, warmup_ms=25, rep_ms=100, cpu_warmup=1, cpu_reps=10, cpu_min_reps=3, cpu_budget_s=10.0):
@@ -488,6 +488,17 @@ def plot_bars(ax, xs, heights, flags, **style):
             bar.set_edgecolor("black")
             bar.set_alpha(0.6)
     return bars
+
+
+def figure_legend(fig, axes, *, ncol=6):
+    """One legend for the whole figure, under the panels, so that it covers no data: every label of `axes` once.
+    Leave the bottom ~8% of the figure to it (tight_layout(rect=(0, 0.08, 1, 1)))."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, 0.025),
+               ncol=min(ncol, len(handles)), fontsize=8, frameon=False)
 
 
 def note_flagged(fig, rows):

@@ -31,9 +31,9 @@ import hybridrag as hr
 from hybridrag.kernels.patterns import (UNBOUNDED, hybrid_key_counts, hybrid_mask, resolve_landmarks, resolve_window,
                                         visible_key_counts)
 
-from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to, fmt_number,
-                     free_memory_bytes, note_flagged, plot_line, prepare_attention, progress, release_memory, time_ms,
-                     verdict_text)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to,
+                     figure_legend, fmt_number, free_memory_bytes, note_flagged, plot_line, prepare_attention, progress,
+                     release_memory, time_ms, verdict_text)
 
 SUITE = "hybrid"
 EXPECTED_S = {"quick": 35, "full": 600}  # on the 2-core AMD EPYC of the recorded results (FlexAttention compiles)
@@ -522,12 +522,12 @@ def plot(rows, ceilings, env, path):
             ax.set_ylabel("ms per call (lower is better)")
             ax.set_title(f"{mode}, window {window}, L={landmarks}, M={memory}", fontsize=9)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
     dtype = rows[0]["case"]["dtype"] if rows else ""
     fig.suptitle(f"hybrid attention (window + landmarks + memory tokens), {dtype}\n{env['device']}, torch "
                  f"{env['torch']}, commit {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
+    figure_legend(fig, axes.flat)
     note_flagged(fig, rows)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -132,6 +132,7 @@ def benchmark(device, quick=False, ceilings=None, log=print):
     queries = load_queries()
     encoder = DenseEncoder(device=device, show_progress=sys.stderr.isatty())  # a bar over the chunks it encodes
     started = time.perf_counter()
+    log(f"[{SUITE}] knowledge base: chunking the pydoc topics and encoding the chunks with {encoder.name} ...")
     knowledge_base = KnowledgeBase.build(corpus(), encoder, chunk_tokens=200, overlap=40, index_kind="flat")
     log(f"[{SUITE}] knowledge base: {len(knowledge_base)} chunks in {time.perf_counter() - started:.1f} s")
     rows, lexical = [], {}

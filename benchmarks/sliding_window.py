@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import hybridrag as hr
 from hybridrag.kernels.patterns import UNBOUNDED, resolve_window, visible_key_counts, window_mask
 
-from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to, fmt_number,
-                     free_memory_bytes, note_flagged, plot_line, prepare_attention, progress, release_memory, time_ms)
+from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to,
+                     figure_legend, fmt_number, free_memory_bytes, note_flagged, plot_line, prepare_attention, progress,
+                     release_memory, time_ms)
 
 SUITE = "sliding_window"
 EXPECTED_S = {"quick": 40, "full": 150}  # on the 2-core AMD EPYC of the recorded results (FlexAttention compiles)
@@ -337,12 +338,12 @@ def plot(rows, ceilings, env, path):
             ax.set_ylabel("TFLOP/s on the band")
             ax.set_title(f"{mode}, window {window}")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
     dtype = rows[0]["case"]["dtype"] if rows else ""
     fig.suptitle(f"sliding-window attention, {dtype}\n{env['device']}, torch {env['torch']}, "
                  f"commit {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
+    figure_legend(fig, axes.flat)
     note_flagged(fig, rows)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -92,7 +92,7 @@ def test_quick_results_file(quick_results):
     assert any(rs.SUITE in table for table in tables)
     for row in payload["rows"]:
         assert {"part", "kind", "device", "n", "label", "status", "build_s", "qps", "latency_ms", "recall_at_10",
-                "timing", "other_load"} <= set(row), row["label"]
+                "timing", "other_load", "flagged"} <= set(row), row["label"]
         if row["status"] == "ok":
             assert row["build_s"] > 0 and row["qps"] > 0 and row["latency_ms"] > 0 and row["hardware"], row["label"]
 
