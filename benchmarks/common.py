@@ -266,7 +266,8 @@ def _int_mm_timing(n, device):
 
 def measure_ceilings(device, dtype):
     """Dense matmul rate in `dtype` (TFLOP/s), copy bandwidth (GB/s, read + write bytes) and, on CUDA, the int8
-    matmul rate of torch._int_mm (TOPS; None on CPU), timed like the kernels."""
+    matmul rate of torch._int_mm (TOPS; None on CPU), timed like the kernels; other_load is the larger of the
+    matmul's and the copy's (None on CUDA)."""
     n = 8192 if device.type == "cuda" else 2048
     nbytes = 2**30 if device.type == "cuda" else 2**28
     matmul = _matmul_timing(n, device, dtype)
@@ -281,6 +282,7 @@ def measure_ceilings(device, dtype):
         "int8_tops": None if int8 is None else 2 * n**3 / (int8.ms * 1e-3) / 1e12,
         "int8": "not measured (CUDA only)" if int8 is None else
                 f"{n}x{n} @ {n}x{n} int8 -> int32 torch._int_mm, {int8.ms:.3f} ms, {int8.method}",
+        "other_load": None if device.type == "cuda" else max(matmul.other_load, copy.other_load),
     }
 
 

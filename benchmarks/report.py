@@ -25,14 +25,15 @@ be measured on this device). Register one by adding its name to SUITE_MODULES.
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (NOT_COUNTED, RESULTS_ROOT, RUNS_ROOT, default_device, device_slug, environment, flag_under_load,
-                     format_seconds, format_table, is_inside, load_column, log, long_step, measure_ceilings, progress,
-                     target_checks, write_json)
+from .common import (NOT_COUNTED, RESULTS_ROOT, RUNS_ROOT, cpu_count, default_device, device_slug, environment,
+                     flag_under_load, format_seconds, format_table, is_inside, load_column, log, long_step,
+                     measure_ceilings, progress, target_checks, write_json)
 
 # register a suite by adding its module name under benchmarks/
 SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality", "retrieval_speed")
@@ -119,6 +120,16 @@ def run_suite(suite, device, env, ceilings, *, quick, out, load_limit, record_to
     return result
 
 
+def ceilings_text(ceilings, env, load_limit):
+    int8 = "" if ceilings.get("int8_tops") is None else \
+        f"; int8 matmul {ceilings['int8_tops']:.1f} TOPS [{ceilings['int8']}]"
+    load = ceilings.get("other_load")
+    busy = "" if load is None or load <= load_limit else \
+        f" (* measured under other load {load:.0%}: the %peak columns are skewed too)"
+    return (f"ceilings ({env['device']}): dense matmul {ceilings['matmul_tflops']:.2f} TFLOP/s [{ceilings['matmul']}]; "
+            f"copy {ceilings['copy_gbps']:.1f} GB/s [{ceilings['copy']}]{int8}{busy}")
+
+
 def tables(result, env):
     suite = result.suite
     rows, columns = result.rows, list(suite.BENCH_COLUMNS)
@@ -188,6 +199,9 @@ def plan_text(suites, quick, device, folders):
     known = [s for _, s, _ in estimates if s is not None]
     total = format_seconds(sum(known)) + ("" if len(known) == len(estimates) else " + suites not yet timed here")
     lines = [f"{'quick' if quick else 'full'} run of {len(suites)} suite{'s' * (len(suites) != 1)}, expected ~{total}:"]
+    if device.type == "cpu":
+        lines.insert(0, f"machine load: {os.getloadavg()[0]:.1f} runnable processes (1-minute average) on "
+                        f"{cpu_count()} CPUs; rows timed while others use more than the load limit are flagged")
     lines += [f"  {suite.SUITE:18s} ~{'?' if s is None else format_seconds(s)} ({source})"
               for suite, s, source in estimates]
     return "\n".join(lines)
@@ -256,10 +270,7 @@ def main(argv=None):
                                  load_limit=load_limit, record_to=record_to))
 
     for dtype, ceilings in ceilings_by_dtype.items():
-        int8 = "" if ceilings.get("int8_tops") is None else \
-            f"; int8 matmul {ceilings['int8_tops']:.1f} TOPS [{ceilings['int8']}]"
-        print(f"ceilings ({env['device']}): dense matmul {ceilings['matmul_tflops']:.2f} TFLOP/s "
-              f"[{ceilings['matmul']}]; copy {ceilings['copy_gbps']:.1f} GB/s [{ceilings['copy']}]{int8}")
+        print(ceilings_text(ceilings, env, load_limit))
     print(f"env: torch {env['torch']}, triton {env['triton']}, flash-attn {env['flash_attn']}, "
           f"python {env['python']}, threads {env['cpu_threads']}, commit {env['git_commit']}, {env['date']}")
     print("\n\n".join(text for result in results for text in tables(result, env)))

@@ -258,3 +258,19 @@ def test_place_labels_keeps_labels_apart():
     overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
     assert not overlapping
     plt.close(fig)
+
+
+def test_long_steps_say_when_they_start_and_end(capsys):
+    """Without a terminal the bar is off, and the log lines still tell what runs and for how long."""
+    with common.long_step("HNSW build N=1,000,000", expected_s=213):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["  HNSW build N=1,000,000 (expected ~3.5 min) ...", "  HNSW build N=1,000,000: 0 s"]
+    assert [common.format_seconds(s) for s in (45, 192, 5400)] == ["45 s", "3.2 min", "1.5 h"]
+
+
+def test_ceilings_measured_under_load_are_marked():
+    ceilings = {"matmul_tflops": 0.06, "matmul": "m", "copy_gbps": 14.5, "copy": "c", "int8_tops": None,
+                "other_load": 0.8}
+    assert "measured under other load 80%" in report.ceilings_text(ceilings, ENV, 0.15)
+    assert "other load" not in report.ceilings_text({**ceilings, "other_load": 0.05}, ENV, 0.15)
