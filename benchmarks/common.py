@@ -511,40 +511,45 @@ def note_flagged(fig, rows):
                  fontsize=8, color="firebrick")
 
 
-# (dx, dy) in points and the alignment that puts the text on that side of its point: tried in order
-_LABEL_OFFSETS = [(4, 3, "left", "bottom"), (4, -3, "left", "top"), (-4, 3, "right", "bottom"),
-                  (-4, -3, "right", "top"), (0, 6, "center", "bottom"), (0, -6, "center", "top"),
-                  (8, 10, "left", "bottom"), (8, -10, "left", "top"), (-8, 10, "right", "bottom"),
-                  (-8, -10, "right", "top"), (0, 14, "center", "bottom"), (0, -14, "center", "top")]
+def _label_offsets():
+    """(dx, dy) in points and the alignment that puts a label on that side of its point: 8 directions at growing
+    distances, nearest first."""
+    sides = [(1, 1, "left", "bottom"), (1, -1, "left", "top"), (-1, 1, "right", "bottom"), (-1, -1, "right", "top"),
+             (0, 1, "center", "bottom"), (0, -1, "center", "top"), (1, 0, "left", "center"), (-1, 0, "right", "center")]
+    return [(sx * r, sy * r, ha, va) for r in (5, 10, 16, 24) for sx, sy, ha, va in sides]
+
+
+_LABEL_OFFSETS = _label_offsets()
 
 
 def place_labels(ax, labels, *, obstacles=(), fontsize=6, marker_radius_pt=4):
     """Annotate points with text that overlaps no other label and no marker: labels are (x, y, text) in data
-    coordinates, obstacles more (x, y) points to keep clear of (every plotted marker). Each label takes the first
-    offset around its point that is clear and inside the axes, else the first offset. Call once the axes' limits
-    and the figure's layout are final (after tight_layout): placement is measured in display coordinates."""
+    coordinates, obstacles more (x, y) points to keep clear of (every plotted marker). Each label takes the nearest
+    offset around its point that is clear and inside the axes; a label with no clear place is left out (a crowded
+    cluster reads better without it than under a pile of text). Returns the number left out. Call once the axes'
+    limits and the figure's layout are final (after tight_layout): placement is measured in display coordinates."""
     renderer = ax.figure.canvas.get_renderer()
     radius = renderer.points_to_pixels(marker_radius_pt)
     to_display = ax.transData.transform
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
     taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
              for x, y in (to_display(p) for p in list(obstacles) + [(x, y) for x, y, _ in labels])]
     inside = ax.get_window_extent(renderer)
+    left_out = 0
     for x, y, text in labels:
-        choice = None
         for dx, dy, ha, va in _LABEL_OFFSETS:
+            leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "gray", "shrinkA": 0, "shrinkB": 3}} \
+                if max(abs(dx), abs(dy)) > 10 else {}  # a thin line back to a point the label sits far from
             note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
-                               fontsize=fontsize)
-            box = note.get_window_extent(renderer)
-            clear = not any(box.overlaps(other) for other in taken) and inside.contains(box.x0, box.y0) \
-                and inside.contains(box.x1, box.y1)
-            if clear:
-                choice = (note, box)
+                               fontsize=fontsize, **leader)
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer)  # the text alone, not its leader line
+            if not any(box.overlaps(other) for other in taken) and inside.contains(box.x0, box.y0) \
+                    and inside.contains(box.x1, box.y1):
+                taken.append(box)
                 break
             note.remove()
-        if choice is None:
-            dx, dy, ha, va = _LABEL_OFFSETS[0]
-            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
-                               fontsize=fontsize)
-            choice = (note, note.get_window_extent(renderer))
-        taken.append(choice[1])
+        else:
+            left_out += 1
+    return left_out

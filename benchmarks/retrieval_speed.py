@@ -658,7 +658,10 @@ def plot(rows, ceilings, env, path):
                  f"{env['date'][:10]}", fontsize=9)
     note_flagged(fig, rows)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    place_labels(left, labels, obstacles=markers_at)  # after the layout: placement is measured on the final axes
+    left_out = place_labels(left, labels, obstacles=markers_at)  # after the layout: measured on the final axes
+    if left_out:
+        left.text(0.99, 0.01, f"{left_out} labels left out where points crowd", transform=left.transAxes,
+                  ha="right", va="bottom", fontsize=6, color="dimgray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -251,10 +251,10 @@ def test_place_labels_keeps_labels_apart():
     ax.set_ylim(0.9, 1.01)
     fig.tight_layout()
     before = len(ax.texts)
-    common.place_labels(ax, [(x, y, str(2 ** i)) for i, (x, y) in enumerate(points)], obstacles=points)
+    left_out = common.place_labels(ax, [(x, y, str(2 ** i)) for i, (x, y) in enumerate(points)], obstacles=points)
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts[before:]]
-    assert len(boxes) == len(points)
+    assert len(boxes) + left_out == len(points) and len(boxes) >= 6
     overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
     assert not overlapping
     plt.close(fig)
