@@ -360,12 +360,14 @@ def _apply_ratios(group, case):
 def benchmark(device, quick=False, peers=PEERS, ceilings=None, log=print):
     """One row per (case, mode, peer): ms, TFLOP/s on the pattern, peer_ms / ours_ms, and the targets."""
     rows = []
-    for case in progress(cases(device, quick), SUITE):
+    bar = progress(cases(device, quick), SUITE)
+    for case in bar:
         for mode in MODES:
             group = []
             for peer in peers:
                 if mode not in peer_modes(peer):
                     continue
+                bar.set_postfix_str(f"{case.label} {mode} {peer}")  # what runs now (compiles take tens of seconds)
                 flops = pattern_flops(case, mode, peer)
                 prepared = prepare(peer, case, device, mode)
                 row = {"case": asdict(case), "label": case.label, "mode": mode, "peer": peer,

@@ -134,6 +134,7 @@ def benchmark(device, quick=False, ceilings=None, log=print):
     started = time.perf_counter()
     log(f"[{SUITE}] knowledge base: chunking the pydoc topics and encoding the chunks with {encoder.name} ...")
     knowledge_base = KnowledgeBase.build(corpus(), encoder, chunk_tokens=200, overlap=40, index_kind="flat")
+    encoder.show_progress = False  # no bar for each small batch of questions below
     log(f"[{SUITE}] knowledge base: {len(knowledge_base)} chunks in {time.perf_counter() - started:.1f} s")
     rows, lexical = [], {}
     for split in ("train", "test"):

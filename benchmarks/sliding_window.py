@@ -215,11 +215,13 @@ def _timing_options(case, device, quick):
 def benchmark(device, quick=False, peers=PEERS, ceilings=None, log=print):
     """One row per (case, mode, peer): ms, TFLOP/s on the band, and peer_ms / ours_ms."""
     rows = []
-    for case in progress(cases(device, quick), SUITE):
+    bar = progress(cases(device, quick), SUITE)
+    for case in bar:
         for mode in MODES:
             flops = band_flops(case, mode)
             group = []
             for peer in peers:
+                bar.set_postfix_str(f"{case.label} {mode} {peer}")  # what runs now (compiles take tens of seconds)
                 prepared = prepare(peer, case, device, mode)
                 row = {"case": asdict(case), "label": case.label, "mode": mode, "peer": peer,
                        "status": prepared.status, "reason": prepared.reason, "band_flops": flops,

@@ -309,7 +309,9 @@ def targets_elsewhere(device):
 def benchmark(device, quick=False, ceilings=None, log=print):
     """Rows: decode (ours and the peers per window), prefill (one-shot once per T, ours per chunk), the long stream."""
     gpu, rows, one_shot = device.type == "cuda", [], {}
-    for case in progress(cases(device, quick), SUITE):
+    bar = progress(cases(device, quick), SUITE)
+    for case in bar:
+        bar.set_postfix_str(case.label)
         if case.part == "decode":
             group = [_timed(peer, case, device, quick, ceilings) for peer in DECODE_PEERS]
             ours = group[0]
