@@ -419,10 +419,10 @@ def verdict_text(check):
 
 
 def load_column(row):
-    """The table's load column: other processes' share of the CPU, "*" when the row is flagged."""
+    """The table's load column: other processes' share of the CPU (the larger of the row's and the row its ratio
+    rests on), "*" when the row is flagged; the same width either way, so that the column lines up."""
     loads = [x for x in (row.get("other_load"), row.get("ratio_other_load")) if x is not None]
-    text = f"{max(loads):.0%}" if loads else "-"
-    return text + (" *" if row.get("flagged") else "")
+    return (f"{max(loads):.0%}" if loads else "-") + (" *" if row.get("flagged") else "  ")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def format_table(title, rows, columns):
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
 
     def justify(cell, width):
-        return cell.rjust(width) if re.fullmatch(r"-|[-+0-9.e]+x?", cell) else cell.ljust(width)
+        return cell.rjust(width) if re.fullmatch(r"-|[-+0-9.e]+x?|(-|[0-9]+%)( \*|  )", cell) else cell.ljust(width)
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(justify(c, w) for c, w in zip(line, widths)).rstrip() for line in cells[1:]]
     return "\n".join(lines)

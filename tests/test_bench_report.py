@@ -67,7 +67,9 @@ def test_rows_over_the_limit_are_flagged_and_their_targets_not_counted():
     assert [r["target"]["verdict"] for r in rows] == ["met", common.NOT_COUNTED, "missed", "met", None]
     assert rows[1]["target"]["met"] is None  # the contention artefact (0.19 <= 1.15) is not a met target
     assert [common.verdict_text(r["target"]) for r in rows] == ["met", common.NOT_COUNTED, "MISSED", "met", "-"]
-    assert [common.load_column(r) for r in rows] == ["5%", "34% *", "0%", "-", "1%"]
+    assert [common.load_column(r) for r in rows] == ["5%  ", "34% *", "0%  ", "-  ", "1%  "]
+    table = common.format_table("t", rows, [("load", common.load_column), ("case", lambda r: r["label"])])
+    assert [line[:6] for line in table.splitlines()[3:]] == [" 5%   ", "34% * ", " 0%   ", "  -   ", " 1%   "]
 
 
 def test_a_ratio_against_a_row_under_load_is_flagged_too():
