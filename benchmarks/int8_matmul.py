@@ -16,7 +16,8 @@ Bytes moved: what the call must read and write at the least, each tensor once, w
     x                M * K * e, or M * K + 4 * M when x is quantized outside the timed call (int_mm_prequant)
     out              M * N * e
 e is the peer's dtype: the case's, or bfloat16 / float32 for torch_matmul_bf16, torch_matmul_fp32 and
-weight_int8pack_mm (x cast outside the timed call). Intermediates are not counted (W8A8's int8 x and int32 accumulator when they go through memory: _int_mm's do).
+weight_int8pack_mm (x cast outside the timed call). Intermediates are not counted (W8A8's int8 x and int32
+accumulator when they go through memory: _int_mm's do).
 torchao and bitsandbytes are credited with the bytes of ours for the same scheme (their scale layouts differ by a
 few N-sized vectors). GB/s is held against the measured copy bandwidth (read + write counted).
 

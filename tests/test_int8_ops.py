@@ -99,13 +99,13 @@ def test_cpu_path_matches_reference(case, activations, dtype):
 # ------------------------------------------------------------------------------------------------------------------
 # CPU routes (chosen from dtype, M, grouping and layout; kernels/int8/cpu.py): which one runs, and each against the
 # reference. WIDEN_BLOCK_BYTES is shrunk so that the small shapes here cut the weight into several blocks, the last
-# one ragged (forward: 16-row blocks of 72 rows; gradient: column blocks of whole groups).
+# one ragged (blocks of 10 of the 72 rows, forward and gradient).
 # ------------------------------------------------------------------------------------------------------------------
 
 ROUTE_CASES = [  # (dtype, M, K, group_size, route)
     (torch.bfloat16, 1, 64, None, "int8pack"),
-    (torch.bfloat16, 4, 64, None, "int8pack"),
-    (torch.bfloat16, 5, 64, None, "bf16"),
+    (torch.bfloat16, 8, 64, None, "int8pack"),
+    (torch.bfloat16, 9, 64, None, "bf16"),
     (torch.bfloat16, 128, 64, None, "bf16"),
     (torch.bfloat16, 1, 40, None, "bf16"),  # K % 16 != 0: _weight_int8pack_mm would read past the rows
     (torch.bfloat16, 1, 64, 16, "fp32"),  # group-wise, small M
@@ -120,7 +120,8 @@ ROUTE_CASES = [  # (dtype, M, K, group_size, route)
 @pytest.fixture
 def small_blocks(monkeypatch):
     from hybridrag.kernels.int8 import cpu
-    monkeypatch.setattr(cpu, "WIDEN_BLOCK_BYTES", 16 * 64 * 2)
+    monkeypatch.setattr(cpu, "WIDEN_BLOCK_BYTES", 10 * 64 * 4)
+    assert cpu._block(72, 64, None) == 10
 
 
 @pytest.fixture

@@ -215,7 +215,8 @@ def _backend_functions(backend):
 def cpu_route(x, qweight, activations="fp"):
     """Which CPU computation `int8_matmul(x, qweight, activations=..., backend="cpu")` runs for x (M, K):
     "int_mm" (W8A8), "cached" (W8A16 on the qweight's cpu_cache), or the uncached W8A16 route of
-    `hybridrag.kernels.int8.cpu.w8a16_route`: "int8pack", "bf16" or "fp32". Chosen from dtypes, sizes and layout only."""
+    `hybridrag.kernels.int8.cpu.w8a16_route`: "int8pack", "bf16" or "fp32". Chosen from dtypes, sizes and layout
+    only."""
     if activations == "int8":
         return "int_mm"
     if qweight.cpu_cache is not None:

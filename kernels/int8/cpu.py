@@ -10,20 +10,24 @@ routes, chosen per call by `w8a16_route` from x's dtype, M and the weight's layo
   with fp32 accumulation (oneDNN); scale and bias in fp32.
 - "fp32": float16 and float32 x, and bfloat16 x with M <= SMALL_M and a group-wise weight: x converted to float32
   (exact), the weight widened to float32 a block at a time, fp32 matmul. Measured on a 2-core EPYC (torch 2.13):
-  float16 matmuls, and bfloat16 ones with one to four rows on a freshly widened block, are several times slower
-  than fp32 ones there.
+  float16 matmuls there run several times slower than fp32 ones from M = 16, and bfloat16 ones on a freshly widened
+  block with a few rows slower than fp32 ones.
 
-The gradient to x, grad_out @ dequant(W), widens blocks of K columns the same way ("bf16" for bfloat16 grad_out, "fp32"
-otherwise). Outputs are in x's (grad_out's) dtype.
+No route beats a bfloat16 nn.Linear everywhere: fp32 arithmetic runs at half bf16's rate, and widening costs a pass
+over the weight per call. The opt-in cache (QuantizedWeight.cpu_cache, in hybridrag.ops) is the float layer's speed.
 
-Memory: besides the output, a float32 (M, N) accumulator and x in the compute dtype; one widened weight block of about
-WIDEN_BLOCK_BYTES (group-wise, plus its float32 intermediate of twice that in bfloat16); never an (N, K) copy."""
+The gradient to x, grad_out @ dequant(W), widens the same blocks of rows ("bf16" for bfloat16 grad_out, "fp32"
+otherwise) and sums their products in float32. Outputs are in x's (grad_out's) dtype.
+
+Memory: besides the output, a float32 (M, N) accumulator (gradient: (M, K)) and x in the compute dtype; one buffer
+for the widened weight block, WIDEN_BLOCK_BYTES in float32 (half in bfloat16; group-wise in bfloat16 both); never
+an (N, K) copy."""
 import torch
 
-from .quantize import dequantize_weight, quantize_activations
+from .quantize import quantize_activations
 
-SMALL_M = 4  # _weight_int8pack_mm tiles M by 4 and re-reads the weight per tile: widened bfloat16 wins above
-WIDEN_BLOCK_BYTES = 1 << 20  # one widened weight block: small enough to stay in cache, large enough for a fast GEMM
+SMALL_M = 8  # _weight_int8pack_mm re-reads the weight per 4 rows of x: measured slower than widened bf16 from M = 16
+WIDEN_BLOCK_BYTES = 1 << 22  # one widened weight block: measured best of 0.25 to 8 MiB (2-core EPYC, N = K = 4096)
 ROUTES = ("int8pack", "bf16", "fp32")
 
 
@@ -43,16 +47,36 @@ def _compute_dtype(route):
     return torch.bfloat16 if route == "bf16" else torch.float32
 
 
-def _block(total, bytes_per_unit, multiple=1):
-    """How many rows (or columns) of the weight one widened block holds: about WIDEN_BLOCK_BYTES, a multiple of
-    `multiple` (the group size when blocks cut K)."""
-    units = max(WIDEN_BLOCK_BYTES // bytes_per_unit, 1)
-    return min(total, max(units // multiple, 1) * multiple)
+def _block(n, k, group_size):
+    """How many of the weight's n rows one widened block holds: its float32 size (the dtype of the block, or
+    group-wise of its intermediate) about WIDEN_BLOCK_BYTES."""
+    return min(n, max(WIDEN_BLOCK_BYTES // (4 * k), 1))
 
 
-def _widened(data, scale, group_size, dtype):
-    """A block of the weight in dtype: the int8 values themselves (exact) per channel, dequantized group-wise."""
-    return data.to(dtype) if group_size is None else dequantize_weight(data, scale, group_size, dtype)
+class _Widener:
+    """Widens blocks of rows of an int8 weight into buffers allocated once per call, reused block after block (a
+    fresh allocation per block costs page faults where the allocator hands the memory back between blocks): the
+    int8 values themselves (exact) per channel, dequantized group-wise (float32 first, as dequantize_weight does)."""
+
+    def __init__(self, data, scale, group_size, dtype):
+        self.data, self.scale, self.group_size, self.dtype = data, scale, group_size, dtype
+        self.rows = _block(data.shape[0], data.shape[1], group_size)
+        self.buffer = torch.empty(self.rows, data.shape[1], dtype=dtype)
+        needs_fp32 = group_size is not None and dtype != torch.float32
+        self.fp32 = torch.empty(self.rows, data.shape[1]) if needs_fp32 else self.buffer
+
+    def blocks(self):
+        """Yields (start, stop, block (stop - start, K) in dtype); each block is overwritten by the next."""
+        n, k = self.data.shape
+        for start in range(0, n, self.rows):
+            stop = min(start + self.rows, n)
+            if self.group_size is None:
+                block = self.buffer[:stop - start].copy_(self.data[start:stop])
+            else:
+                wide = self.fp32[:stop - start].copy_(self.data[start:stop])
+                wide.view(stop - start, k // self.group_size, self.group_size).mul_(self.scale[start:stop, :, None])
+                block = wide if wide is self.buffer else self.buffer[:stop - start].copy_(wide)
+            yield start, stop, block
 
 
 def _int8pack(x, data, scale):
@@ -65,13 +89,9 @@ def _int8pack(x, data, scale):
 
 def _widened_matmul(x, data, scale, group_size, dtype):
     """x (M, K) @ dequant(data).T in float32 (M, N), widening `data` to dtype a block of rows at a time."""
-    n, k = data.shape
     xc = x.to(dtype)
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    rows = _block(n, k * dtype.itemsize)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        block = _widened(data[start:stop], scale[start:stop], group_size, dtype)
+    out = torch.empty(x.shape[0], data.shape[0], dtype=torch.float32)
+    for start, stop, block in _Widener(data, scale, group_size, dtype).blocks():
         if dtype == torch.float32:
             torch.mm(xc, block.T, out=out[:, start:stop])
         else:
@@ -98,17 +118,18 @@ def int8_matmul_cpu(x, data, scale, group_size, bias=None, activations="fp"):
 
 
 def int8_matmul_grad_input_cpu(grad_out, data, scale, group_size):
-    """grad_out (M, N) -> grad_x (M, K) = grad_out @ dequant(W), in grad_out's dtype, widening blocks of K columns."""
+    """grad_out (M, N) -> grad_x (M, K) = grad_out @ dequant(W), in grad_out's dtype: blocks of rows of W widened as
+    in the forward, their products summed in a float32 (M, K) accumulator."""
     n, k = data.shape
     dtype = _compute_dtype("bf16" if grad_out.dtype == torch.bfloat16 else "fp32")
     if group_size is None:  # fold the per-channel scale into grad_out (in fp32, then the compute dtype)
         grad = (grad_out.float() * scale[None, :]).to(dtype)
     else:
         grad = grad_out.to(dtype)
-    grad_x = torch.empty(grad_out.shape[0], k, dtype=dtype)
-    cols = _block(k, n * dtype.itemsize, group_size or 1)
-    for start in range(0, k, cols):
-        stop = min(start + cols, k)
-        block_scale = scale if group_size is None else scale[:, start // group_size:stop // group_size]
-        torch.mm(grad, _widened(data[:, start:stop], block_scale, group_size, dtype), out=grad_x[:, start:stop])
+    grad_x = torch.zeros(grad_out.shape[0], k, dtype=torch.float32)
+    for start, stop, block in _Widener(data, scale, group_size, dtype).blocks():
+        if dtype == torch.float32:
+            grad_x.addmm_(grad[:, start:stop], block)
+        else:
+            grad_x += grad[:, start:stop] @ block
     return grad_x.to(grad_out.dtype)
