@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # recorded runs: written only by `report --record`
@@ -136,22 +137,19 @@ def release_memory(device):
 
 def log(message):
     """A line on stderr that does not break the progress bars."""
-    from tqdm import tqdm
     tqdm.write(str(message), file=sys.stderr)
 
 
-def progress(iterable, desc, *, total=None, unit="case", leave=False):
+def progress(iterable, desc, *, unit="case", leave=False):
     """tqdm over `iterable` on stderr; disabled when stderr is not a terminal (log lines say what runs)."""
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr, disable=None,
-                dynamic_ncols=True, mininterval=0.5)
+    return tqdm(iterable, desc=desc, unit=unit, leave=leave, file=sys.stderr, disable=None, dynamic_ncols=True,
+                mininterval=0.5)
 
 
 @contextlib.contextmanager
 def long_step(desc, expected_s=None):
     """A bar for one long call that reports nothing itself (an HNSW build, a k-means): seconds elapsed against the
     expected seconds, refreshed by a thread once a second; a log line before and after it either way."""
-    from tqdm import tqdm
     log(f"  {desc}" + ("" if expected_s is None else f" (expected ~{format_seconds(expected_s)})") + " ...")
     bar = tqdm(desc=desc, total=None if expected_s is None else max(1, round(expected_s)), unit="s", leave=False,
                file=sys.stderr, disable=None, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s"
@@ -364,7 +362,6 @@ TOLERANCE_CHECK_COLUMNS = [
 # Rows timed under load: flagged, never counted toward a target, never recorded
 # ----------------------------------------------------------------------------------------------------------------
 
-LOAD_LIMIT = 0.15  # a row is flagged when other processes used more than this share of the CPU while it was timed
 NOT_COUNTED = "not counted (under load)"
 
 
@@ -528,11 +525,12 @@ def place_labels(ax, labels, *, obstacles=(), fontsize=6, marker_radius_pt=4):
     offset around its point that is clear and inside the axes; a label with no clear place is left out (a crowded
     cluster reads better without it than under a pile of text). Returns the number left out. Call once the axes'
     limits and the figure's layout are final (after tight_layout): placement is measured in display coordinates."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
     renderer = ax.figure.canvas.get_renderer()
     radius = renderer.points_to_pixels(marker_radius_pt)
     to_display = ax.transData.transform
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
     taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
              for x, y in (to_display(p) for p in list(obstacles) + [(x, y) for x, y, _ in labels])]
     inside = ax.get_window_extent(renderer)

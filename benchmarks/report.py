@@ -188,7 +188,7 @@ def expected_seconds(suite, quick, device, folders):
         if path.is_file():
             duration = json.loads(path.read_text()).get("duration_s")
             if duration is not None:
-                return duration, f"last run, {path.parent.name}"
+                return duration, f"the last run in {path.parent}"
     if device.type == "cpu":
         return suite.EXPECTED_S["quick" if quick else "full"], "2-core AMD EPYC"
     return None, "no run on this device yet"
@@ -227,7 +227,8 @@ def parse_args(argv, device):
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the complete suites (tens of minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true",
+                      help="the complete suites (about 25 minutes on 2 idle CPU cores; the plan printed first says)")
     size.add_argument("--quick", action="store_true",
                       help="every suite at a small size: the default, accepted as an alias")
     parser.add_argument("--suite", choices=[s.SUITE for s in SUITES], action="append",

@@ -210,7 +210,7 @@ def test_expected_time_prefers_the_last_run_here(tmp_path):
     suite, device = FakeSuite(), common.default_device()
     assert report.expected_seconds(suite, True, device, [tmp_path]) == (7, "2-core AMD EPYC")
     (tmp_path / "fake.json").write_text(json.dumps({"duration_s": 123.0}))
-    assert report.expected_seconds(suite, False, device, [tmp_path]) == (123.0, f"last run, {tmp_path.name}")
+    assert report.expected_seconds(suite, False, device, [tmp_path]) == (123.0, f"the last run in {tmp_path}")
     assert report.expected_seconds(suite, True, device, [tmp_path])[0] == 7  # the full run's time is not the quick's
 
 
