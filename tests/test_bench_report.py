@@ -25,7 +25,7 @@ class FakeSuite:
     SUITE = "fake"
     EXPECTED_S = {"quick": 7, "full": 70}
     CHECK_COLUMNS = [("check", lambda r: r["check"]), ("result", lambda r: "pass" if r["passed"] else "FAIL")]
-    BENCH_COLUMNS = [("case", lambda r: r["label"]), ("ms", lambda r: f"{r['ms']:.1f}"),
+    BENCH_COLUMNS = [("case", lambda r: r["label"]), ("ms", lambda r: common.fmt_number(r["ms"], ".1f")),
                      ("target", lambda r: "-" if r["target"] is None else common.verdict_text(r["target"]))]
 
     def __init__(self, loads=(0.02, 0.40, None), passed=True):
@@ -38,7 +38,9 @@ class FakeSuite:
         return [{"check": "the kernel agrees", "passed": self.passed}]
 
     def benchmark(self, device, quick, ceilings=None, log=print):
-        return [_row(f"case {i}", 1.0 + i, load, _target(1.1, 1.15)) for i, load in enumerate(self.loads)]
+        unavailable = {**_row("a peer that cannot run here", None, None), "status": "unavailable"}
+        return [_row(f"case {i}", 1.0 + i, load, _target(1.1, 1.15)) for i, load in enumerate(self.loads)] + \
+            [unavailable]
 
     def plot(self, rows, ceilings, env, path):
         self.plotted.append([r["label"] for r in rows])
@@ -106,11 +108,11 @@ def test_run_suite_writes_every_row_to_the_out_folder_with_flags(tmp_path):
     result = report.run_suite(suite, "cpu", ENV, {}, quick=True, out=tmp_path, load_limit=0.15)
     payload = json.loads((tmp_path / "fake-quick.json").read_text())
     assert payload["size"] == "quick" and payload["load_limit"] == 0.15 and payload["duration_s"] >= 0
-    assert [r["flagged"] for r in payload["rows"]] == [None, "other load 40% (limit 15%)", None]
+    assert [r["flagged"] for r in payload["rows"]] == [None, "other load 40% (limit 15%)", None, None]
     assert result.files == [tmp_path / "fake-quick.json", tmp_path / "fake-quick.png"]
     assert result.verdicts() == {"met": 2, "missed": 0, common.NOT_COUNTED: 1}
     text = "\n".join(report.tables(result, ENV))
-    assert "40% *" in text and "1 of 3 rows flagged" in text and common.NOT_COUNTED in text
+    assert "40% *" in text and "1 of 4 rows flagged" in text and common.NOT_COUNTED in text
     assert result.recorded is None
 
 
@@ -119,14 +121,14 @@ def test_record_keeps_only_the_rows_not_flagged(tmp_path):
     suite = FakeSuite()
     result = report.run_suite(suite, "cpu", ENV, {}, quick=False, out=out, load_limit=0.15, record_to=recorded)
     payload = json.loads((recorded / "fake.json").read_text())
-    assert [r["label"] for r in payload["rows"]] == ["case 0", "case 2"]
+    assert [r["label"] for r in payload["rows"]] == ["case 0", "case 2", "a peer that cannot run here"]
     assert payload["left_out"] == [{"label": "case 1", "peer": "ours", "flagged": "other load 40% (limit 15%)"}]
-    assert suite.plotted[-1] == ["case 0", "case 2"]  # the recorded plot shows the recorded rows
-    assert len(json.loads((out / "fake.json").read_text())["rows"]) == 3  # the run's own files keep every row
-    assert result.recorded.startswith("recorded 2 of 3 rows, 1 flagged rows left out") and not result.record_failed
+    assert suite.plotted[-1] == ["case 0", "case 2", "a peer that cannot run here"]  # the recorded rows' plot
+    assert len(json.loads((out / "fake.json").read_text())["rows"]) == 4  # the run's own files keep every row
+    assert result.recorded.startswith("recorded 3 of 4 rows, 1 flagged rows left out") and not result.record_failed
 
 
-@pytest.mark.parametrize("suite, reason", [(FakeSuite(loads=(0.5, 0.9)), "all 2 rows are flagged under load"),
+@pytest.mark.parametrize("suite, reason", [(FakeSuite(loads=(0.5, 0.9)), "all 2 measured rows are flagged"),
                                            (FakeSuite(passed=False), "the correctness check failed")])
 def test_record_refuses_and_leaves_the_recorded_files_alone(tmp_path, suite, reason):
     recorded = tmp_path / "results"
