@@ -153,24 +153,93 @@ def test_custom_4d_mask_is_refused():
         model(ids, attention_mask=mask)
 
 
-def test_output_attentions_is_refused():
+def test_output_attentions_match_eager():
+    eager, hybrid = build_pair("mistral")
+    ids, mask = make_batch("left", length=12)
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=mask, output_attentions=True)
+        actual = hybrid(ids, attention_mask=mask, output_attentions=True)
+    assert len(actual.attentions) == len(expected.attentions) == 2
+    valid = mask.bool()[:, None, :, None]  # rows of padding are meaningless in eager
+    for got, want in zip(actual.attentions, expected.attentions):
+        assert got.shape == want.shape == (3, 4, 12, 12)
+        assert_close(got.masked_fill(~valid, 0), want.masked_fill(~valid, 0), atol=1e-6, what="attention weights")
+    assert_close(actual.logits[mask.bool()], expected.logits[mask.bool()], atol=1e-5, what="logits")
+
+
+def test_output_attentions_above_the_size_limit_is_refused(monkeypatch):
+    from hybridrag.integrations import transformers as integration
     _, model = build_pair("llama")
-    with pytest.raises(ValueError, match="output_attentions"):
+    monkeypatch.setattr(integration, "OUTPUT_ATTENTIONS_LIMIT", 1000)
+    with pytest.raises(ValueError, match="OUTPUT_ATTENTIONS_LIMIT"):
         model(make_batch("none")[0], output_attentions=True)
 
 
-def test_tokens_after_right_padding_are_refused():
-    _, model = build_pair("llama")
-    ids = make_batch("none", length=7, batch=1)[0]
-    with pytest.raises(ValueError, match="contiguous run"):
-        model(ids, attention_mask=torch.tensor([[1, 1, 1, 0, 0, 1, 1]]))
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2-mixed"])
+def test_padding_anywhere_matches_eager(name):
+    # holes in the middle, right padding followed by tokens, a row of one token: any 0/1 mask runs
+    eager, hybrid = build_pair(name)
+    ids = make_batch("none", length=14)[0]
+    mask = torch.ones_like(ids)
+    mask[0, 3:6], mask[1, -4:-1], mask[2, :13] = 0, 0, 0
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=mask).logits
+        actual = hybrid(ids, attention_mask=mask).logits
+    assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, what=f"{name} logits")
 
 
-def test_packed_sequences_are_refused():
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_right_padded_generate_matches_eager(name):
+    # New tokens follow the padding. Mistral's window (6) is kept longer than every run of padding: a row that sees
+    # no key at all outputs zeros here, where eager averages over every key (its all-masked softmax), so rows that
+    # see nothing are the one place the two legitimately differ.
+    eager, hybrid = build_pair(name)
+    ids, mask = make_batch("right", length=10)
+    if name == "mistral":
+        mask[0, :-4] = 1
+        ids = ids.masked_fill(mask == 0, 0)
+    args = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(hybrid.generate(ids, **args), eager.generate(ids, **args))
+
+
+def _packed(lengths):
+    """ids (1, sum) of several sequences packed in one row, position_ids restarting at 0 for each."""
+    ids = torch.randint(3, COMMON["vocab_size"], (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, positions
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_sequences_equal_each_sequence_alone(name):
+    # DataCollatorWithFlattening's layout: one row, position_ids restarting; logits and gradients per sequence
+    _, model = build_pair(name)
+    model.train()
+    lengths = [9, 1, 14]
+    ids, positions = _packed(lengths)
+    packed = model(ids, position_ids=positions, use_cache=False).logits
+    packed.float().pow(2).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = []
+    for start, length in zip([0, 9, 10], lengths):
+        logits = model(ids[:, start:start + length], use_cache=False).logits
+        logits.float().pow(2).sum().backward()
+        alone.append(logits)
+    assert_close(packed, torch.cat(alone, dim=1), atol=1e-5, what="packed logits")
+    for param_name, param in model.named_parameters():
+        assert_close(packed_grads[param_name], param.grad, atol=1e-4, rtol=1e-4, what=f"grad of {param_name}")
+
+
+def test_flash_style_cu_seq_lens_keywords_are_packed_sequences():
     _, model = build_pair("llama")
-    ids = make_batch("none", length=8, batch=1)[0]
-    with pytest.raises(ValueError, match="mask pattern"):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), use_cache=False)
+    lengths = [5, 11]
+    ids, positions = _packed(lengths)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11,
+                       max_length_k=11, use_cache=False).logits
+        alone = torch.cat([model(ids[:, :5]).logits, model(ids[:, 5:]).logits], dim=1)
+    assert_close(packed, alone, atol=1e-5, what="logits")
 
 
 @pytest.mark.parametrize("name, config_kwargs, match", [

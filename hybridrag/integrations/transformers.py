@@ -1,32 +1,35 @@
 """transformers integration: `attn_implementation="hybridrag"` runs any decoder model's attention on our kernels.
 
-    from hybridrag.integrations.transformers import register, apply_hybrid_attention
+    from hybridrag.integrations.transformers import register, apply_hybrid_attention, capture_attention_mass
     register()                                        # once; then either
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="hybridrag")
     model.set_attn_implementation("hybridrag")        # or switch a loaded model
     apply_hybrid_attention(model, landmark_stride=64, num_memory_tokens=4)   # HybridAttention in one call
 
 What runs: causal self-attention, each layer's own `sliding_window` (None = full causal), grouped-query heads without
-expanding K/V, 2-D padding masks (left padding hides the leading keys via `kv_start`; right padding needs nothing
-under causal attention), KV caches (queries aligned to the end of the keys; static caches are cut to the written
-keys) and training. Anything else the kernels cannot do exactly is refused with a ValueError that names it: logit
-softcapping, attention dropout in training, attention sinks (`s_aux`), `output_attentions`, custom 4-D masks, mask
-patterns other than causal / causal sliding window (packed sequences, chunked attention, bidirectional blocks),
-and non-causal modules.
+expanding K/V, any 2-D padding mask (holes anywhere: left, right, or tokens after right padding; passed to the
+kernels as `key_mask`), packed sequences (restarting `position_ids`, as `DataCollatorWithFlattening` makes them, or
+flash-attn's `cu_seq_lens_q/k` keyword arguments; run as the kernels' varlen), KV caches (queries aligned to the end
+of the keys; static caches are cut to the written keys), training, `torch.compile(fullgraph=True)` including
+static-cache decoding, and `output_attentions=True` (through the dense reference, with its O(T^2) memory, up to
+`OUTPUT_ATTENTIONS_LIMIT` bytes). Anything else the kernels cannot do exactly is refused with a ValueError that
+names it: logit softcapping, attention dropout in training, attention sinks (`s_aux`), custom 4-D masks, other mask
+patterns (chunked attention, bidirectional blocks), paged caches and non-causal modules.
 
-Needs transformers >= 5.4 (the mask interface with `q_length`/`q_offset`; tested with 5.4.0 and 5.23.0).
+Needs transformers >= 5.4 (the mask interface with `q_length`/`q_offset`; tested with 5.4.0, 5.23.0 and 5.24.0).
 """
-import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from ..ops import hybrid_attention
+from ..ops import hybrid_attention, hybrid_attention_weights
+from .capture import AttentionMassRecord, active_capture, capture_attention_mass
 
 MIN_TRANSFORMERS = "5.4"  # the mask interface passes q_length/q_offset (5.3 and earlier pass cache_position)
 if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
@@ -37,20 +40,20 @@ NAME = "hybridrag"
 SETTINGS_ATTR = "hybridrag_settings"  # per-attention-module HybridAttentionSettings, set by apply_hybrid_attention
 _HOOK_ATTR = "_hybridrag_cache_hook"
 
+# output_attentions=True forms the dense weights (B, H, Tq, Tk) through the reference path: refused above this many
+# bytes per layer call. Raise it (hybridrag.integrations.transformers.OUTPUT_ATTENTIONS_LIMIT = ...) to allow more.
+OUTPUT_ATTENTIONS_LIMIT = 2**30
+
 # Keyword arguments that change the attention in ways the kernels do not compute: refused when not None.
 _REFUSED_KWARGS = {
     "position_bias": "an additive position bias (relative attention bias)",
-    "cu_seq_lens_q": "packed sequences given as cu_seq_lens_q (padding-free batches)",
-    "cu_seq_lens_k": "packed sequences given as cu_seq_lens_k (padding-free batches)",
-    "max_length_q": "packed sequences given as max_length_q (padding-free batches)",
-    "max_length_k": "packed sequences given as max_length_k (padding-free batches)",
     "cache": "a paged KV cache (continuous batching)",
     "block_table": "a paged KV cache block table (continuous batching)",
 }
 
-# Padding masks this module built and checked (keyed by id, holding the tensor weakly): the attention function
-# checks any other 2-D mask itself.
-_CHECKED_MASKS = weakref.WeakValueDictionary()
+__all__ = ["register", "apply_hybrid_attention", "capture_attention_mass", "AttentionMassRecord",
+           "hybrid_attention_forward", "hybrid_attention_mask", "HybridAttentionSettings", "PackedSequences",
+           "OUTPUT_ATTENTIONS_LIMIT"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ class HybridAttentionSettings:
     window: int = None
     landmark_stride: int = None
     global_queries: bool = True
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """What the mask function hands the attention function for packed inputs: (B, T) integer sequence ids, equal
+    within a sequence (transformers' packed_sequence_mask)."""
+    sequence_ids: torch.Tensor
 
 
 def _refuse(what, fix):
@@ -84,28 +94,13 @@ def _check_supported(module, dropout, softcap, is_causal, s_aux, kwargs):
                 "set the config's attention_dropout to 0.0 or call model.eval()")
     if s_aux is not None:
         _refuse("attention sinks (s_aux, e.g. gpt-oss)", "use 'eager' for such models")
-    if kwargs.get("output_attentions"):
-        _refuse("output_attentions=True (the kernels never form the attention matrix)",
-                "use attn_implementation='eager' to get attention weights")
     for name, what in _REFUSED_KWARGS.items():
         if kwargs.get(name) is not None:
             _refuse(f"{what} ({name} was given)", "pass a 2-D padding mask instead, or use another attn_implementation")
 
 
-def _check_runs(mask):
-    """Raise unless every row of the (B, Tk) bool mask is zeros, then ones, then zeros (left/right padding)."""
-    begins = mask.clone()
-    begins[:, 1:] &= ~mask[:, :-1]  # True where a run of ones begins
-    bad = begins.sum(dim=1) > 1
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"attention_mask row {row} is {mask[row].int().tolist()}: attn_implementation='{NAME}' needs "
-                         "each row's ones to form one contiguous run (left padding, right padding or both); tokens "
-                         "after right padding (e.g. generating from a right-padded prompt) need left padding instead")
-
-
-def _keys_and_kv_start(attention_mask, key, value):
-    """From the (B, L) padding mask: k/v cut to the L keys the mask covers (static caches), kv_start (B,) or None."""
+def _keys_and_mask(attention_mask, key, value):
+    """From the (B, L) padding mask: k/v cut to the L keys the mask covers (static caches), key_mask (B, L) bool."""
     if attention_mask is None:
         return key, value, None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -118,13 +113,10 @@ def _keys_and_kv_start(attention_mask, key, value):
     if attention_mask.shape[0] != batch or attention_mask.shape[1] > tk:
         raise ValueError(f"attention_mask must have shape ({batch}, <= {tk}) (batch, keys), "
                          f"got {tuple(attention_mask.shape)}")
-    if _CHECKED_MASKS.get(id(attention_mask)) is not attention_mask:
-        _check_runs(attention_mask.bool())
     length = attention_mask.shape[1]
     if length < tk:  # a static cache: the keys after the mask are slots not written yet
         key, value = key[:, :, :length], value[:, :, :length]
-    kv_start = attention_mask.to(torch.int8).argmax(dim=1)  # leading zeros of each row (0 for a row without ones)
-    return key, value, kv_start
+    return key, value, attention_mask.bool()
 
 
 def _window(sliding_window, settings):
@@ -136,6 +128,64 @@ def _window(sliding_window, settings):
     return window
 
 
+def _pattern(module, key, sliding_window, scaling):
+    """hybrid_attention's keyword arguments for this module: window, landmarks, memory tokens, scale."""
+    settings = getattr(module, SETTINGS_ATTR, None)
+    pattern = dict(landmarks=None, global_queries=True, memory_k=None, memory_v=None, causal=True, scale=scaling)
+    if settings is not None:
+        pattern.update(landmarks=settings.landmark_stride, global_queries=settings.global_queries)
+        memory_k, memory_v = getattr(module, "memory_k", None), getattr(module, "memory_v", None)
+        if memory_k is not None:
+            pattern.update(memory_k=memory_k.to(key.dtype), memory_v=memory_v.to(key.dtype))
+    return _window(sliding_window, settings), pattern
+
+
+def _packed_offsets(attention_mask, kwargs, query):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) of packed inputs, or None when the inputs are not packed."""
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        if query.shape[0] != 1:
+            raise ValueError(f"cu_seq_lens_q/cu_seq_lens_k describe one packed row, got a batch of {query.shape[0]}")
+        return (kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q"),
+                kwargs.get("max_length_k"))
+    if not isinstance(attention_mask, PackedSequences):
+        return None
+    ids = attention_mask.sequence_ids
+    batch, length = ids.shape
+    starts = torch.ones_like(ids, dtype=torch.bool)  # each batch row starts a sequence of its own
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    offsets = torch.cat([starts.flatten().nonzero().flatten(),
+                         torch.tensor([batch * length], device=ids.device)]).to(torch.int32)
+    return offsets, offsets, None, None
+
+
+def _packed_forward(query, key, value, offsets, window, pattern):
+    """Packed rows as one varlen call: (B, H, T, D) -> (1, H, B * T, D) (a copy when B > 1) and back."""
+    batch, heads, length, dim = query.shape
+    if batch > 1:
+        query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim)
+                             for t in (query, key, value))
+    cu_q, cu_k, max_q, max_k = offsets
+    out = hybrid_attention(query, key, value, window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                           max_seqlen_k=max_k, **pattern)
+    return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous()  # (B, T, H, D)
+
+
+def _attention_with_weights(query, key, value, key_mask, window, pattern, tk):
+    """(o (B, Tq, H, D), weights (B, H, Tq, tk)) through the dense reference, for output_attentions=True."""
+    memory = 0 if pattern["memory_k"] is None else pattern["memory_k"].shape[2]
+    size = query.shape[0] * query.shape[1] * query.shape[2] * (key.shape[2] + memory) * query.element_size()
+    if size > OUTPUT_ATTENTIONS_LIMIT:
+        raise ValueError(f"output_attentions=True forms the {tuple(query.shape[:3]) + (key.shape[2],)} attention "
+                         f"weights ({size / 2**20:.0f} MiB), over OUTPUT_ATTENTIONS_LIMIT = "
+                         f"{OUTPUT_ATTENTIONS_LIMIT / 2**20:.0f} MiB; raise hybridrag.integrations.transformers."
+                         "OUTPUT_ATTENTIONS_LIMIT, or use capture_attention_mass, which needs no T x T matrix")
+    out, weights = hybrid_attention_weights(query, key, value, window, key_mask=key_mask, **pattern)
+    weights = weights[..., :key.shape[2]]  # the memory tokens' columns are not positions of the sequence
+    if key.shape[2] < tk:  # static-cache slots not written yet: zero weight, as eager gives them
+        weights = F.pad(weights, (0, tk - key.shape[2]))
+    return out.transpose(1, 2).contiguous(), weights
+
+
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """The function transformers calls for attn_implementation="hybridrag".
@@ -144,27 +194,32 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
         module: the attention module; its `hybridrag_settings`, `memory_k` and `memory_v` (set by
             `apply_hybrid_attention`) add landmarks, a window override and memory tokens.
         query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D) after the cache update, Hkv dividing H.
-        attention_mask: None or the (B, L <= Tk) padding mask from `hybrid_attention_mask`.
+        attention_mask: None, the (B, L <= Tk) padding mask from `hybrid_attention_mask`, or `PackedSequences`.
         sliding_window: the layer's window (the w most recent keys, the query's own included) or None (full causal).
 
     Returns:
-        (attn_output (B, Tq, H, D), None).
+        (attn_output (B, Tq, H, D), None), or the (B, H, Tq, Tk) attention weights in place of None with
+        output_attentions=True.
     """
     _check_supported(module, dropout, softcap, is_causal, s_aux, kwargs)
-    key, value, kv_start = _keys_and_kv_start(attention_mask, key, value)
+    window, pattern = _pattern(module, key, sliding_window, scaling)
+    offsets = _packed_offsets(attention_mask, kwargs, query)
+    if offsets is not None:
+        if kwargs.get("output_attentions"):
+            _refuse("output_attentions=True with packed sequences", "run the sequences as a padded batch")
+        return _packed_forward(query, key, value, offsets, window, pattern), None
+    tk = key.shape[2]
+    key, value, key_mask = _keys_and_mask(attention_mask, key, value)
     if query.shape[2] > key.shape[2]:
         raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
                          "be the last Tq of the keys")
-    settings = getattr(module, SETTINGS_ATTR, None)
-    landmarks, global_queries, memory_k, memory_v = None, True, None, None
-    if settings is not None:
-        landmarks, global_queries = settings.landmark_stride, settings.global_queries
-        memory_k, memory_v = getattr(module, "memory_k", None), getattr(module, "memory_v", None)
-        if memory_k is not None:
-            memory_k, memory_v = memory_k.to(key.dtype), memory_v.to(value.dtype)
-    out = hybrid_attention(query, key, value, _window(sliding_window, settings), landmarks=landmarks,
-                           global_queries=global_queries, memory_k=memory_k, memory_v=memory_v, causal=True,
-                           scale=scaling, kv_start=kv_start)
+    capture = None if torch.compiler.is_compiling() else active_capture()
+    if capture is not None:
+        capture.add(module, query, key, window, key_mask=key_mask,
+                    **{name: value for name, value in pattern.items() if name != "memory_v"})
+    if kwargs.get("output_attentions"):
+        return _attention_with_weights(query, key, value, key_mask, window, pattern, tk)
+    out = hybrid_attention(query, key, value, window, key_mask=key_mask, **pattern)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -173,17 +228,61 @@ def _closure(fn):
     return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in cells)))
 
 
+def _qualname(fn):
+    return getattr(fn, "__qualname__", "")
+
+
 def _is_runnable_pattern(mask_function):
     """True for the two patterns the kernels run: causal, and causal and a sliding window."""
     if mask_function is causal_mask_function:
         return True
-    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+    if _qualname(mask_function) != "and_masks.<locals>.and_mask":
         return False
     parts = list(_closure(mask_function).get("mask_functions", ()))
     if len(parts) != 2 or causal_mask_function not in parts:
         return False
     parts.remove(causal_mask_function)
-    return getattr(parts[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
+    return _qualname(parts[0]) == "sliding_window_overlay.<locals>.inner_mask"
+
+
+_PACKED_PARTS = ["packed_sequence_mask_function.<locals>.inner_mask",
+                 "remap_positions_for_packed_sequence.<locals>.inner_mask"]
+
+
+def _is_packed_pattern(mask_function):
+    """True for transformers' packed pattern: a runnable pattern on remapped positions, and the same-sequence mask."""
+    if _qualname(mask_function) != "and_masks.<locals>.and_mask":
+        return False
+    parts = list(_closure(mask_function).get("mask_functions", ()))
+    names = [_qualname(part) for part in parts]
+    if sorted(names) != _PACKED_PARTS:
+        return False
+    return _is_runnable_pattern(_closure(parts[names.index(_PACKED_PARTS[1])]).get("mask_function"))
+
+
+@torch.compiler.assume_constant_result
+def _pattern_kind(mask_function):
+    """"runnable", "packed" or "other". A compiled graph takes it as a constant: the pattern is the model's (its
+    closures are rebuilt each call but keep their structure), and dynamo cannot read closure cells."""
+    if _is_runnable_pattern(mask_function):
+        return "runnable"
+    return "packed" if _is_packed_pattern(mask_function) else "other"
+
+
+def _packed_sequence_ids(mask_function):
+    """The (B, T) sequence ids held by transformers' packed pattern."""
+    parts = _closure(mask_function)["mask_functions"]
+    inner = next(part for part in parts if _qualname(part) == _PACKED_PARTS[0])
+    return _closure(inner)["packed_sequence_mask"]
+
+
+def _mask_length(q_length, kv_length, q_offset, kv_offset, attention_mask):
+    """How many of the kv_length keys are written (L < kv_length only for static caches)."""
+    if isinstance(q_offset, torch.Tensor) and attention_mask is not None:
+        # Static caches hand a tensor q_offset so that compiled decoding does not specialise on it; reading it would
+        # break the graph, and the 2-D mask (positions 0 .. q_offset + q_length - 1) says the same through its shape.
+        return attention_mask.shape[-1] - kv_offset
+    return int(q_offset) + q_length - kv_offset
 
 
 def hybrid_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
@@ -192,20 +291,25 @@ def hybrid_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
 
     Keys are at absolute positions kv_offset .. kv_offset + kv_length - 1, queries at q_offset .. q_offset + q_length
     - 1; attention_mask is (batch_size, >= kv_offset + L) over absolute positions (or (batch_size, L), already cut).
-    Returns None when no key is padding, else the (batch_size, L) bool padding mask of the first L keys, where
-    L = q_offset + q_length - kv_offset (L < kv_length only for static caches, whose later slots are not written).
-    The window itself comes from each layer's `sliding_window`, not from this mask.
+    Returns None when no key is padding (checked in eager mode only: a compiled graph keeps the mask rather than
+    branch on its values), `PackedSequences` for packed inputs, else the (batch_size, L) bool padding mask of the
+    first L keys, where L = q_offset + q_length - kv_offset (L < kv_length only for static caches, whose later
+    slots are not written). The window itself comes from each layer's `sliding_window`, not from this mask.
     """
     if "allow_is_bidirectional_skip" in kwargs or mask_function is bidirectional_mask_function:
         _refuse("bidirectional (non-causal) masks (config.is_causal=False, use_bidirectional_attention or an "
                 "encoder)", "use 'sdpa' or 'eager' for such models")
-    if not _is_runnable_pattern(mask_function):
+    kind = _pattern_kind(mask_function)
+    if kind == "packed":
+        return PackedSequences(_packed_sequence_ids(mask_function))
+    if kind != "runnable":
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
-        _refuse(f"the mask pattern {name} (packed sequences, chunked attention, bidirectional token blocks or a "
-                "custom or_mask_function/and_mask_function)", "only causal and causal sliding-window masks run")
-    length = int(q_offset) + q_length - kv_offset
+        _refuse(f"the mask pattern {name} (chunked attention, bidirectional token blocks or a custom "
+                "or_mask_function/and_mask_function)", "only causal, causal sliding-window and packed-sequence "
+                "masks run")
+    length = _mask_length(q_length, kv_length, q_offset, kv_offset, attention_mask)
     if not 0 < length <= kv_length:
-        raise ValueError(f"queries end at position {int(q_offset) + q_length} but the {kv_length} keys start at "
+        raise ValueError(f"queries end at position {kv_offset + length} but the {kv_length} keys start at "
                          f"{kv_offset}: attn_implementation='{NAME}' needs the queries to be the last keys")
     if attention_mask is None:
         if length == kv_length:
@@ -218,10 +322,8 @@ def hybrid_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
     else:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the keys reach position "
                          f"{kv_offset + length - 1}")
-    _check_runs(mask)
-    if length == kv_length and bool(mask.all()):
-        return None
-    _CHECKED_MASKS[id(mask)] = mask
+    if not torch.compiler.is_compiling() and length == kv_length and bool(mask.all()):
+        return None  # no padding: the kernels' unmasked path
     return mask
 
 

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridrag.kernels.hybrid import attention_mass_reference, hybrid_attention_reference
+from hybridrag.kernels.hybrid import (attention_mass_reference, hybrid_attention_reference,
+                                      hybrid_attention_weights_reference)
 from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
 
 from .backend import resolve_backend
@@ -100,6 +101,21 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
         pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
         out, lse = _attention(q, k, v, memory_k, memory_v, pattern, backend)
     return (out, lse) if return_lse else out
+
+
+def hybrid_attention_weights(q, k, v, window, *, landmarks=None, global_queries=True, memory_k=None, memory_v=None,
+                             causal=True, scale=None, kv_start=None, key_mask=None):
+    """`hybrid_attention` through the dense reference, also returning the attention weights.
+
+    Arguments as in `hybrid_attention` (no packed sequences). Returns (o (B, H, Tq, D), weights (B, H, Tq, Tk + M))
+    in q's dtype, the memory tokens' columns last; rows that see no key have zero weights. Differentiable.
+    Memory: O(B x H x Tq x (Tk + M)): the full score matrix, which the kernels never form.
+    """
+    check_tensor("q", q)
+    check_attention_inputs(q, k, v, REFERENCE_DTYPES)
+    check_memory_tokens(memory_k, memory_v, k)
+    pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
+    return hybrid_attention_weights_reference(q, k, v, *pattern.args(), memory_k, memory_v, *pattern.hidden_keys())
 
 
 def _attention(q, k, v, memory_k, memory_v, pattern, backend):

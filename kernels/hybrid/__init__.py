@@ -1,7 +1,7 @@
 """Hybrid attention (window + landmark keys + global landmark rows + memory tokens) and attention mass: Triton kernels
 (`triton_kernels`), the tiled CPU path (`blockwise`) and the dense references."""
 from .blockwise import attention_mass_blockwise, hybrid_bwd_blockwise, hybrid_fwd_blockwise
-from .reference import attention_mass_reference, hybrid_attention_reference
+from .reference import attention_mass_reference, hybrid_attention_reference, hybrid_attention_weights_reference
 
-__all__ = ["hybrid_attention_reference", "attention_mass_reference", "hybrid_fwd_blockwise", "hybrid_bwd_blockwise",
-           "attention_mass_blockwise"]
+__all__ = ["hybrid_attention_reference", "hybrid_attention_weights_reference", "attention_mass_reference",
+           "hybrid_fwd_blockwise", "hybrid_bwd_blockwise", "attention_mass_blockwise"]

@@ -47,6 +47,17 @@ def hybrid_attention_reference(q, k, v, left, right, causal, landmark_positions,
     return probs @ values.repeat_interleave(q.shape[1] // k.shape[1], dim=1), lse
 
 
+def hybrid_attention_weights_reference(q, k, v, left, right, causal, landmark_positions, global_queries, scale,
+                                       memory_k=None, memory_v=None, kv_start=None, key_mask=None):
+    """(o (B, H, Tq, D), probabilities (B, H, Tq, Tk + M)) in q's dtype, memory tokens' columns last: the dense
+    attention weights, for `output_attentions`. Memory: O(B * H * Tq * (Tk + M))."""
+    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
+                            key_mask)
+    probs = _softmax_with_lse(scores)[0]
+    values = v if memory_v is None else torch.cat([v, memory_v.expand(v.shape[0], -1, -1, -1)], dim=2)
+    return probs @ values.repeat_interleave(q.shape[1] // k.shape[1], dim=1), probs
+
+
 def attention_mass_reference(q, k, segments, num_segments, left, right, causal, landmark_positions, global_queries,
                              scale, query_mask=None, memory_k=None, kv_start=None, key_mask=None):
     """(B, H, S) float32 (float64 for float64 inputs): the probability the selected query rows give to each key
