@@ -489,15 +489,24 @@ def plot_bars(ax, xs, heights, flags, **style):
     return bars
 
 
-def figure_legend(fig, axes, *, ncol=6):
-    """One legend for the whole figure, under the panels, so that it covers no data: every label of `axes` once.
-    Leave the bottom ~8% of the figure to it (tight_layout(rect=(0, 0.08, 1, 1)))."""
+def legend_handles(axes):
+    """{label: handle} over `axes`, every label once, in the order first seen."""
     handles = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, 0.025),
-               ncol=min(ncol, len(handles)), fontsize=8, frameon=False)
+    return handles
+
+
+def figure_legend(fig, axes, *, ncol=6, top=None):
+    """One legend for the whole figure, under the panels, so that it covers no data: every label of `axes` once.
+    Leave the bottom ~8% of the figure to it (tight_layout(rect=(0, 0.08, 1, 1))), or hang it from `top` (a figure
+    fraction) where more room is kept."""
+    handles = legend_handles(axes)
+    where = {"loc": "lower center", "bbox_to_anchor": (0.5, 0.025)} if top is None else \
+        {"loc": "upper center", "bbox_to_anchor": (0.5, top)}
+    fig.legend(list(handles.values()), list(handles), ncol=min(ncol, len(handles)), fontsize=8, frameon=False,
+               **where)
 
 
 def note_flagged(fig, rows):

@@ -41,7 +41,8 @@ import hybridrag as hr
 from hybridrag.kernels.int8 import quantize_activations
 
 from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prepared, compare_to_truth, compared_to,
-                     fmt_number, note_flagged, plot_line, progress, release_memory, time_ms, verdict_text)
+                     figure_legend, fmt_number, legend_handles, note_flagged, plot_line, progress, release_memory,
+                     time_ms, verdict_text)
 
 SUITE = "int8_matmul"
 EXPECTED_S = {"quick": 15, "full": 45}  # on the 2-core AMD EPYC of the recorded results
@@ -596,46 +597,56 @@ CHECK_COLUMNS = TOLERANCE_CHECK_COLUMNS
 # ----------------------------------------------------------------------------------------------------------------
 
 def plot(rows, ceilings, env, path):
-    """Against M, one column per (N = K, dtype): GB/s (top, with the measured copy bandwidth) and TFLOP/s or TOPS
-    (bottom, with the measured matmul and int8 rates); one line per peer; measured points only."""
+    """Against M, one column per dtype and two rows per N = K: GB/s (with the measured copy bandwidth) and TFLOP/s
+    or TOPS (with the measured matmul and int8 rates); one line per peer; measured points only, rows flagged under
+    load hollow. One legend under the panels, and the peers that did not run listed beside it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = sorted({(r["case"]["n"], r["case"]["k"], r["case"]["dtype"]) for r in rows})
-    fig, axes = plt.subplots(2, len(columns), squeeze=False, figsize=(7 * len(columns), 8))
-    for j, (n, k, dtype) in enumerate(columns):
-        panel = [r for r in rows if (r["case"]["n"], r["case"]["k"], r["case"]["dtype"]) == (n, k, dtype)]
-        for i, (key, ylabel) in enumerate((("gbps", "GB/s (bytes moved / time)"),
-                                           ("rate", "TFLOP/s (float) or TOPS (int8)"))):
-            ax = axes[i][j]
-            for peer in PEERS:
-                points = [(r["case"]["m"], r[key], r.get("flagged")) for r in panel
-                          if r["peer"] == peer and r["status"] == "ok"]
-                if points:
-                    plot_line(ax, points, linestyle="-" if peer in OURS else "--", label=peer,
-                              color=f"C{PEERS.index(peer)}")
-            if ceilings and key == "gbps":
-                ax.axhline(ceilings["copy_gbps"], color="gray", linestyle=":", label="copy (measured)")
-            if ceilings and key == "rate":
-                ax.axhline(ceilings["matmul_tflops"], color="gray", linestyle=":", label="dense matmul (measured)")
-                if ceilings.get("int8_tops") is not None:
-                    ax.axhline(ceilings["int8_tops"], color="black", linestyle=":", label="_int_mm (measured)")
-            missing = sorted({f"{r['peer']} ({r['status']})" for r in panel if r["status"] != "ok"})
-            if missing and i == 0:
-                ax.text(0.01, 0.01, "not measured:\n" + "\n".join(missing), transform=ax.transAxes, fontsize=6,
-                        color="dimgray", va="bottom")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("M (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"N={n} K={k} {dtype}", fontsize=9)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panel, off the data
+    dtypes = sorted({r["case"]["dtype"] for r in rows})
+    sizes = sorted({(r["case"]["n"], r["case"]["k"]) for r in rows})
+    metrics = (("gbps", "GB/s (bytes moved / time)"), ("rate", "TFLOP/s (float) or TOPS (int8)"))
+    panels_in = 3.6 * len(metrics) * len(sizes)
+    fig, axes = plt.subplots(len(metrics) * len(sizes), len(dtypes), squeeze=False,
+                             figsize=(5.5 * len(dtypes), panels_in))
+    colors = matplotlib.colormaps["tab20"]  # more peers than the default cycle's 10 colours
+    for j, dtype in enumerate(dtypes):
+        for s, (n, k) in enumerate(sizes):
+            panel = [r for r in rows if (r["case"]["n"], r["case"]["k"], r["case"]["dtype"]) == (n, k, dtype)]
+            for i, (key, ylabel) in enumerate(metrics):
+                ax = axes[len(metrics) * s + i][j]
+                for peer in PEERS:
+                    points = [(r["case"]["m"], r[key], r.get("flagged")) for r in panel
+                              if r["peer"] == peer and r["status"] == "ok"]
+                    if points:
+                        plot_line(ax, points, linestyle="-" if peer in OURS else "--", label=peer,
+                                  color=colors(PEERS.index(peer)), marker="o" if peer in OURS else "s")
+                if ceilings and key == "gbps":
+                    ax.axhline(ceilings["copy_gbps"], color="gray", linestyle=":", label="copy (measured)")
+                if ceilings and key == "rate":
+                    ax.axhline(ceilings["matmul_tflops"], color="gray", linestyle=":", label="dense matmul (measured)")
+                    if ceilings.get("int8_tops") is not None:
+                        ax.axhline(ceilings["int8_tops"], color="black", linestyle=":", label="_int_mm (measured)")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("M (tokens)")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"N={n} K={k} {dtype}", fontsize=9)
+                ax.grid(True, alpha=0.3)
+    ncol = max(2, int(fig.get_figwidth() / 2.4))  # legend columns that fit the figure's width
+    bottom_in = 0.7 + 0.22 * math.ceil(len(legend_handles(axes.flat)) / ncol)  # the legend's rows, then the notes
+    fig.set_figheight(panels_in + bottom_in)
+    height = fig.get_figheight()
+    figure_legend(fig, axes.flat, ncol=ncol, top=bottom_in / height)
+    missing = sorted({f"{r['peer']} ({r['status']})" for r in rows if r["status"] != "ok"})
+    if missing:
+        fig.text(0.5, 0.3 / height, "not measured: " + ", ".join(missing), ha="center", va="bottom", fontsize=7,
+                 color="dimgray", wrap=True)
     fig.suptitle(f"int8 matmul y = x @ W.T\n{env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, "
                  f"{env['date'][:10]}", fontsize=9)
     note_flagged(fig, rows)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, bottom_in / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
