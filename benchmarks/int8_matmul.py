@@ -646,7 +646,7 @@ def plot(rows, ceilings, env, path):
     fig.suptitle(f"int8 matmul y = x @ W.T\n{env['device']}, torch {env['torch']}, commit {env['git_commit'][:12]}, "
                  f"{env['date'][:10]}", fontsize=9)
     note_flagged(fig, rows)
-    fig.tight_layout(rect=(0, bottom_in / height, 1, 1))
+    fig.tight_layout(rect=(0, bottom_in / height, 1, 1 - 0.45 / height))  # the two-line title above the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
