@@ -72,3 +72,11 @@ def test_capture_refuses_a_model_not_on_hybridrag_and_bad_segments():
     with pytest.raises(ValueError, match="rows must be a bool tensor"):
         with capture_attention_mass(hybrid, _segments(1, 5), rows=torch.ones(1, 4, dtype=torch.bool)):
             pass
+
+
+def test_capture_refuses_packed_inputs():
+    _, model = build_pair("llama")
+    ids = torch.randint(3, 100, (1, 8))
+    with pytest.raises(ValueError, match="capture_attention_mass with packed sequences"):
+        with torch.no_grad(), capture_attention_mass(model, _segments(1, 8)):
+            model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), use_cache=False)

@@ -203,20 +203,22 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
     """
     _check_supported(module, dropout, softcap, is_causal, s_aux, kwargs)
     window, pattern = _pattern(module, key, sliding_window, scaling)
+    capture = None if torch.compiler.is_compiling() else active_capture()  # dynamo cannot read a ContextVar
     offsets = _packed_offsets(attention_mask, kwargs, query)
     if offsets is not None:
-        if kwargs.get("output_attentions"):
-            _refuse("output_attentions=True with packed sequences", "run the sequences as a padded batch")
+        for wanted, name in ((kwargs.get("output_attentions"), "output_attentions=True"),
+                             (capture is not None, "capture_attention_mass")):
+            if wanted:
+                _refuse(f"{name} with packed sequences", "run the sequences as a padded batch")
         return _packed_forward(query, key, value, offsets, window, pattern), None
     tk = key.shape[2]
     key, value, key_mask = _keys_and_mask(attention_mask, key, value)
     if query.shape[2] > key.shape[2]:
         raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
                          "be the last Tq of the keys")
-    capture = None if torch.compiler.is_compiling() else active_capture()
     if capture is not None:
         capture.add(module, query, key, window, key_mask=key_mask,
-                    **{name: value for name, value in pattern.items() if name != "memory_v"})
+                    **{name: arg for name, arg in pattern.items() if name != "memory_v"})
     if kwargs.get("output_attentions"):
         return _attention_with_weights(query, key, value, key_mask, window, pattern, tk)
     out = hybrid_attention(query, key, value, window, key_mask=key_mask, **pattern)
