@@ -436,7 +436,8 @@ def plot(rows, ceilings, env, path):
               [r.get("flagged") for r in streams], color="C0", width=0.8)
     for x, r in enumerate(streams):
         right.annotate(_target_text(r).replace(": ", ":\n").replace(", ", "\n"), (x, r["tokens_per_s"]),
-                       xytext=(0, -6), textcoords="offset points", ha="center", va="top", fontsize=7, color="white")
+                       xytext=(0, -6), textcoords="offset points", ha="center", va="top", fontsize=7,
+                       bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})  # readable on a hatched bar
     right.set_xlim(-0.75, len(streams) - 0.25)
     right.set(ylabel="tokens/s", title="long stream\n(B1 H4/2 D64, window 256, chunks 4096)")
     for ax in (left, middle):
