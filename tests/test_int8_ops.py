@@ -140,10 +140,13 @@ def int8pack_calls(monkeypatch):
 @pytest.mark.parametrize("dtype, m, k, group_size, route", ROUTE_CASES,
                          ids=[f"{str(c[0])[6:]}-M{c[1]}K{c[2]}g{c[3]}" for c in ROUTE_CASES])
 def test_cpu_route_choice_and_accuracy(dtype, m, k, group_size, route, small_blocks, int8pack_calls):
+    from hybridrag.kernels.int8.cpu import grad_input_route
     from hybridrag.ops.int8 import cpu_route
     qweight = hr.quantize_int8(torch.randn(72, k), group_size=group_size)
     x = torch.randn(m, k).to(dtype)
     assert cpu_route(x, qweight) == route
+    assert grad_input_route(torch.empty(m, 72, dtype=dtype)) == ("bf16" if dtype == torch.bfloat16 and m > 8 else
+                                                                  "fp32")
     assert_cpu_matches_reference(x, qweight, torch.randn(72).to(dtype))
     assert len(int8pack_calls) == (1 if route == "int8pack" else 0)  # the forward only; its gradient widens
 

@@ -61,7 +61,7 @@ class Int8Linear(nn.Module):
         backend: passed to `hr.int8_matmul`: "auto" | "triton" | "cpu" | "reference".
         cpu_cache: None (default), "bf16" or "fp32" (W8A16): opt in to keeping the dequantized weight in that dtype
             for calls on the CPU backend, which then run as one dense matmul (a float layer's speed: on CPU the
-            uncached W8A16 path, see `hr.int8_matmul`, is slower than a bfloat16 nn.Linear for M > 4). It costs
+            uncached W8A16 path, see `hr.int8_matmul`, is slower than a bfloat16 nn.Linear for M > 8). It costs
             N * K * 2 bytes ("bf16", bfloat16 layers only) or N * K * 4 bytes ("fp32") more, built on the first CPU
             call; not saved in the state_dict.
         device: for the int8 weight, its scales and the bias.

@@ -198,6 +198,8 @@ def _triton_functions():
 def _without_autocast(fn):
     """The CPU functions run their matmuls in the dtypes they chose; autocast must not recast them."""
     def call(*args):
+        if not torch.is_autocast_enabled("cpu"):
+            return fn(*args)
         with torch.autocast("cpu", enabled=False):
             return fn(*args)
     return call
@@ -272,12 +274,12 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
         (..., N) in x's dtype. Gradients flow to x and bias, never to the int8 weight (adapters on a frozen base);
         W8A8's gradient to x passes straight through the activation quantization.
 
-    CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 4 and a
+    CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 8 and a
     per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a
-    time, float16 and float32 x in float32 the same way; or, when the qweight has a `cpu_cache`, one dense matmul on
-    its cached dequantized weight.
+    time, float16 and float32 x in float32 the same way (bfloat16 x with M <= 8 and a group-wise weight too); or,
+    when the qweight has a `cpu_cache`, one dense matmul on its cached dequantized weight.
 
-    Memory: the output; the CPU path a float32 (M, N) accumulator and one widened weight block of about 2 MiB
+    Memory: the output; the CPU path a float32 (M, N) accumulator and one widened-weight buffer of 4 MiB
     (`hybridrag.kernels.int8.cpu`), or the qweight's cache; the reference a float32 (N, K) copy of the weight.
     """
     check_tensor("x", x)
@@ -289,6 +291,10 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
         out = int8_matmul_reference(x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations)
     elif backend == "cpu" and cpu_route(x2d, qweight, activations) == "cached":
         out = _cached_matmul(x2d, qweight, bias)
+    elif not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        # Nothing to differentiate: the forward without the autograd.Function's overhead (tens of microseconds).
+        out = _backend_functions(backend)[0](x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations,
+                                             accumulate)
     else:
         out = Int8MatmulFunction.apply(x2d, qweight.data, qweight.scale, bias, qweight.group_size, activations,
                                        accumulate, backend)

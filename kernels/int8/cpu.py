@@ -16,8 +16,9 @@ routes, chosen per call by `w8a16_route` from x's dtype, M and the weight's layo
 No route beats a bfloat16 nn.Linear everywhere: fp32 arithmetic runs at half bf16's rate, and widening costs a pass
 over the weight per call. The opt-in cache (QuantizedWeight.cpu_cache, in hybridrag.ops) is the float layer's speed.
 
-The gradient to x, grad_out @ dequant(W), widens the same blocks of rows ("bf16" for bfloat16 grad_out, "fp32"
-otherwise) and sums their products in float32. Outputs are in x's (grad_out's) dtype.
+The gradient to x, grad_out @ dequant(W), widens the same blocks of rows (`grad_input_route`: "bf16" for bfloat16
+grad_out with M > SMALL_M, "fp32" otherwise) and sums their products in float32. Outputs are in x's (grad_out's)
+dtype.
 
 Memory: besides the output, a float32 (M, N) accumulator (gradient: (M, K)) and x in the compute dtype; one buffer
 for the widened weight block, WIDEN_BLOCK_BYTES in float32 (half in bfloat16; group-wise in bfloat16 both); never
@@ -41,6 +42,12 @@ def w8a16_route(x, data, group_size):
         return "fp32"
     packable = data.shape[1] % 16 == 0 and data.is_contiguous() and data.data_ptr() % 32 == 0
     return "int8pack" if packable else "bf16"
+
+
+def grad_input_route(grad_out):
+    """The route of the gradient to x for grad_out (M, N): "bf16" for bfloat16 grad_out with M > SMALL_M, else "fp32"
+    (bfloat16 products of a few rows with a widened block run slower than float32 ones, as in the forward)."""
+    return "bf16" if grad_out.dtype == torch.bfloat16 and grad_out.shape[0] > SMALL_M else "fp32"
 
 
 def _compute_dtype(route):
@@ -121,7 +128,7 @@ def int8_matmul_grad_input_cpu(grad_out, data, scale, group_size):
     """grad_out (M, N) -> grad_x (M, K) = grad_out @ dequant(W), in grad_out's dtype: blocks of rows of W widened as
     in the forward, their products summed in a float32 (M, K) accumulator."""
     n, k = data.shape
-    dtype = _compute_dtype("bf16" if grad_out.dtype == torch.bfloat16 else "fp32")
+    dtype = _compute_dtype(grad_input_route(grad_out))
     if group_size is None:  # fold the per-channel scale into grad_out (in fp32, then the compute dtype)
         grad = (grad_out.float() * scale[None, :]).to(dtype)
     else:
