@@ -30,6 +30,7 @@ setup(
         # Triton is a dependency of torch's CUDA wheels; CPU machines need it for the interpreter.
         "triton": ["triton>=3.2"],
         "retrieval": RETRIEVAL,
+        "transformers": ["transformers>=5.4"],  # hybridrag.integrations.transformers
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
         "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=5.4"] + RETRIEVAL,

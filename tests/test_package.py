@@ -101,3 +101,14 @@ def test_retention_and_the_parts_of_retrieval_without_search_need_no_extra():
     assert out.splitlines() == [
         "MemoryManager(capacity=4, dimension=8, policy='lru', decay=0.99, boost=1.0, normalize=True, size=0) 0",
         "[DOC_1] 1.0"]
+
+
+def test_a_missing_transformers_says_which_extra_to_install():
+    out = run_python(BLOCK.format(blocked=["transformers"]) + """
+    try:
+        import hybridrag.integrations.transformers
+    except ImportError as error:
+        print(type(error).__name__, error)
+    """)
+    assert out.strip() == ("ImportError transformers>=5.4 is not installed (no module named 'transformers'); install "
+                           "it with pip install 'hybridrag[transformers]'")

@@ -22,14 +22,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from ..ops import hybrid_attention, hybrid_attention_weights
-from .capture import AttentionMassRecord, active_capture, capture_attention_mass
+from .._optional import import_optional
+
+transformers = import_optional("transformers", "transformers>=5.4", extra="transformers")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,  # noqa: E402
+                                        causal_mask_function)
+
+from ..ops import hybrid_attention, hybrid_attention_weights  # noqa: E402
+from .capture import AttentionMassRecord, active_capture, capture_attention_mass  # noqa: E402
 
 MIN_TRANSFORMERS = "5.4"  # the mask interface passes q_length/q_offset (5.3 and earlier pass cache_position)
 if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
