@@ -198,8 +198,12 @@ def expected_seconds(suite, quick, device, folders):
 def plan_text(suites, quick, device, folders):
     estimates = [(suite, *expected_seconds(suite, quick, device, folders)) for suite in suites]
     known = [s for _, s, _ in estimates if s is not None]
-    total = format_seconds(sum(known)) + ("" if len(known) == len(estimates) else " + suites not yet timed here")
-    lines = [f"{'quick' if quick else 'full'} run of {len(suites)} suite{'s' * (len(suites) != 1)}, expected ~{total}:"]
+    if not known:
+        total = "unknown (no run of this size here yet)"
+    else:
+        untimed = "" if len(known) == len(estimates) else " + the suites not yet timed"
+        total = f"~{format_seconds(sum(known))}{untimed}"
+    lines = [f"{'quick' if quick else 'full'} run of {len(suites)} suite{'s' * (len(suites) != 1)}, expected {total}:"]
     if device.type == "cpu":
         lines.insert(0, f"machine load: {os.getloadavg()[0]:.1f} runnable processes (1-minute average) on "
                         f"{cpu_count()} CPUs; rows timed while others use more than the load limit are flagged")

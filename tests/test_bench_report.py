@@ -216,6 +216,17 @@ def test_expected_time_prefers_the_last_run_here(tmp_path):
     assert report.expected_seconds(suite, True, device, [tmp_path])[0] == 7  # the full run's time is not the quick's
 
 
+def test_the_plan_on_a_device_without_estimates(tmp_path):
+    """On a GPU the 2-core CPU estimates mean nothing: the plan says the time is unknown until a run here."""
+    class Cuda:
+        type = "cuda"
+    text = report.plan_text([FakeSuite()], False, Cuda(), [tmp_path])
+    assert text.splitlines() == ["full run of 1 suite, expected unknown (no run of this size here yet):",
+                                 "  fake               ~? (no run on this device yet)"]
+    (tmp_path / "fake.json").write_text(json.dumps({"duration_s": 30.0}))
+    assert "expected ~30 s:" in report.plan_text([FakeSuite()], False, Cuda(), [tmp_path])
+
+
 def test_every_suite_declares_its_expected_time_and_quick_takes_a_few_minutes():
     for suite in report.SUITES:
         assert 0 < suite.EXPECTED_S["quick"] < suite.EXPECTED_S["full"], suite.SUITE
