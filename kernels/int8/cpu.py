@@ -17,7 +17,7 @@ No route beats a bfloat16 nn.Linear everywhere: fp32 arithmetic runs at half bf1
 over the weight per call. The opt-in cache (QuantizedWeight.cpu_cache, in hybridrag.ops) is the float layer's speed.
 
 The gradient to x, grad_out @ dequant(W), widens the same blocks of rows (`grad_input_route`: "bf16" for bfloat16
-grad_out with M > SMALL_M, "fp32" otherwise) and sums their products in float32. Outputs are in x's (grad_out's)
+grad_out with M > GRAD_SMALL_M, "fp32" otherwise) and sums their products in float32. Outputs are in x's (grad_out's)
 dtype.
 
 Memory: besides the output, a float32 (M, N) accumulator (gradient: (M, K)) and x in the compute dtype; one buffer
@@ -28,6 +28,7 @@ import torch
 from .quantize import quantize_activations
 
 SMALL_M = 8  # _weight_int8pack_mm re-reads the weight per 4 rows of x: measured slower than widened bf16 from M = 16
+GRAD_SMALL_M = 2  # the gradient's bfloat16 route measured slower than float32 at M <= 2, not from M = 3
 WIDEN_BLOCK_BYTES = 1 << 22  # one widened weight block: measured best of 0.25 to 8 MiB (2-core EPYC, N = K = 4096)
 ROUTES = ("int8pack", "bf16", "fp32")
 
@@ -45,9 +46,9 @@ def w8a16_route(x, data, group_size):
 
 
 def grad_input_route(grad_out):
-    """The route of the gradient to x for grad_out (M, N): "bf16" for bfloat16 grad_out with M > SMALL_M, else "fp32"
-    (bfloat16 products of a few rows with a widened block run slower than float32 ones, as in the forward)."""
-    return "bf16" if grad_out.dtype == torch.bfloat16 and grad_out.shape[0] > SMALL_M else "fp32"
+    """The route of the gradient to x for grad_out (M, N): "bf16" for bfloat16 grad_out with M > GRAD_SMALL_M, else
+    "fp32" (bfloat16 products of one or two rows with a widened block run slower than float32 ones)."""
+    return "bf16" if grad_out.dtype == torch.bfloat16 and grad_out.shape[0] > GRAD_SMALL_M else "fp32"
 
 
 def _compute_dtype(route):
