@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridrag import hybrid_attention
-from hybridrag.nn import HybridAttention, RetrievalCrossAttention, SparseGlobalAttention
+from hybridrag.nn import HybridAttention, RetrievalCrossAttention, SlidingWindowAttention, SparseGlobalAttention
 
 HAS_CUDA = torch.cuda.is_available()
 BACKEND = "cpu"  # the tiled PyTorch path; the Triton kernels have their own tests
@@ -643,3 +643,28 @@ def test_cuda_layers_match_cpu(backend):
         out.square().mean().backward()
         for name, param in cuda_layer.named_parameters():
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SlidingWindowAttention(64, 4, window=(3, 3), causal=False, num_kv_heads=2),
+    lambda: HybridAttention(64, 4, num_kv_heads=2, window=4, landmark_stride=5, num_memory_tokens=2),
+    lambda: SparseGlobalAttention(64, 4, window=(3, 3), causal=False, landmark_stride=6, num_learned_landmarks=2),
+], ids=["window", "hybrid", "sparse-global"])
+def test_layers_take_a_key_mask_like_the_reference(make):
+    """input_ids.ne(pad)-style masks with holes anywhere: the layer equals itself on the dense reference, and a
+    hidden token changes nothing when its content changes."""
+    layer = make()
+    x = torch.randn(2, 17, 64)
+    key_mask = torch.rand(2, 17) > 0.3
+    key_mask[:, 0] = True
+    got = layer(x, key_mask=key_mask)
+    layer.backend = "reference"
+    want = layer(x, key_mask=key_mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    hidden = (~key_mask[0]).nonzero()[0, 0]
+    changed = x.clone()
+    changed[0, hidden] += 10.0
+    visible_rows = key_mask[0].clone()
+    visible_rows[hidden] = False  # the hidden token's own output changes (its query is new)
+    torch.testing.assert_close(layer(changed, key_mask=key_mask)[0, visible_rows], want[0, visible_rows], rtol=1e-5,
+                               atol=1e-5)

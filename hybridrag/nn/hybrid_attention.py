@@ -51,10 +51,11 @@ class HybridAttention(nn.Module):
 
     Shapes:
         forward(hidden_states (B, T, hidden_size), *, position_ids (B, T) or (T,) integer (default arange(T)),
-        kv_start (B,) integer or None) -> (B, T, hidden_size) in hidden_states' dtype.
+        kv_start (B,) integer or None, key_mask (B, T) bool or None) -> (B, T, hidden_size) in hidden_states' dtype.
         position_ids only feed RoPE; the window and the landmark positions are over the T tokens of the call, in
         order. kv_start[b] marks the first real token of row b (left padding): earlier tokens are seen by no query
-        (landmarks among them included); memory tokens are always seen.
+        (landmarks among them included); key_mask[b, j] = False hides token j from every query (padding anywhere,
+        e.g. input_ids.ne(pad)); memory tokens are always seen.
         Inside: q (B, H, T, D), k/v (B, Hkv, T, D) as strided views; memory tokens cast to k's dtype (a no-op unless
         under autocast or a mixed-dtype module).
 
@@ -127,7 +128,7 @@ class HybridAttention(nn.Module):
             return evenly_spaced_landmarks(length, self.num_landmarks, device=device)
         return self.landmark_stride
 
-    def forward(self, hidden_states, *, position_ids=None, kv_start=None):
+    def forward(self, hidden_states, *, position_ids=None, kv_start=None, key_mask=None):
         _check_hidden_states(hidden_states, self.hidden_size)
         length = hidden_states.shape[1]
         # (B, T, H*D) -> (B, H, T, D) views with unit last stride; the op takes any such strides.
@@ -143,5 +144,5 @@ class HybridAttention(nn.Module):
             memory_k, memory_v = self.memory_k.to(k.dtype), self.memory_v.to(v.dtype)
         o = hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, hidden_states.device),
                              global_queries=self.global_queries, memory_k=memory_k, memory_v=memory_v,
-                             causal=self.causal, kv_start=kv_start, backend=self.backend)
+                             causal=self.causal, kv_start=kv_start, key_mask=key_mask, backend=self.backend)
         return self.o_proj(_merge_heads(o))

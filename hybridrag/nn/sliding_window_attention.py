@@ -65,7 +65,7 @@ class SlidingWindowAttention(nn.Module):
                 f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"backend={self.backend!r}")
 
-    def forward(self, hidden_states, position_ids=None):
+    def forward(self, hidden_states, position_ids=None, *, key_mask=None):
         _check_hidden_states(hidden_states, self.hidden_size)
         length = hidden_states.shape[1]
         # (B, T, H*D) -> (B, H, T, D) views with unit last stride; the op takes any such strides.
@@ -76,5 +76,5 @@ class SlidingWindowAttention(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(length, device=hidden_states.device)
             q, k = self.rotary(q, k, position_ids)
-        o = sliding_window_attention(q, k, v, self.window, causal=self.causal, backend=self.backend)
+        o = sliding_window_attention(q, k, v, self.window, causal=self.causal, key_mask=key_mask, backend=self.backend)
         return self.o_proj(_merge_heads(o))

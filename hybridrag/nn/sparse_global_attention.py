@@ -63,9 +63,10 @@ class SparseGlobalAttention(nn.Module):
 
     Shapes:
         forward(hidden_states (B, T, hidden_size), *, position_ids (B, T) or (T,) integer (default arange(T)),
-                landmark_states (B or 1, G, hidden_size) or None (default: landmark_embeddings), return_landmarks=False)
+                landmark_states (B or 1, G, hidden_size) or None (default: landmark_embeddings), return_landmarks=False,
+                key_mask (B, T) bool or None: False hides a token from every query, padding anywhere; the learned
+                landmarks are always seen)
         -> (B, T, hidden_size), or (that, landmark_out (B, G, hidden_size)) with return_landmarks=True.
-        There is no padding mask: the op's kv_start hides a prefix, which here would hide the learned landmarks too.
 
     Memory and work:
         With L = G + ceil(T / s) landmarks, attention does O(B * H * D * ((G + T) * (window + L) + L * (G + T)))
@@ -146,7 +147,8 @@ class SparseGlobalAttention(nn.Module):
                              f"{hidden_states.device}")
         return landmark_states.expand(batch, -1, -1)
 
-    def forward(self, hidden_states, *, position_ids=None, landmark_states=None, return_landmarks=False):
+    def forward(self, hidden_states, *, position_ids=None, landmark_states=None, return_landmarks=False,
+                key_mask=None):
         _check_hidden_states(hidden_states, self.hidden_size)
         _check_flag("return_landmarks", return_landmarks)
         batch, length, _ = hidden_states.shape
@@ -167,8 +169,13 @@ class SparseGlobalAttention(nn.Module):
                 offsets = torch.arange(-groups, 0, device=position_ids.device)
                 position_ids = torch.cat([position_ids[..., :1] + offsets, position_ids], dim=-1)
             q, k = self.rotary(q, k, position_ids)
+        if key_mask is not None and groups:  # the learned landmarks are never padding
+            if not isinstance(key_mask, torch.Tensor) or key_mask.shape != (batch, length):
+                raise ValueError(f"key_mask must be a ({batch}, {length}) bool tensor (batch, tokens), got "
+                                 f"{tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else key_mask!r}")
+            key_mask = torch.cat([key_mask.new_ones(batch, groups), key_mask], dim=1)
         o = hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, device), global_queries=True,
-                             causal=self.causal, backend=self.backend)
+                             causal=self.causal, key_mask=key_mask, backend=self.backend)
         rows = o if return_landmarks else o[:, :, groups:]
         out = self.o_proj(_merge_heads(rows))
         if return_landmarks:

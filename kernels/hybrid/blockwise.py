@@ -102,7 +102,8 @@ class _Operands:
 def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None,
                          memory_v=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None, landmarks (L,) sorted int64,
-    kv_start (B,) or None, key_mask (B, Tk) bool or None -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32). With v None, only lse is
+    kv_start (B,) or None, key_mask (B, Tk) bool or None -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq)
+    float32). With v None, only lse is
     computed (o is None)."""
     ops = _Operands(q, k, v, memory_k, memory_v)
     out = None if v is None else torch.zeros(q.shape, dtype=q.dtype, device=q.device)

@@ -40,8 +40,8 @@ def _key_mass_stage(acc, k, q_base, stride_qm, LSE, WEIGHT, ROWS, kpos, valid_k,
 def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASK, KEY_MASS,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kmb,
                      H, Hkv, GROUP, Tq, Tk, D, G, LEFT, RIGHT, G_LEFT, G_RIGHT, qk_scale,
-                     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """KEY_MASS[b, h, key] = sum over rows of WEIGHT[b, row] * p(row, key) for the main keys, through the band
     (LSE_BAND hides the global rows) and from the G global rows; one program per (key block, batch x kv head)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -88,8 +88,8 @@ def _key_mass_kernel(Q, K, LSE_BAND, LSE, WEIGHT, ROWS, KV_START, KEY_MASK, KEY_
 def _landmark_mass_kernel(Q, XK, XPOS, LSE_BAND, WEIGHT, KV_START, KEY_MASK, LANDMARK_MASS,
                           stride_qb, stride_qh, stride_qm, stride_xkb, stride_xkh, stride_xkn, stride_kmb,
                           H, Hkv, GROUP, Tq, Tk, D, L, LEFT, RIGHT, qk_scale,
-                          CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """LANDMARK_MASS[b, h, l]: the weighted probability the band rows give landmark l outside their band."""
     offs_x = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     off_bkv = tl.program_id(1)
