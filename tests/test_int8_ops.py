@@ -107,7 +107,8 @@ ROUTE_CASES = [  # (dtype, M, K, group_size, route)
     (torch.bfloat16, 8, 64, None, "int8pack"),
     (torch.bfloat16, 9, 64, None, "bf16"),
     (torch.bfloat16, 128, 64, None, "bf16"),
-    (torch.bfloat16, 1, 40, None, "bf16"),  # K % 16 != 0: _weight_int8pack_mm would read past the rows
+    (torch.bfloat16, 1, 40, None, "fp32"),  # K % 16 != 0: _weight_int8pack_mm would read past the rows
+    (torch.bfloat16, 9, 40, None, "bf16"),
     (torch.bfloat16, 1, 64, 16, "fp32"),  # group-wise, small M
     (torch.bfloat16, 16, 64, 16, "bf16"),
     (torch.float16, 1, 64, None, "fp32"),
@@ -121,7 +122,7 @@ ROUTE_CASES = [  # (dtype, M, K, group_size, route)
 def small_blocks(monkeypatch):
     from hybridrag.kernels.int8 import cpu
     monkeypatch.setattr(cpu, "WIDEN_BLOCK_BYTES", 10 * 64 * 4)
-    assert cpu._block(72, 64, None) == 10
+    assert cpu._block(72, 64) == 10
 
 
 @pytest.fixture

@@ -276,8 +276,8 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
 
     CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 8 and a
     per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a
-    time, float16 and float32 x in float32 the same way (bfloat16 x with M <= 8 and a group-wise weight too); or,
-    when the qweight has a `cpu_cache`, one dense matmul on its cached dequantized weight.
+    time, float16 and float32 x in float32 the same way (bfloat16 x with M <= 8 that `_weight_int8pack_mm` cannot
+    take too); or, when the qweight has a `cpu_cache`, one dense matmul on its cached dequantized weight.
 
     Memory: the output; the CPU path a float32 (M, N) accumulator and one widened-weight buffer of 4 MiB
     (`hybridrag.kernels.int8.cpu`), or the qweight's cache; the reference a float32 (N, K) copy of the weight.

@@ -5,11 +5,11 @@ routes, chosen per call by `w8a16_route` from x's dtype, M and the weight's layo
   int8 weight once and dequantizes in registers (fp32 accumulation; the scales rounded to bfloat16, the dtype it takes).
   Its AVX-512 kernel reads x and the weight 16 elements at a time with aligned loads and checks neither, so the route
   needs K % 16 == 0, contiguous operands and 32-byte-aligned rows (x is copied to aligned memory when it is not).
-- "bf16": bfloat16 x with M > SMALL_M (or a per-channel weight _weight_int8pack_mm cannot take): the weight is widened
-  to bfloat16 a block of rows at a time (exact for int8 values; group-wise: dequantized) and multiplied in bfloat16
-  with fp32 accumulation (oneDNN); scale and bias in fp32.
-- "fp32": float16 and float32 x, and bfloat16 x with M <= SMALL_M and a group-wise weight: x converted to float32
-  (exact), the weight widened to float32 a block at a time, fp32 matmul. Measured on a 2-core EPYC (torch 2.13):
+- "bf16": bfloat16 x with M > SMALL_M: the weight is widened to bfloat16 a block of rows at a time (exact for int8
+  values; group-wise: dequantized) and multiplied in bfloat16 with fp32 accumulation (oneDNN); scale and bias in fp32.
+- "fp32": float16 and float32 x, and bfloat16 x with M <= SMALL_M that _weight_int8pack_mm cannot take (group-wise
+  weights, K % 16 != 0): x converted to float32 (exact), the weight widened to float32 a block at a time, fp32
+  matmul. Measured on a 2-core EPYC (torch 2.13):
   float16 matmuls there run several times slower than fp32 ones from M = 16, and bfloat16 ones on a freshly widened
   block with a few rows slower than fp32 ones.
 
@@ -30,7 +30,6 @@ from .quantize import quantize_activations
 SMALL_M = 8  # _weight_int8pack_mm re-reads the weight per 4 rows of x: measured slower than widened bf16 from M = 16
 GRAD_SMALL_M = 2  # the gradient's bfloat16 route measured slower than float32 at M <= 2, not from M = 3
 WIDEN_BLOCK_BYTES = 1 << 22  # one widened weight block: measured best of 0.25 to 8 MiB (2-core EPYC, N = K = 4096)
-ROUTES = ("int8pack", "bf16", "fp32")
 
 
 def w8a16_route(x, data, group_size):
@@ -39,10 +38,9 @@ def w8a16_route(x, data, group_size):
         return "fp32"
     if x.shape[0] > SMALL_M:
         return "bf16"
-    if group_size is not None:
-        return "fp32"
-    packable = data.shape[1] % 16 == 0 and data.is_contiguous() and data.data_ptr() % 32 == 0
-    return "int8pack" if packable else "bf16"
+    packable = (group_size is None and data.shape[1] % 16 == 0 and data.is_contiguous()
+                and data.data_ptr() % 32 == 0)
+    return "int8pack" if packable else "fp32"
 
 
 def grad_input_route(grad_out):
@@ -55,9 +53,9 @@ def _compute_dtype(route):
     return torch.bfloat16 if route == "bf16" else torch.float32
 
 
-def _block(n, k, group_size):
-    """How many of the weight's n rows one widened block holds: its float32 size (the dtype of the block, or
-    group-wise of its intermediate) about WIDEN_BLOCK_BYTES."""
+def _block(n, k):
+    """How many of the weight's n rows (of k values) one widened block holds: WIDEN_BLOCK_BYTES in float32 (the
+    block's dtype, or group-wise its intermediate's)."""
     return min(n, max(WIDEN_BLOCK_BYTES // (4 * k), 1))
 
 
@@ -67,8 +65,8 @@ class _Widener:
     int8 values themselves (exact) per channel, dequantized group-wise (float32 first, as dequantize_weight does)."""
 
     def __init__(self, data, scale, group_size, dtype):
-        self.data, self.scale, self.group_size, self.dtype = data, scale, group_size, dtype
-        self.rows = _block(data.shape[0], data.shape[1], group_size)
+        self.data, self.scale, self.group_size = data, scale, group_size
+        self.rows = _block(data.shape[0], data.shape[1])
         self.buffer = torch.empty(self.rows, data.shape[1], dtype=dtype)
         needs_fp32 = group_size is not None and dtype != torch.float32
         self.fp32 = torch.empty(self.rows, data.shape[1]) if needs_fp32 else self.buffer
