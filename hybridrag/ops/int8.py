@@ -35,6 +35,8 @@ class QuantizedWeight(nn.Module):
     takes bfloat16 x only (other dtypes would lose bits on the way in); "fp32" takes any float x. Not saved in the
     state_dict."""
 
+    _cpu_cache = _dense = _dense_key = None  # defaults for QuantizedWeights pickled before the cache existed
+
     def __init__(self, data, scale, group_size=None, cpu_cache=None):
         super().__init__()
         self.register_buffer("data", data)
