@@ -20,6 +20,8 @@ Targets, recorded in each row's `target` (the ratio is recorded for every case, 
                        the global rows cost). The pattern's pair count over the window's ("work") is recorded beside it:
                        about 1.11 at T=8k, w=512, L=64 and 1.45 with L=256, a floor no kernel gets under.
     attention_mass:    attention_mass ms / ours forward ms <= 1.5, every case.
+    ours_key_mask, ours_packed: the key-padding path with an all-True key_mask, and the packed-sequence path with the
+                       batch's rows as sequences, each <= 1.05 x ours: with no padding the new paths cost at most 5%.
 """
 import gc
 from dataclasses import asdict, dataclass
@@ -37,7 +39,8 @@ from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, comp
 
 SUITE = "hybrid"
 EXPECTED_S = {"quick": 35, "full": 600}  # on the 2-core AMD EPYC of the recorded results (FlexAttention compiles)
-PEERS = ("ours", "ours_window_only", "flex_attention", "sdpa_dense_mask", "attention_mass")
+PEERS = ("ours", "ours_window_only", "ours_key_mask", "ours_packed", "flex_attention", "sdpa_dense_mask",
+         "attention_mass")
 MODES = ("fwd", "fwd+bwd")
 PEER_MODES = {"attention_mass": ("fwd",)}  # attention_mass is not differentiable
 BACKWARD_FACTOR = 2.5
@@ -47,6 +50,7 @@ NUM_SEGMENTS = 64                  # attention_mass: the keys split into this ma
 WINDOW_ONLY_TARGET = 1.15  # ours / window-only, for (landmarks, memory) == WINDOW_ONLY_TARGET_VARIANT
 WINDOW_ONLY_TARGET_VARIANT = (64, 0)
 MASS_TARGET = 1.5         # attention_mass / ours forward
+NO_PADDING_TARGET = 1.05  # ours with an all-True key_mask, or as one packed sequence, / ours without either
 
 PEER_NOTES = {
     "ours": "hr.hybrid_attention(landmarks=T // L (int stride), global_queries=True, memory_k/v (1, Hkv, M, D) "
@@ -63,6 +67,10 @@ PEER_NOTES = {
                        "last, all True) built outside the timed call; memory tokens concatenated after the keys and, "
                        "when H != Hkv, k/v expanded to H heads, outside the timed call (SDPA's fused kernels that "
                        "take a mask reject grouped heads; enable_gqa=True would route to the math path)",
+    "ours_key_mask": "ours with key_mask=torch.ones(B, T, dtype=torch.bool): the key-padding path with nothing "
+                     "hidden",
+    "ours_packed": "ours on the batch's rows packed as (1, H, B * T, D) with cu_seqlens_q = cu_seqlens_k = "
+                   "[0, T, 2T, ...] (the varlen path; B = 1 packs nothing)",
     "attention_mass": f"hr.attention_mass with the same pattern and memory_k, {NUM_SEGMENTS} equal key segments, "
                       "every query row selected (query_mask=None); same backend as ours; not differentiable",
 }
@@ -187,15 +195,30 @@ def _with_memory_keys(case, k, v, memory_k, memory_v):
             for t, m in ((k, memory_k), (v, memory_v))]
 
 
-def _ours(case, device, mode):
+def _ours(case, device, mode, **padding):
+    """hybrid_attention on the case; `padding` adds key_mask or packs the batch's rows (cu_seqlens)."""
     q, k, v, memory_k, memory_v = make_inputs(case, device, mode != "fwd")
     backend = ours_backend(device)
+    packed = padding.pop("packed", False)
+    offsets = torch.arange(0, case.batch + 1, device=device, dtype=torch.int32) * case.seqlen
 
     def attend(q, k, v, *memory):
         memory_k, memory_v = memory or (None, None)
+        if packed:  # (B, H, T, D) -> (1, H, B * T, D): a copy for B > 1, a view for B = 1
+            q, k, v = (t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (q, k, v))
+            padding.update(cu_seqlens_q=offsets, cu_seqlens_k=offsets)
         return hr.hybrid_attention(q, k, v, case.window, landmarks=case.stride, global_queries=True,
-                                   memory_k=memory_k, memory_v=memory_v, causal=case.causal, backend=backend)
+                                   memory_k=memory_k, memory_v=memory_v, causal=case.causal, backend=backend,
+                                   **padding)
     return attend, [q, k, v] + ([memory_k, memory_v] if case.memory else [])
+
+
+def _ours_key_mask(case, device, mode):
+    return _ours(case, device, mode, key_mask=torch.ones(case.batch, case.seqlen, dtype=torch.bool, device=device))
+
+
+def _ours_packed(case, device, mode):
+    return _ours(case, device, mode, packed=True)
 
 
 def _ours_window_only(case, device, mode):
@@ -293,7 +316,8 @@ def _flex_attention(case, device, mode):
     return attend, [q, k, v]
 
 
-BUILDERS = {"ours": _ours, "ours_window_only": _ours_window_only, "flex_attention": _flex_attention,
+BUILDERS = {"ours": _ours, "ours_window_only": _ours_window_only, "ours_key_mask": _ours_key_mask,
+            "ours_packed": _ours_packed, "flex_attention": _flex_attention,
             "sdpa_dense_mask": _sdpa_dense_mask, "attention_mass": _attention_mass}
 
 # Failures seen on the first call that mean "this peer cannot do this here", recorded rather than raised.
@@ -340,6 +364,9 @@ def _target(peer, case, peer_ms, ours_ms):
     elif peer == "attention_mass":
         ratio, limit = peer_ms / ours_ms, MASS_TARGET
         record = {"ratio": "mass / ours fwd", "value": ratio, "work": None}
+    elif peer in ("ours_key_mask", "ours_packed"):
+        ratio, limit = peer_ms / ours_ms, NO_PADDING_TARGET
+        record = {"ratio": f"{peer.removeprefix('ours_').replace('_', ' ')} / ours", "value": ratio, "work": None}
     else:
         return None
     return {**record, "limit": limit, "met": None if limit is None else bool(ratio <= limit)}
@@ -423,29 +450,32 @@ def _shorten(text, width):
 # Correctness: ours against the reference, in the flash-attn rule
 # ----------------------------------------------------------------------------------------------------------------
 
-# (batch, heads, kv_heads, tq, tk, head_dim, window, landmarks, global_queries, memory, causal): odd lengths, grouped
-# heads, Tq != Tk, a bidirectional band, stride and explicit landmarks, memory tokens shared by the batch
+# (batch, heads, kv_heads, tq, tk, head_dim, window, landmarks, global_queries, memory, causal, hidden): odd lengths,
+# grouped heads, Tq != Tk, a bidirectional band, stride and explicit landmarks, memory tokens shared by the batch, and
+# a random key_mask hiding that share of the keys (0: no mask)
 CHECK_CASES = [
-    (2, 4, 2, 300, 300, 64, 64, 37, True, 16, True),
-    (1, 4, 1, 200, 333, 80, (48, 16), torch.tensor([0, 5, 140, 141, 290, 332]), True, 0, False),
-    (1, 2, 2, 257, 257, 128, 32, 64, False, 7, True),
+    (2, 4, 2, 300, 300, 64, 64, 37, True, 16, True, 0.0),
+    (1, 4, 1, 200, 333, 80, (48, 16), torch.tensor([0, 5, 140, 141, 290, 332]), True, 0, False, 0.0),
+    (1, 2, 2, 257, 257, 128, 32, 64, False, 7, True, 0.0),
+    (2, 4, 2, 300, 300, 64, 64, 37, True, 4, True, 0.3),
 ]
 CHECK_FLOOR = 1e-5
 
 
-def _output_and_grads(inputs, grad_out, window, landmarks, global_queries, causal, backend, dtype):
+def _output_and_grads(inputs, grad_out, window, landmarks, global_queries, causal, key_mask, backend, dtype):
     inputs = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
     q, k, v, memory_k, memory_v = inputs
     out = hr.hybrid_attention(q, k, v, window, landmarks=landmarks, global_queries=global_queries, memory_k=memory_k,
-                              memory_v=memory_v, causal=causal, backend=backend)
+                              memory_v=memory_v, causal=causal, key_mask=key_mask, backend=backend)
     leaves = [t for t in inputs if t is not None]
     return [out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
 
 
-def _mass(q, k, memory_k, segments, window, landmarks, global_queries, query_mask, causal, backend, dtype):
+def _mass(q, k, memory_k, segments, window, landmarks, global_queries, query_mask, causal, key_mask, backend, dtype):
     return hr.attention_mass(q.to(dtype), k.to(dtype), segments, NUM_SEGMENTS, window, landmarks=landmarks,
                              global_queries=global_queries, query_mask=query_mask,
-                             memory_k=None if memory_k is None else memory_k.to(dtype), causal=causal, backend=backend)
+                             memory_k=None if memory_k is None else memory_k.to(dtype), causal=causal,
+                             key_mask=key_mask, backend=backend)
 
 
 def check(device):
@@ -455,8 +485,9 @@ def check(device):
     dtype = bench_dtype(device)
     backend = ours_backend(device)
     rows = []
-    for batch, heads, kv_heads, tq, tk, dim, window, landmarks, global_queries, memory, causal in CHECK_CASES:
+    for batch, heads, kv_heads, tq, tk, dim, window, landmarks, global_queries, memory, causal, hidden in CHECK_CASES:
         torch.manual_seed(0)
+        key_mask = (torch.rand(batch, tk, device=device) >= hidden) if hidden else None
         q = torch.randn(batch, heads, tq, dim, device=device, dtype=dtype)
         k, v = (torch.randn(batch, kv_heads, tk, dim, device=device, dtype=dtype) for _ in range(2))
         memory_k, memory_v = (torch.randn(1, kv_heads, memory, dim, device=device, dtype=dtype) if memory else None
@@ -464,7 +495,7 @@ def check(device):
         if isinstance(landmarks, torch.Tensor):
             landmarks = landmarks.to(device)
         grad_out = torch.randn_like(q)
-        args = (window, landmarks, global_queries, causal)
+        args = (window, landmarks, global_queries, causal, key_mask)
         inputs = (q, k, v, memory_k, memory_v)
         truth = _output_and_grads(inputs, grad_out, *args, "reference", torch.float64)
         plain = _output_and_grads(inputs, grad_out, *args, "reference", dtype)
@@ -473,14 +504,15 @@ def check(device):
         segments = (torch.arange(tk, device=device) * NUM_SEGMENTS // tk).expand(batch, -1).clone()
         segments[:, ::5] = -1  # some keys in no segment
         query_mask = torch.rand(batch, tq, device=device) < 0.5
-        mass_args = (q, k, memory_k, segments, window, landmarks, global_queries, query_mask, causal)
+        mass_args = (q, k, memory_k, segments, window, landmarks, global_queries, query_mask, causal, key_mask)
         truth.append(_mass(*mass_args, "reference", torch.float64))
         plain.append(_mass(*mass_args, "reference", dtype))
         ours.append(_mass(*mass_args, backend, dtype))
         names.append("mass")
         lm = f"stride {landmarks}" if isinstance(landmarks, int) else f"{landmarks.numel()} positions"
         label = (f"B={batch} H={heads} Hkv={kv_heads} Tq={tq} Tk={tk} D={dim} window={window} landmarks={lm} "
-                 f"global={global_queries} M={memory} causal={causal}")
+                 f"global={global_queries} M={memory} causal={causal}"
+                 + (f" key_mask hides {hidden:.0%}" if hidden else ""))
         for name, t, p, o in zip(names, truth, plain, ours):
             rows.append({"case": label, "dtype": str(dtype).removeprefix("torch."), "tensor": name,
                          **compare_to_truth(o, p, t, CHECK_FLOOR)})
