@@ -279,6 +279,31 @@ def test_cpu_cache_bad_arguments():
         quantize_model(nn.Sequential(nn.Linear(8, 8)), cpu_cache=True)
 
 
+@pytest.mark.parametrize("dtype, cpu_cache, routes", [
+    (torch.bfloat16, None, {1: "int8pack", 8: "int8pack", 16: "bf16"}),
+    (torch.float16, None, {1: "fp32", 16: "fp32"}),
+    (torch.float32, None, {1: "fp32", 16: "fp32"}),
+    (torch.bfloat16, "bf16", {1: "cached", 16: "cached"}),
+    (torch.float32, "fp32", {1: "cached"}),
+], ids=str)
+def test_quantize_model_takes_the_intended_cpu_route_per_dtype(dtype, cpu_cache, routes, monkeypatch):
+    """Which W8A16 route a quantize_model'd model's layers take on CPU, by dtype and M (kernels/int8/cpu.py; chosen
+    by rule, not by timing): _weight_int8pack_mm for bfloat16 decode sizes, widened bfloat16 above, float32 for
+    float16 and float32, the dense cache when asked for."""
+    from hybridrag.kernels.int8 import cpu
+    seen = []
+    real = cpu.w8a16_route
+    monkeypatch.setattr(cpu, "w8a16_route", lambda *args: seen.append(real(*args)) or seen[-1])
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32)).to(dtype)
+    quantize_model(model, cpu_cache=cpu_cache)
+    for m, route in routes.items():
+        seen.clear()
+        with torch.no_grad():
+            model(torch.randn(m, 64, dtype=dtype))
+        assert seen == ([] if route == "cached" else [route, route]), (m, seen)
+    assert (model[0].qweight._dense is not None) == (cpu_cache is not None)
+
+
 def test_quantize_model_cpu_cache_reports_its_bytes_and_skips_what_it_cannot_serve():
     model = nn.Sequential(nn.Linear(64, 32).bfloat16(), nn.Linear(32, 16))
     report = quantize_model(model, cpu_cache="bf16")
