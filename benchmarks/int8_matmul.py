@@ -520,7 +520,8 @@ CHECK_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  
 
 
 def check_dtypes(device):
-    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
+    """CPU: every activation dtype, since each takes its own W8A16 route (kernels/int8/cpu.py)."""
+    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _variant_applies(accumulate, dtype, device):
