@@ -30,7 +30,7 @@ class QuantizedWeight(nn.Module):
 
     cpu_cache: None (default), "bf16" or "fp32": opt in to keeping the dequantized (N, K) weight in that dtype for
     W8A16 calls on the CPU backend, which then run as one dense matmul on it (the speed of a float layer, see
-    `int8_matmul`). Memory: N * K * 2 bytes ("bf16") or N * K * 4 bytes ("fp32") more, on top of the int8 weight,
+    `int8_matmul`; bfloat16 decode sizes keep `_weight_int8pack_mm`, faster still). Memory: N * K * 2 bytes ("bf16") or N * K * 4 bytes ("fp32") more, on top of the int8 weight,
     built on the first such call and rebuilt when data or scale change; a device or dtype move drops it. "bf16"
     takes bfloat16 x only (other dtypes would lose bits on the way in); "fp32" takes any float x. Not saved in the
     state_dict."""
@@ -218,14 +218,14 @@ def _backend_functions(backend):
 
 def cpu_route(x, qweight, activations="fp"):
     """Which CPU computation `int8_matmul(x, qweight, activations=..., backend="cpu")` runs for x (M, K):
-    "int_mm" (W8A8), "cached" (W8A16 on the qweight's cpu_cache), or the uncached W8A16 route of
-    `hybridrag.kernels.int8.cpu.w8a16_route`: "int8pack", "bf16" or "fp32". Chosen from dtypes, sizes and layout
-    only."""
+    "int_mm" (W8A8), or the W8A16 route of `hybridrag.kernels.int8.cpu.w8a16_route` ("int8pack", "bf16" or
+    "fp32"), where a qweight with a cpu_cache takes "cached" instead of "bf16" and "fp32" ("int8pack", bfloat16
+    decode sizes, measured faster than the dense bfloat16 matmul at N = K = 1024 and 4096). Chosen from dtypes, sizes
+    and layout only."""
     if activations == "int8":
         return "int_mm"
-    if qweight.cpu_cache is not None:
-        return "cached"
-    return w8a16_route(x, qweight.data, qweight.group_size)
+    route = w8a16_route(x, qweight.data, qweight.group_size)
+    return "cached" if qweight.cpu_cache is not None and route != "int8pack" else route
 
 
 def _cached_matmul(x, qweight, bias):
