@@ -4,10 +4,7 @@ tracing into the launchers, and autograd composes through `register_autograd`.
 
 Every tensor argument is already checked and laid out by `hybridrag.ops.hybrid`; the ops only dispatch to the
 backend's forward or backward."""
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from hybridrag.kernels.hybrid import attention_mass_blockwise, hybrid_bwd_blockwise, hybrid_fwd_blockwise
 
@@ -24,40 +21,49 @@ def backend_functions(backend):
     return hybrid_fwd_blockwise, hybrid_bwd_blockwise, attention_mass_blockwise
 
 
-@torch.library.custom_op("hybridrag::hybrid_attention_fwd", mutates_args=())
-def hybrid_attention_fwd(q: Tensor, k: Tensor, v: Tensor, landmarks: Tensor, memory_k: Optional[Tensor],
-                         memory_v: Optional[Tensor], kv_start: Optional[Tensor], key_mask: Optional[Tensor],
-                         left: int, right: int, causal: bool, global_queries: bool, scale: float,
-                         backend: str) -> tuple[Tensor, Tensor]:
+# Defined with the low-level torch.library API rather than @torch.library.custom_op, whose wrapper imports
+# torch._dynamo on the first eager call (about a second and 150 MB for every process that calls the op once).
+torch.library.define(
+    "hybridrag::hybrid_attention_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, "
+    "Tensor? key_mask, int left, int right, bool causal, bool global_queries, float scale, str backend) "
+    "-> (Tensor, Tensor)")
+torch.library.define(
+    "hybridrag::hybrid_attention_bwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor grad_out, Tensor? grad_lse, Tensor landmarks, "
+    "Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, Tensor? key_mask, int left, int right, bool causal, "
+    "bool global_queries, float scale, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("hybridrag::hybrid_attention_fwd", "CompositeExplicitAutograd")
+def _forward(q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask, left, right, causal, global_queries, scale,
+             backend):
     """(o (B, H, Tq, D) contiguous in q's dtype, lse (B, H, Tq) float32)."""
     forward_fn = backend_functions(backend)[0]
     return forward_fn(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start,
                       key_mask)
 
 
-@hybrid_attention_fwd.register_fake
+@torch.library.register_fake("hybridrag::hybrid_attention_fwd")
 def _(q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask, left, right, causal, global_queries, scale,
       backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("hybridrag::hybrid_attention_bwd", mutates_args=())
-def hybrid_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
-                         grad_lse: Optional[Tensor], landmarks: Tensor, memory_k: Optional[Tensor],
-                         memory_v: Optional[Tensor], kv_start: Optional[Tensor], key_mask: Optional[Tensor],
-                         left: int, right: int, causal: bool, global_queries: bool, scale: float,
-                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.impl("hybridrag::hybrid_attention_bwd", "CompositeExplicitAutograd")
+def _backward_kernels(q, k, v, out, lse, grad_out, grad_lse, landmarks, memory_k, memory_v, kv_start, key_mask, left,
+                      right, causal, global_queries, scale, backend):
     """(dq, dk, dv, dmemory_k, dmemory_v); the memory gradients are empty (0,) tensors without memory tokens."""
     backward_fn = backend_functions(backend)[1]
     dq, dk, dv, dmemory_k, dmemory_v = backward_fn(q, k, v, out, lse, grad_out, grad_lse, left, right, causal,
                                                    landmarks, global_queries, scale, memory_k, memory_v, kv_start,
                                                    key_mask)
     if dmemory_k is None:
-        dmemory_k, dmemory_v = q.new_empty(0), q.new_empty(0)  # two tensors: returns may not alias
+        dmemory_k, dmemory_v = q.new_empty(0), q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmemory_k.contiguous(), dmemory_v.contiguous()
 
 
-@hybrid_attention_bwd.register_fake
+@torch.library.register_fake("hybridrag::hybrid_attention_bwd")
 def _(q, k, v, out, lse, grad_out, grad_lse, landmarks, memory_k, memory_v, kv_start, key_mask, left, right, causal,
       global_queries, scale, backend):
     memory = (q.new_empty(0), q.new_empty(0)) if memory_k is None else \
@@ -75,10 +81,11 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else unit_last_stride(grad_out)
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv, dmemory_k, dmemory_v = hybrid_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, landmarks,
-                                                            memory_k, memory_v, kv_start, key_mask, *ctx.constants)
+    dq, dk, dv, dmemory_k, dmemory_v = torch.ops.hybridrag.hybrid_attention_bwd(
+        q, k, v, out, lse, grad_out, grad_lse, landmarks, memory_k, memory_v, kv_start, key_mask, *ctx.constants)
     memory_grads = (None, None) if memory_k is None else (dmemory_k, dmemory_v)
     return dq, dk, dv, None, *memory_grads, None, None, None, None, None, None, None, None
 
 
-hybrid_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("hybridrag::hybrid_attention_fwd", _backward, setup_context=_setup_context)
+hybrid_attention_fwd = torch.ops.hybridrag.hybrid_attention_fwd
