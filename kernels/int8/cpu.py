@@ -22,7 +22,10 @@ dtype.
 
 Memory: besides the output, a float32 (M, N) accumulator (gradient: (M, K)) and x in the compute dtype; one buffer
 for the widened weight block, WIDEN_BLOCK_BYTES in float32 (half in bfloat16; group-wise in bfloat16 both); never
-an (N, K) copy."""
+an (N, K) copy. The widening buffers are a per-thread workspace kept between calls (at most 2.5 x WIDEN_BLOCK_BYTES,
+10 MiB, a thread: a float32 and a bfloat16 block and group-wise bfloat16's float32 intermediate)."""
+import threading
+
 import torch
 
 from .quantize import quantize_activations
@@ -59,17 +62,33 @@ def _block(n, k):
     return min(n, max(WIDEN_BLOCK_BYTES // (4 * k), 1))
 
 
+_WORKSPACE = threading.local()  # per thread: {(slot, dtype): flat buffer}, kept for the process's life
+
+
+def _workspace(rows, cols, dtype, slot):
+    """A (rows, cols) buffer in dtype that this thread's calls reuse: allocating one per call (or per block) costs
+    page faults, because the C allocator hands blocks this large back to the system when they are freed. At most
+    one block of WIDEN_BLOCK_BYTES in float32 per slot and dtype per thread."""
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    buffer = buffers.get((slot, dtype))
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = buffers[(slot, dtype)] = torch.empty(rows * cols, dtype=dtype)
+    return buffer[:rows * cols].view(rows, cols)
+
+
 class _Widener:
-    """Widens blocks of rows of an int8 weight into buffers allocated once per call, reused block after block (a
-    fresh allocation per block costs page faults where the allocator hands the memory back between blocks): the
-    int8 values themselves (exact) per channel, dequantized group-wise (float32 first, as dequantize_weight does)."""
+    """Widens blocks of rows of an int8 weight into this thread's workspace, reused block after block and call
+    after call: the int8 values themselves (exact) per channel, dequantized group-wise (float32 first, as
+    dequantize_weight does)."""
 
     def __init__(self, data, scale, group_size, dtype):
         self.data, self.scale, self.group_size = data, scale, group_size
         self.rows = _block(data.shape[0], data.shape[1])
-        self.buffer = torch.empty(self.rows, data.shape[1], dtype=dtype)
+        self.buffer = _workspace(self.rows, data.shape[1], dtype, "block")
         needs_fp32 = group_size is not None and dtype != torch.float32
-        self.fp32 = torch.empty(self.rows, data.shape[1]) if needs_fp32 else self.buffer
+        self.fp32 = _workspace(self.rows, data.shape[1], torch.float32, "fp32") if needs_fp32 else self.buffer
 
     def blocks(self):
         """Yields (start, stop, block (stop - start, K) in dtype); each block is overwritten by the next."""
