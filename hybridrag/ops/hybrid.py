@@ -11,8 +11,8 @@ from .backend import resolve_backend
 from .library import backend_functions, hybrid_attention_fwd
 from .packed import packed_attention
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
-                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens, check_scale,
-                         check_tensor, unit_last_stride)
+                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens, check_row_mask,
+                         check_scale, check_tensor, unit_last_stride)
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,7 @@ def _check_segments(segments, num_segments, k):
 def _check_query_mask(query_mask, q):
     if query_mask is None:
         return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-    check_tensor("query_mask", query_mask)
-    if query_mask.dtype != torch.bool:
-        raise TypeError(f"query_mask must be a bool tensor, got dtype {query_mask.dtype}")
-    if query_mask.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"query_mask must have shape ({q.shape[0]}, {q.shape[2]}) (batch, Tq), "
-                         f"got {tuple(query_mask.shape)}")
-    if query_mask.device != q.device:
-        raise ValueError(f"query_mask is on {query_mask.device} but q is on {q.device}")
-    return query_mask
+    return check_row_mask("query_mask", query_mask, q, "q", "Tq")
 
 
 @torch.no_grad()

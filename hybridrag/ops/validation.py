@@ -118,19 +118,23 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def check_row_mask(name, mask, t, t_name, axis):
+    """mask: a bool tensor (B, T) over the batch and sequence axes of t (named t_name; `axis` names its sequence
+    axis, "Tq" or "Tk"), on t's device. Metadata only."""
+    check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape != (t.shape[0], t.shape[2]):
+        raise ValueError(f"{name} must have shape ({t.shape[0]}, {t.shape[2]}) (batch, {axis}), "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != t.device:
+        raise ValueError(f"{name} is on {mask.device} but {t_name} is on {t.device}")
+    return mask
+
+
 def check_key_mask(key_mask, k):
     """key_mask: None or a bool tensor (B, Tk) on k's device (False = the key is never seen). Metadata only."""
-    if key_mask is None:
-        return None
-    check_tensor("key_mask", key_mask)
-    if key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be a bool tensor (True = the key is seen), got dtype {key_mask.dtype}")
-    if key_mask.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"key_mask must have shape ({k.shape[0]}, {k.shape[2]}) (batch, Tk), "
-                         f"got {tuple(key_mask.shape)}")
-    if key_mask.device != k.device:
-        raise ValueError(f"key_mask is on {key_mask.device} but k is on {k.device}")
-    return key_mask
+    return None if key_mask is None else check_row_mask("key_mask", key_mask, k, "k", "Tk")
 
 
 def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):

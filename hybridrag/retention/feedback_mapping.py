@@ -6,11 +6,12 @@ With threshold t, positive p, negative n and neutral u, a value a maps to (seed 
     a <  t:  n + a / t * (u - n)                 n at a = 0, up to u just below the threshold
 """
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["threshold_feedback", "to_numpy", "check_number", "check_attention"]
+__all__ = ["threshold_feedback", "to_numpy", "check_number", "check_attention", "merge_config"]
 
 
 def threshold_feedback(values, threshold, positive, negative, neutral):
@@ -59,3 +60,15 @@ def check_attention(name, value, ndim):
     if (array < 0).any():
         raise ValueError(f"{name} must be >= 0 (attention probabilities), got a minimum of {array.min()}")
     return array
+
+
+def merge_config(config, defaults):
+    """The seed's config dict over its defaults: None = all defaults; a non-dict or an unknown key is an error."""
+    config = {} if config is None else config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    unknown = sorted(map(repr, set(config) - set(defaults)))
+    if unknown:
+        raise ValueError(f"config has unknown keys {', '.join(unknown)}; the keys are {tuple(defaults)}")
+    return {**defaults, **config}
+

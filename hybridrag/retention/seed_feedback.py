@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..ops.validation import check_int
-from .feedback_mapping import check_attention, check_number, threshold_feedback, to_numpy
+from .feedback_mapping import check_attention, check_number, merge_config, threshold_feedback, to_numpy
 
 __all__ = ["SeedFeedback", "CONFIG_DEFAULTS", "METHODS", "FORMS"]
 
@@ -51,13 +51,7 @@ class SeedFeedback:
         if not callable(embedding_func):
             raise TypeError(f"embedding_func must be callable (texts -> (n, d) embeddings), got "
                             f"{type(embedding_func).__name__}")
-        config = {} if config is None else config
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        unknown = sorted(map(repr, set(config) - set(CONFIG_DEFAULTS)))
-        if unknown:
-            raise ValueError(f"config has unknown keys {', '.join(unknown)}; the keys are {tuple(CONFIG_DEFAULTS)}")
-        values = {**CONFIG_DEFAULTS, **config}
+        values = merge_config(config, CONFIG_DEFAULTS)
         if values["method"] not in METHODS:
             raise ValueError(f"config['method'] must be one of {METHODS}, got {values['method']!r}")
         for name in CONFIG_DEFAULTS:

@@ -15,7 +15,7 @@ import asyncio
 import inspect
 from collections.abc import Mapping
 
-from .feedback_mapping import check_number
+from .feedback_mapping import check_number, merge_config
 
 __all__ = ["HyperedgeGraph", "SeedWeights", "STRATEGIES", "CONFIG_DEFAULTS"]
 
@@ -86,13 +86,7 @@ class SeedWeights:
             raise TypeError(f"graph must provide async get_node(id) and upsert_node(id, node) (the seed's graph "
                             f"storage, e.g. HyperedgeGraph), but {type(graph).__name__} has no async "
                             f"{' or '.join(missing)}")
-        config = {} if config is None else config
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        unknown = sorted(map(repr, set(config) - set(CONFIG_DEFAULTS)))
-        if unknown:
-            raise ValueError(f"config has unknown keys {', '.join(unknown)}; the keys are {tuple(CONFIG_DEFAULTS)}")
-        values = {**CONFIG_DEFAULTS, **config}
+        values = merge_config(config, CONFIG_DEFAULTS)
         if values["strategy"] not in STRATEGIES:
             raise ValueError(f"config['strategy'] must be one of {STRATEGIES} (the seed defines ema only), got "
                              f"{values['strategy']!r}")
