@@ -239,6 +239,34 @@ def time_ms(fn, device, *, warmup_ms=25, rep_ms=100, cpu_warmup=1, cpu_reps=10, 
                   meter.stop())
 
 
+def paired_ratio(fn, base_fn, device, *, pairs=10, min_pairs=3, budget_s=10.0, cuda_rounds=5):
+    """Median over pairs of time(fn) / time(base_fn), the two called in turn (the order alternating pair by pair),
+    so a drift of the machine's speed moves both sides of each ratio alike: what resolves a few percent on a CPU
+    whose medians move by tens of percent between runs. CUDA: triton.testing.do_bench of each in turn,
+    `cuda_rounds` rounds. Returns {"ratio", "pairs", "method", "other_load"}."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        ratios = [do_bench(fn, return_mode="median") / do_bench(base_fn, return_mode="median")
+                  for _ in range(cuda_rounds)]
+        return {"ratio": statistics.median(ratios), "pairs": cuda_rounds, "other_load": None,
+                "method": f"median of {cuda_rounds} rounds of do_bench medians, in turn"}
+    fn()
+    base_fn()
+    ratios = []
+    meter, start = LoadMeter().start(), time.perf_counter()
+    while len(ratios) < pairs and (len(ratios) < min_pairs or time.perf_counter() - start < budget_s):
+        first, second = (fn, base_fn) if len(ratios) % 2 == 0 else (base_fn, fn)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        fn_s, base_s = (t1 - t0, t2 - t1) if first is fn else (t2 - t1, t1 - t0)
+        ratios.append(fn_s / base_s)
+    return {"ratio": statistics.median(ratios), "pairs": len(ratios), "other_load": meter.stop(),
+            "method": f"perf_counter, median of {len(ratios)} alternating pairs after one warm-up call each"}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Measured ceilings
 # ----------------------------------------------------------------------------------------------------------------

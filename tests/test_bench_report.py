@@ -3,9 +3,11 @@ verdicts, --record, the output folder, the expected time, the summary and the pl
 timed: the runner is driven with a fake suite whose rows are made up."""
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import common, report
 
@@ -289,3 +291,18 @@ def test_ceilings_measured_under_load_are_marked():
                 "other_load": 0.8}
     assert "measured under other load 80%" in report.ceilings_text(ceilings, ENV, 0.15)
     assert "other load" not in report.ceilings_text({**ceilings, "other_load": 0.05}, ENV, 0.15)
+
+
+def test_paired_ratio_times_two_calls_in_turn():
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+        time.sleep(0.002)
+    paired = common.paired_ratio(slow, fast, torch.device("cpu"), pairs=6, budget_s=1.0)
+    assert paired["pairs"] == 6 and 1.5 < paired["ratio"] < 2.5
+    assert calls[2:6] == ["slow", "fast", "fast", "slow"]  # after one warm-up call each, the order alternates
