@@ -11,8 +11,8 @@ from .backend import resolve_backend
 from .library import backend_functions, hybrid_attention_fwd
 from .packed import packed_attention
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
-                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens, check_row_mask,
-                         check_scale, check_tensor, unit_last_stride)
+                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens,
+                         check_per_position, check_row_mask, check_scale, check_tensor, unit_last_strides)
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,7 @@ def _attention(q, k, v, memory_k, memory_v, pattern, backend):
     """(o, lse) of one batch of checked inputs on a concrete backend."""
     if backend == "reference":
         return hybrid_attention_reference(q, k, v, *pattern.args(), memory_k, memory_v, *pattern.hidden_keys())
-    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    if memory_k is not None:
-        memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
+    q, k, v, memory_k, memory_v = unit_last_strides(q, k, v, memory_k, memory_v)
     return hybrid_attention_fwd(q, k, v, pattern.landmarks, memory_k, memory_v, pattern.kv_start, pattern.key_mask,
                                 pattern.left, pattern.right, pattern.causal, pattern.global_queries, pattern.scale,
                                 backend)
@@ -138,11 +136,7 @@ def _check_segments(segments, num_segments, k):
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
     if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
         raise TypeError(f"segments must be an integer tensor, got dtype {segments.dtype}")
-    if segments.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"segments must have shape ({k.shape[0]}, {k.shape[2]}) (batch, Tk), "
-                         f"got {tuple(segments.shape)}")
-    if segments.device != k.device:
-        raise ValueError(f"segments is on {segments.device} but k is on {k.device}")
+    check_per_position("segments", segments, k, "k", "Tk")
     low, high = segments.min().item(), segments.max().item()
     if low < -1 or high >= num_segments:
         raise ValueError(f"segments must hold ids in [-1, {num_segments}) (-1 = no segment), got {low} .. {high}")
@@ -185,8 +179,7 @@ def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, glob
     if backend == "reference":
         return attention_mass_reference(q, k, segments, num_segments, *pattern.args(), query_mask, memory_k,
                                         *pattern.hidden_keys())
-    q, k = unit_last_stride(q), unit_last_stride(k)
-    memory_k = None if memory_k is None else unit_last_stride(memory_k)
+    q, k, memory_k = unit_last_strides(q, k, memory_k)
     forward_fn, _, mass_fn = backend_functions(backend)
     _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, *pattern.hidden_keys())
     row_weights = query_mask.float() / query_mask.sum(dim=1, keepdim=True).clamp(min=1)

@@ -8,7 +8,7 @@ from hybridrag.kernels.hybrid import hybrid_attention_reference
 from hybridrag.kernels.patterns import resolve_landmarks
 
 from .library import backend_functions
-from .validation import unit_last_stride
+from .validation import unit_last_stride, unit_last_strides
 
 
 def _sequence_patterns(pattern, landmarks, sequences):
@@ -99,9 +99,7 @@ def packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences,
         if all(q_hi == q_lo for q_lo, q_hi, _, _ in sequences):
             return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
         return _packed_reference(q, k, v, memory_k, memory_v, patterns, sequences)
-    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    if memory_k is not None:
-        memory_k, memory_v = unit_last_stride(memory_k), unit_last_stride(memory_v)
+    q, k, v, memory_k, memory_v = unit_last_strides(q, k, v, memory_k, memory_v)
     forward_fn, backward_fn, _ = backend_functions(backend)
     return PackedHybridAttentionFunction.apply(q, k, v, memory_k, memory_v, patterns, sequences,
                                                (forward_fn, backward_fn))

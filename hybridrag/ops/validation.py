@@ -75,6 +75,11 @@ def unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unit_last_strides(*tensors):
+    """unit_last_stride of each tensor, None left as None."""
+    return [None if t is None else unit_last_stride(t) for t in tensors]
+
+
 def check_memory_tokens(memory_k, memory_v, k):
     """memory_k/v: both None, or (B or 1, Hkv, M, D) with M >= 1 in k's dtype and device."""
     if (memory_k is None) != (memory_v is None):
@@ -118,17 +123,22 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def check_per_position(name, values, t, t_name, axis):
+    """values: (B, T) over the batch and sequence axes of t (named t_name; `axis` names its sequence axis, "Tq" or
+    "Tk"), on t's device. Shape and device only."""
+    if values.shape != (t.shape[0], t.shape[2]):
+        raise ValueError(f"{name} must have shape ({t.shape[0]}, {t.shape[2]}) (batch, {axis}), "
+                         f"got {tuple(values.shape)}")
+    if values.device != t.device:
+        raise ValueError(f"{name} is on {values.device} but {t_name} is on {t.device}")
+
+
 def check_row_mask(name, mask, t, t_name, axis):
-    """mask: a bool tensor (B, T) over the batch and sequence axes of t (named t_name; `axis` names its sequence
-    axis, "Tq" or "Tk"), on t's device. Metadata only."""
+    """mask: a bool tensor (B, T) per position of t (check_per_position). Metadata only."""
     check_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
-    if mask.shape != (t.shape[0], t.shape[2]):
-        raise ValueError(f"{name} must have shape ({t.shape[0]}, {t.shape[2]}) (batch, {axis}), "
-                         f"got {tuple(mask.shape)}")
-    if mask.device != t.device:
-        raise ValueError(f"{name} is on {mask.device} but {t_name} is on {t.device}")
+    check_per_position(name, mask, t, t_name, axis)
     return mask
 
 
