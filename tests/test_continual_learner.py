@@ -181,7 +181,7 @@ def test_bad_calls(tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint has batch_size=2 but this learner has 4"):
         learner_with(buffer_size=8, batch_size=4).load_checkpoint(path)
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"other.pt is not a ContinualLearner checkpoint of format 1"):
+    with pytest.raises(ValueError, match=r"other.pt is not a ContinualLearner checkpoint of format 2"):
         learner.load_checkpoint(tmp_path / "other.pt")
     fixed = ContinualLearner(NeuralRetriever(vocab_size=9, output_dim=16, padding_idx=None), batch_size=2)
     fixed.observe(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))

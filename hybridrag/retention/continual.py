@@ -1,7 +1,10 @@
 """Continual fine-tuning of a NeuralRetriever on a bounded buffer of new (query, positive) pairs."""
+import copy
+import hashlib
+import io
 import math
-import os
-import tempfile
+import pickle
+import re
 from collections import deque
 from pathlib import Path
 
@@ -10,8 +13,15 @@ import torch.nn.functional as F
 
 from ..nn.common import _check_flag, _check_positive_int
 from ..retrieval.neural import NeuralRetriever, _check_number
+from .memory import remove_stale_temporaries, write_atomically
 
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"hybridrag.ContinualLearner checkpoint"
+_HEADER = re.compile(rb"hybridrag\.ContinualLearner checkpoint (\d+) sha256=([0-9a-f]{64})\n")
+_AUTO_NAME = r"step-\d{8}\.pt"  # the names of automatic checkpoints in checkpoint_dir
+# what a torch.load of a damaged payload raises (the checksum catches damage first; this covers a foreign writer)
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+                AttributeError)
 
 
 def _pad_stack(rows, value):
@@ -33,10 +43,17 @@ class ContinualLearner:
       one optimizer step. The loss is a mean over the micro-batch, so with in_batch_negatives=False the accumulated
       gradient equals that of one batch of batch_size * accumulation_steps; with in-batch negatives each query's
       negatives are its own micro-batch's positives (as in any accumulation of a contrastive loss).
-    - Checkpoints: model, optimizer, step, buffer, dropped count and sampler state in one file written atomically
-      (a temporary file in the same directory, then os.replace); load_checkpoint resumes so that the next steps are
-      identical to an uninterrupted run. With checkpoint_dir and checkpoint_every, step() saves
-      checkpoint_dir/step-XXXXXXXX.pt every checkpoint_every steps.
+    - Inputs must be finite: `observe` refuses a NaN/inf row. A step whose loss or gradient is not finite raises
+      FloatingPointError before the optimizer step: parameters and optimizer state are unchanged, the gradients are
+      cleared, step_count does not advance; the micro-batches it drew are used up, so a caller may catch it and go on.
+    - Checkpoints: model, optimizer (and its class), step, buffer, dropped count and sampler state in one file written
+      atomically (a temporary `.{name}.{pid}.{random}.tmp` in the same directory, then os.replace; temporaries of
+      killed writers are removed by the next save or load, see `remove_stale_temporaries`). The file is one header
+      line `hybridrag.ContinualLearner checkpoint 2 sha256=<64 hex>\\n` followed by the torch.save payload the sha256
+      is of. load_checkpoint checks the header, the checksum, the config, the model's parameter names and shapes and
+      the optimizer's class and groups before it changes anything, so a failing load leaves the learner as it was; it
+      resumes so that the next steps are identical to an uninterrupted run. With checkpoint_dir and checkpoint_every,
+      step() saves checkpoint_dir/step-XXXXXXXX.pt every checkpoint_every steps.
 
     Args:
         retriever: the NeuralRetriever to train.
@@ -111,6 +128,8 @@ class ContinualLearner:
                 if x is not None and held.shape[-1] != x.shape[-1]:
                     raise ValueError(f"{name} has length {x.shape[-1]} but the buffered ones have {held.shape[-1]}; "
                                      "token inputs of different lengths need a retriever with a padding_idx")
+        for name, x in (("queries", queries), ("positives", positives), ("hard_negatives", hard_negatives)):
+            _check_finite(name, x)
         before = self.dropped
         for i in range(queries.shape[0]):
             if len(self.buffer) == self.buffer_size:
@@ -139,22 +158,46 @@ class ContinualLearner:
 
     def step(self):
         """One optimizer step over accumulation_steps micro-batches. Returns {"step", "loss" (mean micro-batch
-        loss)}. Needs at least batch_size buffered examples."""
+        loss)}. Needs at least batch_size buffered examples. FloatingPointError, with no step taken, when a loss or
+        a gradient is not finite."""
         if len(self.buffer) < self.batch_size:
             raise ValueError(f"the buffer holds {len(self.buffer)} examples, fewer than batch_size "
                              f"({self.batch_size}); observe more first")
         self.retriever.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(self.accumulation_steps):
+        for micro in range(self.accumulation_steps):
             loss = self.retriever.loss(*self._collate(self._next_indices()), **self.loss_options)
+            value = loss.item()
+            if not math.isfinite(value):
+                self._refuse_step(f"the loss of micro-batch {micro} is {value}")
             (loss / self.accumulation_steps).backward()
-            total += loss.item()
+            total += value
+        bad = self._non_finite_gradient()
+        if bad is not None:
+            self._refuse_step(f"the gradient of {bad} has NaN or inf values")
         self.optimizer.step()
         self.step_count += 1
         if self.checkpoint_every is not None and self.step_count % self.checkpoint_every == 0:
             self.save_checkpoint()
         return {"step": self.step_count, "loss": total / self.accumulation_steps}
+
+    def _non_finite_gradient(self):
+        """The name of the first optimised parameter whose gradient is not finite, or None."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one sync
+            return None
+        names = {id(p): name for name, p in self.retriever.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    return names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+        return None
+
+    def _refuse_step(self, what):
+        self.optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"step {self.step_count + 1} refused: {what}; the optimizer step was not taken "
+                                 "(parameters and optimizer state unchanged)")
 
     def train(self, epochs=1):
         """ceil(epochs * len(buffer) / (batch_size * accumulation_steps)) steps. Returns {"steps", "losses" (per
@@ -170,44 +213,162 @@ class ContinualLearner:
 
     def save_checkpoint(self, path=None):
         """Write the full training state to path (default checkpoint_dir/step-XXXXXXXX.pt) atomically; returns the
-        Path. Size: the model and optimizer state plus the buffered tensors."""
+        Path. Size: the model and optimizer state plus the buffered tensors, plus a 112-byte header."""
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("save_checkpoint needs a path when the learner has no checkpoint_dir")
             path = self.checkpoint_dir / f"step-{self.step_count:08d}.pt"
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.checkpoint_dir, _AUTO_NAME)  # earlier steps' names are not written again
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"format": FORMAT, "config": self._config(), "model": self.retriever.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.step_count, "dropped": self.dropped,
+                 "optimizer_class": _class_name(self.optimizer), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step_count, "dropped": self.dropped,
                  "buffer": [list(example) for example in self.buffer], "generator": self._generator.get_state(),
                  "order": self._order, "cursor": self._cursor}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        done = False
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-            os.replace(temporary, path)
-            done = True
-        finally:
-            if not done:
-                os.unlink(temporary)
+        payload = io.BytesIO()
+        torch.save(state, payload)
+        payload = payload.getbuffer()
+        header = MAGIC + f" {FORMAT} sha256={hashlib.sha256(payload).hexdigest()}\n".encode("ascii")
+        write_atomically(path, lambda file: (file.write(header), file.write(payload)))
         return path
 
     def load_checkpoint(self, path):
-        """Restore the state save_checkpoint wrote. The learner's buffer_size, batch_size and accumulation_steps must
-        equal the checkpoint's (they decide which examples the next steps draw)."""
-        device = self.retriever.log_temperature.device
-        state = torch.load(Path(path), map_location=device, weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}")
-        for key, value in self._config().items():
-            if state["config"][key] != value:
-                raise ValueError(f"the checkpoint has {key}={state['config'][key]} but this learner has {value}")
-        self.retriever.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore the state save_checkpoint wrote, all or nothing. The learner's buffer_size, batch_size and
+        accumulation_steps must equal the checkpoint's (they decide which examples the next steps draw), and so must
+        the retriever's parameter names and shapes and the optimizer's class and groups. FileNotFoundError if path
+        is missing; ValueError naming the file if it is not an intact checkpoint or does not fit this learner."""
+        path = Path(path)
+        remove_stale_temporaries(path.parent, re.escape(path.name))
+        state = _read_checkpoint(path, self.retriever.log_temperature.device)
+        self._check_checkpoint(path, state)
+        generator = torch.Generator()
+        try:
+            generator.set_state(state["generator"].cpu())
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: the sampler state is not a torch.Generator state: {err}") from None
+        model, optimizer = self.retriever.state_dict(), self.optimizer.state_dict()
+        model = {name: value.detach().clone() for name, value in model.items()}
+        optimizer = copy.deepcopy(optimizer)
+        try:
+            self.retriever.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except BaseException:  # put back what was there: a load changes all or nothing
+            self.retriever.load_state_dict(model)
+            self.optimizer.load_state_dict(optimizer)
+            raise
         self.step_count, self.dropped = state["step"], state["dropped"]
         self.buffer = deque((tuple(example) for example in state["buffer"]), maxlen=self.buffer_size)
-        self._generator.set_state(state["generator"].cpu())
+        self._generator.set_state(generator.get_state())
         self._order, self._cursor = state["order"], state["cursor"]
         if self._order is not None:
             self._order = self._order.cpu()
+
+    def _check_checkpoint(self, path, state):
+        """ValueError naming path unless state is a checkpoint this learner can load in full."""
+        for key, value in self._config().items():
+            if state["config"].get(key) != value:
+                raise ValueError(f"{path}: the checkpoint has {key}={state['config'].get(key)} but this learner has "
+                                 f"{value}")
+        _check_model_state(path, state["model"], self.retriever)
+        mine = _class_name(self.optimizer)
+        if state["optimizer_class"] != mine:
+            raise ValueError(f"{path}: the checkpoint holds the state of a {state['optimizer_class']} optimizer but "
+                             f"this learner's optimizer is a {mine}")
+        _check_optimizer_state(path, state["optimizer"], self.optimizer)
+        for name in ("step", "dropped", "cursor"):
+            if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
+                raise ValueError(f"{path}: {name} must be an int >= 0, got {state[name]!r}")
+        if state["order"] is not None and not isinstance(state["order"], torch.Tensor):
+            raise ValueError(f"{path}: the sampler order must be a tensor or None, got {type(state['order']).__name__}")
+        buffer = state["buffer"]
+        if not isinstance(buffer, list) or len(buffer) > self.buffer_size or not all(
+                isinstance(e, list) and len(e) == 3 and isinstance(e[0], torch.Tensor)
+                and isinstance(e[1], torch.Tensor) and (e[2] is None or isinstance(e[2], torch.Tensor))
+                for e in buffer):
+            raise ValueError(f"{path}: the buffer must be a list of at most {self.buffer_size} [query, positive, "
+                             "hard negatives or None] tensor triples")
+
+
+def _check_finite(name, x):
+    """ValueError naming the first row (of dim 0) of a float tensor x that holds NaN or inf; ints always pass."""
+    if x is None or not x.dtype.is_floating_point:
+        return
+    finite = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)  # [N]
+    if not finite.all():
+        row = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(f"{name} row {row} has NaN or inf values; every buffered example must be finite")
+
+
+def _class_name(optimizer):
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _read_checkpoint(path, device):
+    """The state dict in the checkpoint file at path, after checking its header and checksum."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no ContinualLearner checkpoint at {str(path)!r}") from None
+    if not data:
+        raise ValueError(f"{path} is empty, not a ContinualLearner checkpoint (an interrupted copy?)")
+    header = _HEADER.match(data[:len(MAGIC) + 96])
+    if header is None:
+        what = "a torch.save file without the header of format 2" if data[:2] == b"PK" else "garbage"
+        raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}: it starts with no "
+                         f"'{MAGIC.decode()} {FORMAT} sha256=...' line ({what})")
+    if int(header.group(1)) != FORMAT:
+        raise ValueError(f"{path} is a ContinualLearner checkpoint of format {int(header.group(1))}; this version "
+                         f"reads format {FORMAT}")
+    payload = memoryview(data)[header.end():]
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != header.group(2).decode():
+        raise ValueError(f"{path} is corrupt: its {len(payload)} payload bytes have sha256 {digest}, the header "
+                         f"records {header.group(2).decode()} (truncated or altered)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"{path}: torch.load cannot read its payload: {type(err).__name__}: {err}") from None
+    keys = {"format", "config", "model", "optimizer_class", "optimizer", "step", "dropped", "buffer", "generator",
+            "order", "cursor"}
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not keys <= state.keys():
+        raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}: its payload lacks "
+                         f"{sorted(keys - state.keys()) if isinstance(state, dict) else 'a state dict'}")
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise ValueError(f"{path}: config and model must be dicts")
+    return state
+
+
+def _check_model_state(path, saved, retriever):
+    """ValueError unless saved has exactly the retriever's state names, each a tensor of the same shape."""
+    mine = {name: tuple(value.shape) for name, value in retriever.state_dict().items()}
+    theirs = {name: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+              for name, value in saved.items()}
+    if mine == theirs:
+        return
+    missing, unexpected = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    differ = [f"{name} is {theirs[name]} in the checkpoint but {mine[name]} here"
+              for name in sorted(mine.keys() & theirs.keys()) if mine[name] != theirs[name]]
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + differ
+    raise ValueError(f"{path}: the checkpoint's model does not match this learner's retriever: {'; '.join(parts)}")
+
+
+def _check_optimizer_state(path, saved, optimizer):
+    """ValueError unless saved has the optimizer's group sizes and per-parameter state tensors of its shapes."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or \
+            not isinstance(saved.get("state"), dict):
+        raise ValueError(f"{path}: the optimizer state must be a dict with 'state' and 'param_groups'")
+    mine = [len(group["params"]) for group in optimizer.param_groups]
+    theirs = [len(group.get("params", ())) if isinstance(group, dict) else None for group in saved["param_groups"]]
+    if mine != theirs:
+        raise ValueError(f"{path}: the checkpoint's optimizer has parameter groups of sizes {theirs} but this "
+                         f"learner's has {mine}")
+    shapes = {}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        shapes.update(zip(saved_group["params"], (tuple(p.shape) for p in group["params"])))
+    for index, entries in saved["state"].items():
+        for name, value in (entries.items() if isinstance(entries, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes.get(index):
+                raise ValueError(f"{path}: the optimizer's {name} of parameter {index} has shape "
+                                 f"{tuple(value.shape)} but the parameter has {shapes.get(index)}")

@@ -14,16 +14,24 @@ Semantics, in one place:
                 ties: the least recently touched.
   Touch ticks are unique, so every order is total and deterministic. `eviction_order()` lists it.
 - Search scores are inner products; with normalize=True embeddings and queries are L2-normalised first (cosine).
+  Normalising divides by the max-abs first and takes the norm in float64, so any finite non-zero vector keeps its
+  direction (1e20 or 1e-30 entries alike). NaN/inf values are refused, and so is a zero vector when normalize=True
+  (it has no direction); with normalize=False a zero vector is stored and scores 0, and values beyond the float32
+  range are refused. Raw inner products (normalize=False) are float32 and can overflow to inf for huge vectors.
 - Payloads are kept as their JSON round trip (tuples become lists), so what `get` returns is the same before and after
   `save`/`load`, and later changes to the caller's object do not reach the store.
-- `save` writes one .npz file atomically (a temporary file in the same folder, then os.replace); `load` restores the
-  store exactly: the same keys, vectors, payloads, clock, counts, importances and free slots, hence the same eviction
-  order and the same search ties.
+- `save` writes one .npz file atomically (a temporary file `.{name}.{pid}.{random}.tmp` in the same folder, then
+  os.replace); `load` restores the store exactly: the same keys, vectors, payloads, clock, counts, importances and free
+  slots, hence the same eviction order and the same search ties. The zip members carry CRC-32s, which `load` checks:
+  a flipped bit in the data is a ValueError. Temporaries left by a writer that was killed are removed by the next
+  `save` or `load` of that path (see `remove_stale_temporaries`).
 """
 import json
 import math
 import os
+import re
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -32,12 +40,14 @@ import torch
 
 from ..ops.validation import check_int
 
-__all__ = ["MemoryManager", "MemoryItem", "MemoryHit", "POLICIES"]
+__all__ = ["MemoryManager", "MemoryItem", "MemoryHit", "POLICIES", "write_atomically", "remove_stale_temporaries"]
 
 POLICIES = ("lru", "lfu", "importance")
 FORMAT = "hybridrag.MemoryManager"
 VERSION = 1
 _SLOT_ARRAYS = {"last_access": np.int64, "count": np.int64, "importance": np.float64, "importance_tick": np.int64}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+LEGACY_TEMPORARY_AGE = 3600.0  # seconds; see remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -65,21 +75,113 @@ def _check_number(name, value, rule, ok):
 
 
 def _as_rows(name, value, dimension):
-    """(d,) or (n, d) real array or tensor -> (float32 (n, d), was_1d)."""
+    """(d,) or (n, d) real array or tensor -> (finite float64 (n, d), was_1d). float64 so that huge or tiny finite
+    values survive until they are normalised (a float32 square of 1e20 overflows)."""
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
-        value = value.detach().to("cpu", torch.float32).numpy()
+        value = value.detach().to("cpu", torch.float64).numpy()
     array = np.asarray(value)
     if array.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.ndim not in (1, 2) or array.shape[-1] != dimension:
         raise ValueError(f"{name} must have shape ({dimension},) or (n, {dimension}), got {array.shape}")
     one = array.ndim == 1
-    array = np.atleast_2d(array).astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} has NaN or inf values")
+    array = np.atleast_2d(array).astype(np.float64)
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"{name} has NaN or inf values (the first at index {where[-1] if one else where})")
     return array, one
+
+
+def _unit_rows(name, rows):
+    """float64 (n, d) -> float32 (n, d) rows of L2 norm 1; ValueError for a zero row."""
+    scale = np.abs(rows).max(axis=1, keepdims=True)  # [n, 1]; dividing by it first keeps the squares in range
+    if (scale == 0).any():
+        row = int(np.flatnonzero(scale[:, 0] == 0)[0])
+        where = "" if len(rows) == 1 else f" (row {row})"
+        raise ValueError(f"{name} has a zero vector{where}, which cannot be normalised (normalize=True)")
+    scaled = rows / scale
+    return (scaled / np.linalg.norm(scaled, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _float32_rows(name, rows):
+    """float64 (n, d) -> float32 (n, d), refusing values that float32 would turn into inf."""
+    largest = float(np.abs(rows).max())
+    if largest > _FLOAT32_MAX:
+        raise ValueError(f"{name} has values beyond the float32 range (largest magnitude {largest:g} > "
+                         f"{_FLOAT32_MAX:g}); with normalize=False vectors are stored as float32 as they are")
+    return rows.astype(np.float32)
+
+
+def _is_alive(pid):
+    """Whether a process `pid` runs on this host. Without a POSIX signal-0 probe, assume it does (keep its file)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OverflowError, ValueError):  # not a possible pid
+        return False
+    return True
+
+
+def remove_stale_temporaries(directory, name_pattern, legacy_age=LEGACY_TEMPORARY_AGE):
+    """Delete the temporaries of `write_atomically` for the files in `directory` whose names match the regex
+    `name_pattern` (fully), when their writer is gone; returns the names removed.
+
+    `.{name}.{pid}.{random}.tmp` goes when no process `pid` runs on this host (and pid is not this process: a thread
+    here may be writing it). `.{name}.{random}.tmp`, the name before the pid was added, goes when older than
+    `legacy_age` seconds. The pid test assumes the writers share this host: on a folder shared across machines, a
+    live writer elsewhere whose pid is free here would lose its temporary (its os.replace then fails; nothing else).
+    Removal is best effort: a file that cannot be removed (read-only folder, already gone) is left.
+    """
+    temporary = re.compile(rf"\.({name_pattern})\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed, now = [], time.time()
+    for entry in names:
+        match = temporary.fullmatch(entry)
+        if match is None:
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            if match.group(2) is not None:
+                pid = int(match.group(2))
+                stale = pid != os.getpid() and not _is_alive(pid)
+            else:
+                stale = now - os.path.getmtime(path) > legacy_age
+            if stale:
+                os.unlink(path)
+                removed.append(entry)
+        except OSError:  # best effort: gone already, or not ours to delete
+            continue
+    return removed
+
+
+def write_atomically(path, write):
+    """Call `write(file)` on a new temporary file beside `path` (`.{name}.{pid}.{random}.tmp`), fsync it, then
+    os.replace it onto `path`. Stale temporaries of `path` are removed first; on any error the temporary is removed
+    and `path` is left as it was."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    remove_stale_temporaries(directory, re.escape(name))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 class MemoryManager:
@@ -135,7 +237,8 @@ class MemoryManager:
     def add(self, key, embedding, payload=None, importance=1.0):
         """Store (or update) `key`; returns the list of keys evicted to make room ([] or [one key]).
 
-        embedding: (d,) array or tensor, finite (non-zero when normalize=True). payload: JSON-serialisable.
+        embedding: (d,) array or tensor, finite (non-zero when normalize=True; within the float32 range when
+        normalize=False). payload: JSON-serialisable.
         importance: finite >= 0, the key's importance from now on (policy "importance").
         """
         if not isinstance(key, str):
@@ -143,7 +246,7 @@ class MemoryManager:
         rows, one = _as_rows("embedding", embedding, self.dimension)
         if not one:
             raise ValueError(f"embedding must have shape ({self.dimension},), got {tuple(np.shape(embedding))}")
-        vector = self._normalized("embedding", rows)[0]
+        vector = self._prepared("embedding", rows)[0]
         importance = _check_number("importance", importance, "finite and >= 0", lambda x: math.isfinite(x) and x >= 0)
         try:
             payload = json.loads(json.dumps(payload))
@@ -192,7 +295,7 @@ class MemoryManager:
         """
         rows, one = _as_rows("query", query, self.dimension)
         k = check_int("k", k, 1, numpy_ints=True)
-        queries = self._normalized("query", rows)
+        queries = self._prepared("query", rows)
         scores = queries @ self._embeddings.T  # [Q, capacity]
         scores[:, ~self._occupied] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, len(self))]
@@ -230,17 +333,7 @@ class MemoryManager:
                  "items": [[key, slot, self._payloads[key]] for key, slot in self._slots.items()]}
         arrays = {name: getattr(self, "_" + name) for name in _SLOT_ARRAYS}
         state_bytes = np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                             prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, embeddings=self._embeddings, state=state_bytes, **arrays)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_atomically(path, lambda file: np.savez(file, embeddings=self._embeddings, state=state_bytes, **arrays))
 
     @classmethod
     def load(cls, path):
@@ -248,6 +341,8 @@ class MemoryManager:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no MemoryManager file at {path!r}")
+        directory, name = os.path.split(os.path.abspath(path))
+        remove_stale_temporaries(directory, re.escape(name))
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in ("embeddings", "state", *_SLOT_ARRAYS)}
@@ -257,7 +352,9 @@ class MemoryManager:
             memory = cls(state["capacity"], state["dimension"], policy=state["policy"], decay=state["decay"],
                          boost=state["boost"], normalize=state["normalize"])
             memory._restore(state, arrays)
-        except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as err:
+        # zipfile raises NotImplementedError for a garbled compression method, RuntimeError for a garbled flag bit
+        except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, NotImplementedError,
+                zipfile.BadZipFile) as err:
             raise ValueError(f"{path!r} is not a readable {FORMAT} file (version {VERSION}): {err}") from None
         return memory
 
@@ -271,6 +368,8 @@ class MemoryManager:
                 raise ValueError(f"{name} must be {np.dtype(dtype)} ({self.capacity},), got {arrays[name].dtype} "
                                  f"{arrays[name].shape}")
             setattr(self, "_" + name, arrays[name].copy())
+        if not np.isfinite(arrays["embeddings"]).all():
+            raise ValueError("embeddings has NaN or inf values")
         slots = [slot for _, slot, _ in state["items"]]
         if sorted(slots + state["free"]) != list(range(self.capacity)):
             raise ValueError("the stored and free slots do not partition the capacity")
@@ -296,13 +395,9 @@ class MemoryManager:
         keys = self._keys_by_slot()
         return [keys[slot] for slot in slots]
 
-    def _normalized(self, name, rows):
-        if not self.normalize:
-            return rows
-        norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise ValueError(f"{name} has a zero vector, which cannot be normalised (normalize=True)")
-        return rows / norms
+    def _prepared(self, name, rows):
+        """Checked float64 (n, d) -> the float32 (n, d) rows to store or search with."""
+        return _unit_rows(name, rows) if self.normalize else _float32_rows(name, rows)
 
     def _touch(self, slot):
         self.tick += 1
