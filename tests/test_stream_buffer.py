@@ -379,7 +379,9 @@ def test_processor_submit_all_then_close_then_read():
     pairs = make_chunks(streams=3, chunks=20, seed=1)
 
     async def main():
-        processor = StreamProcessor(RunningSum(), max_pending=4, batch_size=2)
+        # room for every result: nothing reads them until after close() (with the default bound, max_pending, submit
+        # would wait for a reader)
+        processor = StreamProcessor(RunningSum(), max_pending=4, batch_size=2, max_results=len(pairs))
         indices = {}
         for sid, chunk in pairs:  # back-pressure: the worker frees room as it processes, results wait to be read
             indices.setdefault(sid, []).append(await processor.submit(sid, chunk))
@@ -405,7 +407,7 @@ def test_processor_back_pressure_on_submit():
             await gate.wait()
             return chunk
 
-        processor = StreamProcessor(slow, max_pending=3, batch_size=1)
+        processor = StreamProcessor(slow, max_pending=3, batch_size=1, max_results=5)  # read only after close()
         for i in range(4):  # one is taken by the worker, three wait
             await processor.submit("a", i)
             await settle()

@@ -14,16 +14,24 @@ Semantics, in one place:
   waits while `max_pending` chunks are waiting to be processed (back-pressure; nothing is dropped). A submit that raises
   (cancelled, or the processor closed while it waited) did not accept the chunk; its index is not reused.
 - `results()` yields `(stream_id, index, output)` once for every accepted chunk, in index order within each stream
-  (streams interleave in completion order). It ends after `close()` once every result has been yielded. Results are kept
-  until read, so read them while submitting to bound memory. One consumer at a time.
+  (streams interleave in completion order). It ends after `close()` once every result has been yielded. One consumer
+  at a time. At most `max_results` results wait to be read (`results_waiting`); when they are there the worker waits
+  for the reader, the pending chunks fill up and `submit` waits: a lagging reader slows the producers instead of
+  growing memory. So read results while submitting: with no reader, submit (and close) wait once about
+  max_results + batch_size + max_pending chunks are outstanding. Pass a larger max_results to submit a known number
+  of chunks before reading any.
 - Errors: when process_fn raises for a chunk, that chunk's result is a `StreamError` instance (yielded as `output`,
   not raised, so the other streams' results keep coming); `.error` is the exception, with its traceback. The stream's
   state is then unknown, so it is failed: its chunks already accepted are not processed and get a `StreamError` with
   the same `.error` and `.failed_index`, and a later `submit` for it raises that `StreamError` (index None).
-  Other streams go on untouched. Only `Exception`s are caught; a `BaseException` (cancellation) stops the processor
-  and `results()` then raises rather than ending as if complete.
+  Other streams go on untouched. Only `Exception`s are caught; a `BaseException` (a cancellation, or a custom
+  BaseException subclass) stops the processor: the other chunks of its batch are cancelled, nothing more is processed,
+  `error` holds it and `closed` is True; every submit waiting for room, and every later one, raises `StreamClosed`
+  saying why (its chunk not accepted); `results()` yields the results already made, then raises it (RuntimeError for a
+  cancellation) rather than ending as if complete; `close()` raises the same.
 - `await close()` accepts no more chunks (later submits raise `StreamClosed`, as do submits still waiting for room)
-  and returns once every accepted chunk has been processed. `async with` closes on exit.
+  and returns once every accepted chunk has been processed and its result queued for the reader. `async with` closes
+  on exit.
 """
 import asyncio
 import inspect
@@ -69,9 +77,10 @@ class StreamProcessor:
         max_pending: the most accepted chunks waiting to be processed; submit waits beyond it.
         batch_size: the most chunks taken in one batch (at most max_pending).
         timeout: seconds a batch waits, after its first chunk, for more chunks to fill it.
+        max_results: the most results waiting to be read; the worker waits beyond it. Default: max_pending.
     """
 
-    def __init__(self, process_fn, *, max_pending=64, batch_size=8, timeout=0.0):
+    def __init__(self, process_fn, *, max_pending=64, batch_size=8, timeout=0.0, max_results=None):
         if not callable(process_fn):
             raise TypeError("process_fn must be callable (stream_id, chunk) -> output, "
                             f"got {type(process_fn).__name__}")
@@ -80,17 +89,35 @@ class StreamProcessor:
         if batch_size > max_pending:
             raise ValueError(f"batch_size must be <= max_pending ({max_pending}), got batch_size={batch_size}")
         check_timeout("timeout", timeout)
+        self._max_results = max_pending if max_results is None else check_count("max_results", max_results)
         self._process_fn = process_fn
         self._buffer = StreamBuffer(max_pending, batch_size, timeout)
         self._next_index = {}  # stream_id -> index of its next chunk
         self._failed = {}      # stream_id -> the StreamError of the chunk that failed
-        self._results = asyncio.Queue()
+        self._results = asyncio.Queue()  # unbounded, so that the end marker always fits: _room is the bound
+        self._room = asyncio.Semaphore(self._max_results)
+        self._waiting = 0  # results in _results, not counting the end marker
         self._worker = None
         self._closed = False
+        self._error = None
 
     @property
     def closed(self):
         return self._closed
+
+    @property
+    def max_results(self):
+        return self._max_results
+
+    @property
+    def results_waiting(self):
+        """Results made and not yet read (at most max_results)."""
+        return self._waiting
+
+    @property
+    def error(self):
+        """The BaseException that stopped the processor (a CancelledError if its worker was cancelled), or None."""
+        return self._error
 
     def failed(self, stream_id):
         """The StreamError of the chunk whose processing failed in this stream, or None."""
@@ -104,6 +131,8 @@ class StreamProcessor:
             hash(stream_id)
         except TypeError:
             raise TypeError(f"stream_id must be hashable, got {type(stream_id).__name__}") from None
+        if self._error is not None:
+            raise self._stopped("submit() refused") from self._error
         if self._closed:
             raise StreamClosed("submit() on a closed StreamProcessor")
         failure = self._failed.get(stream_id)
@@ -112,7 +141,12 @@ class StreamProcessor:
         self._start()
         index = self._next_index.get(stream_id, 0)
         self._next_index[stream_id] = index + 1
-        await self._buffer.put((stream_id, index, chunk))
+        try:
+            await self._buffer.put((stream_id, index, chunk))
+        except StreamClosed:
+            if self._error is not None:
+                raise self._stopped("the chunk was not accepted") from self._error
+            raise
         return index
 
     async def results(self):
@@ -123,19 +157,21 @@ class StreamProcessor:
             item = await self._results.get()
             if item is _END:
                 self._results.put_nowait(_END)  # a later results() ends too
-                if self._worker.cancelled():
-                    raise RuntimeError("the StreamProcessor's worker was cancelled before it processed every chunk")
-                if self._worker.exception() is not None:
-                    raise self._worker.exception()
+                self._raise_if_stopped()
                 return
+            self._waiting -= 1
+            self._room.release()
             yield item
 
     async def close(self):
-        """Accept no more chunks and return once every accepted chunk has been processed. Idempotent."""
+        """Accept no more chunks and return once every accepted chunk has been processed and its result queued (so it
+        waits for the reader while max_results results are unread). Idempotent. Raises what stopped the processor,
+        if something did (see `error`)."""
         self._closed = True
         self._buffer.close()
         self._start()
-        await self._worker
+        await asyncio.wait((self._worker,))  # not `await worker`: its cancellation must not look like ours
+        self._raise_if_stopped()
 
     async def __aenter__(self):
         return self
@@ -146,7 +182,32 @@ class StreamProcessor:
     def _start(self):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run())
-            self._worker.add_done_callback(lambda task: self._results.put_nowait(_END))
+            self._worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task):
+        """The worker ended: after close() (error None) or stopped by a BaseException, which fails the processor."""
+        if task.cancelled():
+            self._error = asyncio.CancelledError("the StreamProcessor's worker was cancelled")
+        elif task.exception() is not None:
+            self._error = task.exception()
+        if self._error is not None:
+            self._closed = True
+            self._buffer.close()  # submits waiting for room wake up and raise StreamClosed
+        self._results.put_nowait(_END)
+
+    def _stopped(self, what):
+        if isinstance(self._error, asyncio.CancelledError):
+            why = "its worker was cancelled (CancelledError)"
+        else:
+            why = f"process_fn raised {type(self._error).__name__}: {self._error}"
+        return StreamClosed(f"the StreamProcessor stopped: {why}; {what}")
+
+    def _raise_if_stopped(self):
+        if isinstance(self._error, asyncio.CancelledError):
+            raise RuntimeError("the StreamProcessor's worker was cancelled before it processed every chunk") \
+                from self._error
+        if self._error is not None:
+            raise self._error
 
     async def _run(self):
         while True:
@@ -160,7 +221,7 @@ class StreamProcessor:
             if len(by_stream) == 1:
                 await self._run_stream(*next(iter(by_stream.items())))
             else:
-                await asyncio.gather(*(self._run_stream(stream_id, chunks) for stream_id, chunks in by_stream.items()))
+                await _together(self._run_stream(stream_id, chunks) for stream_id, chunks in by_stream.items())
 
     async def _run_stream(self, stream_id, chunks):
         """One stream's chunks of a batch, one after another, in index order."""
@@ -176,4 +237,21 @@ class StreamProcessor:
                 except Exception as error:  # not swallowed: delivered as this chunk's result, and the stream is failed
                     output = StreamError(stream_id, index, error)
                     self._failed[stream_id] = output
+            await self._room.acquire()  # back-pressure: wait while max_results results are unread
             self._results.put_nowait((stream_id, index, output))
+            self._waiting += 1
+
+
+async def _together(coros):
+    """Run coros concurrently; when one raises (only a BaseException can), cancel the others and re-raise."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:  # mark every outcome retrieved; the first error is the one raised
+            if not task.cancelled():
+                task.exception()
+        raise
