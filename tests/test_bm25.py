@@ -1,5 +1,7 @@
 """BM25Index: ranking against BM25 computed by hand, term-less queries, add/remove, persistence, errors."""
+import json
 import math
+import threading
 
 import pytest
 
@@ -93,3 +95,51 @@ def test_input_errors(index):
         index.search("cat", 0)
     with pytest.raises(TypeError, match="queries must be a list of strings, got str"):
         index.search_many("cat", 1)
+
+
+@pytest.mark.parametrize("texts", [["   ", ""], ["a b", "x"], ["the and", "of a"]])
+def test_a_corpus_with_no_token_gives_no_hit_and_round_trips(tmp_path, texts):
+    index = BM25Index()
+    index.build(texts, ["p", "q"])
+    assert index.search("a the x", 5) == [] and index.search_many(["b", "of"], 2**31) == [[], []]
+    index.save(tmp_path / "bm25")
+    assert [p.name for p in (tmp_path / "bm25").iterdir()] == ["bm25.json"]  # no bm25s files for no vocabulary
+    loaded = BM25Index.load(tmp_path / "bm25", dict(zip(["p", "q"], texts)))
+    assert len(loaded) == 2 and loaded.search("a the x", 5) == []
+    loaded.add(["real words"], ["r"])
+    assert [i for i, _ in loaded.search("words", 5)] == ["r"]
+
+
+def test_files_saved_before_the_indexed_flag_still_load(tmp_path, index):
+    index.save(tmp_path / "bm25")
+    settings = json.loads((tmp_path / "bm25" / "bm25.json").read_text())
+    del settings["indexed"]
+    (tmp_path / "bm25" / "bm25.json").write_text(json.dumps(settings))
+    loaded = BM25Index.load(tmp_path / "bm25", dict(zip(IDS, TEXTS)))
+    assert loaded.search("cat", 4) == index.search("cat", 4)
+
+
+def test_concurrent_first_searches_build_once():
+    builds = []
+    for _ in range(5):
+        index = BM25Index()
+        index.add(TEXTS, IDS)  # not built yet: the first search builds it
+        original = index._index
+        index._index = lambda: (builds.append(1), original())
+        barrier, errors, results = threading.Barrier(4), [], []
+
+        def search():
+            try:
+                barrier.wait(5)
+                results.append(index.search("cat", 4))
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=search, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors and not [t for t in threads if t.is_alive()]
+        assert [[i for i, _ in r] for r in results] == [["naps", "mat", "play"]] * 4
+    assert len(builds) == 5  # one build per index, however many searches raced for it

@@ -17,6 +17,9 @@ def test_document_validation():
         Document("a", 3)
     with pytest.raises(TypeError, match="Document.metadata must be a dict, got list"):
         Document("a", "text", metadata=[1])
+    with pytest.raises(ValueError, match=r"document 'a': metadata\['x'\] is of type set"):
+        Document("a", "text", metadata={"x": {1}})
+    assert Document("a", "", metadata={"n": [1, 2.5, None, True, {"k": "v"}]}).text == ""  # empty text: KB refuses it
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -35,12 +38,31 @@ def test_jsonl_round_trip(tmp_path):
     ('{"id": "b", "text": 5}', r"docs.jsonl:2: Document.text must be a str"),
     ('["a list"]', r"docs.jsonl:2: expected a JSON object, got list"),
     ('{"id": "a", "text": "again"}', r"document id 'a' appears more than once"),
+    ('{"id": null, "text": "x"}', r"docs.jsonl:2: id must be a string \(or an integer\), got null"),
+    ('{"id": true, "text": "x"}', r"docs.jsonl:2: id must be a string \(or an integer\), got true"),
+    ('{"id": 1.5, "text": "x"}', r"docs.jsonl:2: id must be a string \(or an integer\), got 1.5"),
+    ('{"id": "b", "text": "lone \\ud800 surrogate"}', r"docs.jsonl:2: document 'b': text holds a lone surrogate"),
+    ('{"id": "b", "text": "x", "metadata": {"v": NaN}}', r"docs.jsonl:2: document 'b': metadata\['v'\] is nan"),
 ])
 def test_load_jsonl_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"id": "a", "text": "ok"}) + "\n" + line + "\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         load_jsonl(path)
+
+
+def test_load_jsonl_names_the_file_and_line_of_invalid_utf8(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "ok"}\n\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:3: not valid UTF-8 \(invalid continuation byte at byte 24 "
+                                         r"of the line\)"):
+        load_jsonl(path)
+
+
+def test_load_jsonl_keeps_integer_ids_and_crlf_lines(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"id": 7, "text": "seven"}\r\n{"id": "b", "text": "\xc3\xbc"}\r\n')
+    assert load_jsonl(path) == [Document("7", "seven"), Document("b", "\u00fc")]
 
 
 def test_load_jsonl_missing_file(tmp_path):

@@ -1,4 +1,7 @@
 """VectorIndex: exact results for flat, high recall for IVF/HNSW, add/remove by id, persistence, errors."""
+import time
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -81,19 +84,43 @@ def test_hnsw_compacts_its_tombstones(data):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_k_beyond_the_index_pads_with_minus_one(kind):
+def test_k_beyond_the_index_is_clamped_to_its_size(kind):
     vectors = clustered(60, dimension=8)
     index = VectorIndex(8, kind=kind, nlist=1 if kind == "ivf" else None)
     index.add(vectors, np.arange(60))
     scores, found = index.search(vectors[:2], 75)
-    assert (found[:, :60] >= 0).all() and (found[:, 60:] == -1).all()
-    assert np.isneginf(scores[:, 60:]).all() and np.isfinite(scores[:, :60]).all()
-    assert sorted(found[0, :60].tolist()) == list(range(60))
+    assert found.shape == scores.shape == (2, 60) and found.dtype == np.int64 and scores.dtype == np.float32
+    assert np.isfinite(scores).all() and sorted(found[0].tolist()) == list(range(60))
+    index.remove(np.arange(10))
+    assert index.search(vectors[:2], 75)[1].shape == (2, 50)  # live vectors, not HNSW's tombstoned nodes
 
 
-def test_empty_index_returns_only_padding():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_huge_k_costs_what_the_index_size_does(kind):
+    vectors = clustered(50, dimension=8)
+    index = VectorIndex(8, kind=kind, nlist=1 if kind == "ivf" else None)
+    index.add(vectors, np.arange(50))
+    for k in (2**31, 10**8):
+        started = time.perf_counter()
+        tracemalloc.start()
+        scores, found = index.search(vectors[:3], k)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert found.shape == (3, 50) and time.perf_counter() - started < 1.0 and peak < 1 << 20, (k, peak)
+
+
+def test_ivf_slots_its_probed_cells_do_not_fill_are_minus_one():
+    vectors = clustered(400, dimension=8, centres=8)
+    index = VectorIndex(8, kind="ivf", nlist=8, nprobe=1)
+    index.add(vectors, np.arange(400))
+    scores, found = index.search(vectors[:4], 400)
+    assert found.shape == (4, 400) and (found == -1).any()
+    assert (np.isneginf(scores) == (found == -1)).all()
+
+
+def test_empty_index_returns_no_columns():
     scores, found = VectorIndex(4).search(np.ones((2, 4)), 3)
-    assert (found == -1).all() and np.isneginf(scores).all()
+    assert scores.shape == found.shape == (2, 0) and found.dtype == np.int64 and scores.dtype == np.float32
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,12 @@ class BM25Index:
 
     Tokens are lowercase words of two or more letters/digits (bm25s's default pattern). bm25s indexes are static:
     `add` and `remove` change the stored texts and the index is rebuilt before the next search, O(corpus tokens).
+    A corpus with no token at all (whitespace, single letters, stop words only) is valid: every search gives [].
     Memory: the texts' token ids plus a sparse (vocabulary x documents) score matrix.
+
+    Threads: searches (and `save`) may run together: the lazy rebuild runs under an internal mutex, once, and the
+    new bm25s retriever is published only when complete (bm25s retrieval only reads it). `build`, `add` and
+    `remove` must not overlap any other call; KnowledgeBase's readers-writer lock serves that.
     """
 
     def __init__(self, *, k1=1.5, b=0.75, method="lucene", stopwords="en"):
@@ -37,7 +43,9 @@ class BM25Index:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.k1, self.b, self.method, self.stopwords = float(k1), float(b), method, stopwords
         self._texts, self._ids = {}, []
-        self._retriever = None
+        self._retriever = None  # None: no vocabulary (or not built yet)
+        self._stale = True  # the retriever does not reflect _texts/_ids yet
+        self._rebuild = threading.Lock()
 
     def __len__(self):
         return len(self._ids)
@@ -61,8 +69,8 @@ class BM25Index:
         if clashes or len(set(ids)) != len(ids):
             raise ValueError(f"ids must be new and unique, got repeats such as {(clashes or ids)[:3]}")
         self._texts.update(zip(ids, texts))
-        self._ids.extend(ids)
-        self._retriever = None
+        self._ids = self._ids + ids  # a new list: a search that already took the old one keeps it whole
+        self._stale = True
 
     def remove(self, ids):
         """Drop the given ids; returns how many were present."""
@@ -71,16 +79,28 @@ class BM25Index:
             del self._texts[item]
         if present:
             self._ids = [i for i in self._ids if i not in present]
-            self._retriever = None
+            self._stale = True
         return len(present)
 
     def _tokenize(self, texts, return_ids):
         return bm25s.tokenize(texts, stopwords=self.stopwords, return_ids=return_ids, show_progress=False)
 
     def _index(self):
-        self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
-        if self._ids:
-            self._retriever.index(self._tokenize([self._texts[i] for i in self._ids], True), show_progress=False)
+        """Build the retriever from the stored texts (None when they hold no token: bm25s cannot index that)."""
+        tokenized = self._tokenize([self._texts[i] for i in self._ids], True)
+        retriever = None
+        if tokenized.vocab:
+            retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
+            retriever.index(tokenized, show_progress=False)
+        self._retriever, self._stale = retriever, False
+
+    def _ready(self):
+        """(retriever or None, ids) of the current contents, rebuilding first when stale; one thread rebuilds while
+        concurrent searches wait for it rather than read a half-built retriever."""
+        with self._rebuild:
+            if self._stale:
+                self._index()
+            return self._retriever, self._ids
 
     def search(self, query, k):
         """The k best (id, score) pairs, best first. Only documents sharing a term with the query are returned, so
@@ -91,32 +111,32 @@ class BM25Index:
         queries = check_texts(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        if self._retriever is None:
-            self._index()
-        if not self._ids:
-            return [[] for _ in queries]
-        vocabulary = self._retriever.vocab_dict
-        tokens = [[t for t in query if t in vocabulary] for query in self._tokenize(queries, False)]
+        retriever, ids = self._ready()
         results = [[] for _ in queries]
+        if retriever is None:
+            return results
+        vocabulary = retriever.vocab_dict
+        tokens = [[t for t in query if t in vocabulary] for query in self._tokenize(queries, False)]
         asked = [row for row, query in enumerate(tokens) if query]
         if asked:
-            rows, scores = self._retriever.retrieve([tokens[row] for row in asked], k=min(k, len(self._ids)),
-                                                    show_progress=False)
+            # k beyond the corpus is clamped before bm25s allocates its (queries, k) arrays
+            rows, scores = retriever.retrieve([tokens[row] for row in asked], k=min(k, len(ids)), show_progress=False)
             for row, found, found_scores in zip(asked, rows, scores):
-                results[row] = [(self._ids[d], float(s)) for d, s in zip(found, found_scores) if s > 0]
+                results[row] = [(ids[d], float(s)) for d, s in zip(found, found_scores) if s > 0]
         return results
 
     def save(self, directory):
-        """Write the index into `directory` (created; its previous content is replaced)."""
-        if self._retriever is None:
-            self._index()
+        """Write the index into `directory` (created; its previous content is replaced). A corpus with no token
+        writes only bm25.json (with "indexed": false); `load` reads both."""
+        retriever, ids = self._ready()
         directory = Path(directory)
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        if self._ids:
-            self._retriever.save(str(directory), show_progress=False)
-        settings = {"k1": self.k1, "b": self.b, "method": self.method, "stopwords": self.stopwords, "ids": self._ids}
+        if retriever is not None:
+            retriever.save(str(directory), show_progress=False)
+        settings = {"k1": self.k1, "b": self.b, "method": self.method, "stopwords": self.stopwords, "ids": ids,
+                    "indexed": retriever is not None}
         with open(directory / "bm25.json", "w", encoding="utf-8") as out:
             json.dump(settings, out)
             out.flush()
@@ -134,6 +154,7 @@ class BM25Index:
             settings = json.loads(settings_path.read_text(encoding="utf-8"))
             index = cls(k1=settings["k1"], b=settings["b"], method=settings["method"], stopwords=settings["stopwords"])
             ids = settings["ids"]
+            indexed = settings.get("indexed", bool(ids))  # files written before "indexed" existed: bm25s files iff ids
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"BM25 settings {settings_path} are corrupted ({error})") from None
         missing = [i for i in ids if i not in texts]
@@ -141,5 +162,6 @@ class BM25Index:
             raise ValueError(f"BM25 index at {directory} names ids with no text: {missing[:3]}")
         index._ids = list(ids)
         index._texts = {i: texts[i] for i in ids}
-        index._retriever = bm25s.BM25.load(str(directory), show_progress=False) if ids else None
+        if indexed:
+            index._retriever, index._stale = bm25s.BM25.load(str(directory), show_progress=False), False
         return index

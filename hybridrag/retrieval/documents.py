@@ -1,5 +1,6 @@
 """Documents, JSONL load/save, and chunking into overlapping token windows that keep their source and offsets."""
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -10,7 +11,13 @@ _WORD = re.compile(r"\S+")
 
 @dataclass(frozen=True)
 class Document:
-    """One retrievable item. `id` is unique within a knowledge base; `metadata` must be JSON-serialisable."""
+    """One retrievable item. `id` is unique within a knowledge base.
+
+    Everything must survive a save and load unchanged, so it is checked here rather than failing at save time:
+    id, text and title are str with no lone surrogate (UTF-8 cannot encode one), and metadata is JSON that reads
+    back equal: dicts with str keys, lists, str, int, bool, None and finite floats (no tuple, set, NaN or object).
+    Errors are ValueErrors naming the document id and the field.
+    """
 
     id: str
     text: str
@@ -26,6 +33,7 @@ class Document:
             raise ValueError("Document.id must be a non-empty string")
         if not isinstance(self.metadata, dict):
             raise TypeError(f"Document.metadata must be a dict, got {type(self.metadata).__name__}")
+        check_document(self)
 
     def to_json(self):
         return {"id": self.id, "text": self.text, "title": self.title, "metadata": self.metadata}
@@ -40,10 +48,66 @@ class Document:
         for name in ("id", "text"):
             if name not in record:
                 raise ValueError(f"{where}: missing field {name!r}")
+        if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)):
+            raise ValueError(f"{where}: id must be a string (or an integer), got {json.dumps(record['id'])}")
         try:
             return cls(str(record["id"]), record["text"], record.get("title", ""), record.get("metadata", {}))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
+
+
+def _surrogate(text):
+    """Index of the first lone surrogate in `text`, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def _json_problem(value, where, path=()):
+    """Why `value` would not read back equal from JSON (a phrase starting with `where`), or None."""
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value!r}: JSON has no NaN or infinity"
+    if isinstance(value, str):
+        position = _surrogate(value)
+        return None if position is None else f"{where} holds a lone surrogate at index {position}"
+    if id(value) in path:
+        return f"{where} contains itself"
+    path = path + (id(value),)
+    if isinstance(value, list):
+        for position, item in enumerate(value):
+            problem = _json_problem(item, f"{where}[{position}]", path)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} has the key {key!r} of type {type(key).__name__}: JSON keys are strings"
+            problem = _json_problem(key, f"{where} key {key!r}", path) or _json_problem(item, f"{where}[{key!r}]",
+                                                                                      path)
+            if problem:
+                return problem
+        return None
+    hint = " (use a list)" if isinstance(value, (tuple, set, frozenset)) else ""
+    return f"{where} is of type {type(value).__name__}, not JSON{hint}"
+
+
+def check_document(document):
+    """ValueError unless `document` survives a save and load unchanged (see Document); returns it. Run again by
+    KnowledgeBase.add, since metadata (a dict) can be changed after construction."""
+    for name in ("id", "text", "title"):
+        position = _surrogate(getattr(document, name))
+        if position is not None:
+            raise ValueError(f"document {document.id!r}: {name} holds a lone surrogate at index {position}, which "
+                             "UTF-8 cannot encode")
+    problem = _json_problem(document.metadata, "metadata")
+    if problem:
+        raise ValueError(f"document {document.id!r}: {problem}")
+    return document
 
 
 def embedding_text(document):
@@ -53,6 +117,8 @@ def embedding_text(document):
 
 def check_unique_ids(documents):
     """Raise ValueError on a repeated id; returns the list of documents."""
+    if isinstance(documents, (Document, str)) or not hasattr(documents, "__iter__"):
+        raise TypeError(f"documents must be a list of Document objects, got {type(documents).__name__}")
     documents = list(documents)
     seen = set()
     for document in documents:
@@ -71,11 +137,16 @@ def load_jsonl(path):
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
     documents = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:  # decoded line by line, so a bad byte is reported with its line
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                reason = f"{error.reason} at byte {error.start} of the line"
+                raise ValueError(f"{where}: not valid UTF-8 ({reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

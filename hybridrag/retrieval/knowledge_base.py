@@ -1,13 +1,22 @@
 """A knowledge base: documents, their dense vectors in a FAISS index and a BM25 index, searchable by dense, BM25 or
-hybrid (reciprocal-rank fusion) retrieval, with an optional rerank stage; saved to and loaded from a directory."""
+hybrid (reciprocal-rank fusion) retrieval, with an optional rerank stage; saved to and loaded from a directory.
+
+Threads: one KnowledgeBase may be shared. Any number of searches run together; `add`, `remove` and `save` are
+serialized by a writer-preferring readers-writer lock (`hybridrag.retrieval.locking`), so a waiting writer holds
+back new searches and is never starved. Each search reads the documents, the vector index and the BM25 index under
+one read hold: it sees one state, all of a write or none of it. `save` holds the read lock while storage writes, so
+it writes one consistent state beside writers. Encoding and reranking run outside the lock.
+"""
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .bm25 import BM25Index
-from .documents import Document, check_unique_ids, chunk_documents, embedding_text
+from .documents import Document, check_document, check_unique_ids, chunk_documents, embedding_text
 from .encoder import DenseEncoder, check_encoder
 from .fusion import reciprocal_rank_fusion
+from .locking import ReadWriteLock
 from .storage import load_knowledge_base, save_knowledge_base
 from .vector_index import VectorIndex
 
@@ -30,6 +39,17 @@ class KnowledgeBase:
     Build with `KnowledgeBase.build(documents, encoder)` (or `KnowledgeBase(encoder)` then `add`). Each document gets
     an int64 key in the vector index; `remove` deletes from both indexes. Memory: the documents, 4 * d bytes a vector
     (plus the index's overhead, see VectorIndex) and the BM25 matrix.
+
+    Concurrency: any number of threads may search (`search`, `search_many`, `get`, `documents`, `stats`,
+    `embeddings_for`) at once. Writers (`add`, `remove`, `save`) are serialized by a writer-preferring readers-writer
+    lock: a writer waits for the searches in progress, and searches arriving while it waits queue behind it. Every
+    search sees one snapshot: its dense hits, BM25 hits and documents all come from the same state. `save` holds
+    the read lock (and a save mutex): it blocks writers, and the searches queued behind a waiting one. The encoder
+    (queries, and new documents in `add`) and a reranker are called outside the lock and must tolerate being called
+    from several threads; the lazy BM25 rebuild runs once, under the BM25 index's own mutex. The indexes alone are
+    safe for concurrent readers only (see VectorIndex, BM25Index): change them through the knowledge base.
+
+    Bad input is refused before anything changes: a failing `add` or `remove` leaves the knowledge base as it was.
     """
 
     def __init__(self, encoder=None, *, index_kind="auto", device="auto", bm25=None, index=None):
@@ -44,18 +64,27 @@ class KnowledgeBase:
         self._keys = {}
         self._by_key = {}
         self._next_key = 0
+        self._lock = ReadWriteLock()
+        self._save_lock = threading.Lock()  # two saves would share storage's staging folder
 
     @classmethod
     def build(cls, documents, encoder=None, *, chunk_tokens=None, overlap=40, index_kind="auto", device="auto"):
-        """A knowledge base holding `documents` (non-empty), optionally chunked first into `chunk_tokens`-token
-        windows with `overlap` (counted with the encoder's tokenizer when it has one)."""
-        documents = check_unique_ids(documents)
+        """A knowledge base holding `documents` (non-empty, each with some text: a document that is empty or
+        whitespace only is a ValueError naming it), optionally chunked first into `chunk_tokens`-token windows with
+        `overlap` (counted with the encoder's tokenizer when it has one)."""
+        documents = _check_documents(documents)
         if not documents:
             raise ValueError("documents is empty: a knowledge base needs at least one document")
         knowledge_base = cls(encoder, index_kind=index_kind, device=device)
         if chunk_tokens is not None:
             tokenizer = getattr(knowledge_base.encoder, "tokenizer", None)
-            documents = chunk_documents(documents, chunk_tokens, overlap, tokenizer=tokenizer)
+            chunks = chunk_documents(documents, chunk_tokens, overlap, tokenizer=tokenizer)
+            chunked = {c.metadata["source_id"] for c in chunks}
+            unchunked = [d.id for d in documents if d.id not in chunked]
+            if unchunked:
+                raise ValueError(f"{len(unchunked)} of the {len(documents)} documents gave no chunk (no token the "
+                                 f"tokenizer counts), such as {unchunked[:5]}")
+            documents = chunks
         knowledge_base.add(documents)
         return knowledge_base
 
@@ -75,7 +104,8 @@ class KnowledgeBase:
 
     @property
     def documents(self):
-        return list(self._documents.values())
+        with self._lock.read():
+            return list(self._documents.values())
 
     def get(self, doc_id):
         if doc_id not in self._documents:
@@ -83,17 +113,33 @@ class KnowledgeBase:
         return self._documents[doc_id]
 
     def add(self, documents):
-        """Encode and index new documents (ids must not be in the knowledge base yet)."""
-        documents = check_unique_ids(documents)
+        """Encode and index new documents (ids must not be in the knowledge base yet; each needs some text and
+        must survive a save, see Document). Nothing changes when any of them is refused."""
+        documents = _check_documents(documents)
+        if not documents:
+            return
+        with self._lock.read():
+            self._check_new(documents)  # fail before the (slow) encoding
+        texts = [embedding_text(d) for d in documents]
+        vectors = self.encoder.encode(texts)
+        with self._lock.write():
+            self._check_new(documents)  # again: another writer may have added one meanwhile
+            self._insert(documents, texts, vectors)
+
+    def _check_new(self, documents):
         clashes = [d.id for d in documents if d.id in self._documents]
         if clashes:
             raise ValueError(f"document ids already in the knowledge base: {clashes[:5]}")
-        if not documents:
-            return
-        texts = [embedding_text(d) for d in documents]
+
+    def _insert(self, documents, texts, vectors):
+        """Under the write lock: vectors (n, d) of `documents` into both indexes and the tables."""
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.int64)
-        self.index.add(self.encoder.encode(texts), keys)
-        self.bm25.add(texts, [d.id for d in documents])
+        self.index.add(vectors, keys)  # checks the vectors (shape, NaN) before changing anything
+        try:
+            self.bm25.add(texts, [d.id for d in documents])
+        except BaseException:
+            self.index.remove(keys)
+            raise
         for key, document in zip(keys.tolist(), documents):
             self._documents[document.id] = document
             self._keys[document.id] = key
@@ -101,19 +147,24 @@ class KnowledgeBase:
         self._next_key += len(documents)
 
     def remove(self, doc_ids):
-        """Remove documents by id; returns how many were present."""
-        present = [i for i in dict.fromkeys(doc_ids) if i in self._documents]
-        if present:
-            self.index.remove(np.array([self._keys[i] for i in present], dtype=np.int64))
-            self.bm25.remove(present)
-            for doc_id in present:
-                del self._documents[doc_id]
-                del self._by_key[self._keys.pop(doc_id)]
+        """Remove documents by id (a list of str; unknown ids are ignored); returns how many were present."""
+        doc_ids = _check_ids(doc_ids, "remove")
+        with self._lock.write():
+            present = [i for i in dict.fromkeys(doc_ids) if i in self._documents]
+            if present:
+                self.index.remove(np.array([self._keys[i] for i in present], dtype=np.int64))
+                self.bm25.remove(present)
+                for doc_id in present:
+                    del self._documents[doc_id]
+                    del self._by_key[self._keys.pop(doc_id)]
         return len(present)
 
     def embeddings_for(self, doc_ids):
-        """The stored float32 vectors (n, d) of the given document ids."""
-        return self.index.reconstruct(np.array([self._keys[self.get(i).id] for i in doc_ids], dtype=np.int64))
+        """The stored float32 vectors (n, d) of the given document ids (a list of str)."""
+        doc_ids = _check_ids(doc_ids, "embeddings_for")
+        with self._lock.read():
+            keys = np.array([self._keys[self.get(i).id] for i in doc_ids], dtype=np.int64)
+            return self.index.reconstruct(keys)
 
     # ---------------------------------------------------------------- search
 
@@ -149,17 +200,22 @@ class KnowledgeBase:
             raise TypeError(f"rerank must be a callable reranker(query, documents) or None, got "
                             f"{type(rerank).__name__}")
         depth = max(k, candidates) if (mode == "hybrid" or rerank is not None) else k
-        rankings = self._rank(queries, depth, mode, weights)
+        vectors = self.encoder.encode(queries) if mode != "bm25" else None  # (Q, d), outside the lock: slow
+        with self._lock.read():
+            depth = min(depth, len(self._documents))  # k = 2**31 costs what k = len(self) does
+            rankings = self._rank(queries, vectors, depth, mode, weights) if depth else [[] for _ in queries]
+            hits = [[(self._documents[doc_id], score) for doc_id, score in ranking] for ranking in rankings]
         results = []
-        for query, ranking in zip(queries, rankings):
+        for query, ranking in zip(queries, hits):
             if rerank is not None and ranking:
                 ranking = self._rerank(query, ranking, rerank)
-            results.append([SearchResult(self._documents[doc_id], score, rank)
-                            for rank, (doc_id, score) in enumerate(ranking[:k], start=1)])
+            results.append([SearchResult(document, score, rank)
+                            for rank, (document, score) in enumerate(ranking[:k], start=1)])
         return results
 
-    def _rank(self, queries, depth, mode, weights):
-        dense = self._dense(queries, depth) if mode in ("dense", "hybrid") else None
+    def _rank(self, queries, vectors, depth, mode, weights):
+        """Under the read lock: per query [(doc_id, score)], best first, at most `depth`."""
+        dense = self._dense(vectors, depth) if mode in ("dense", "hybrid") else None
         lexical = self.bm25.search_many(queries, depth) if mode in ("bm25", "hybrid") else None
         if mode == "dense":
             return dense
@@ -169,24 +225,26 @@ class KnowledgeBase:
         return [reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in b]], weights=weights)
                 for d, b in zip(dense, lexical)]
 
-    def _dense(self, queries, depth):
-        scores, keys = self.index.search(self.encoder.encode(queries), depth)
+    def _dense(self, vectors, depth):
+        scores, keys = self.index.search(vectors, depth)
         return [[(self._by_key[key], float(score)) for key, score in zip(row_keys.tolist(), row_scores) if key >= 0]
                 for row_keys, row_scores in zip(keys, scores)]
 
     def _rerank(self, query, ranking, reranker):
-        documents = [self._documents[doc_id] for doc_id, _ in ranking]
+        documents = [document for document, _ in ranking]
         scores = np.asarray(reranker(query, documents), dtype=np.float64)
         if scores.shape != (len(documents),):
             raise ValueError(f"the reranker returned scores of shape {scores.shape}, expected ({len(documents)},)")
         order = np.argsort(-scores, kind="stable")
-        return [(documents[i].id, float(scores[i])) for i in order]
+        return [(documents[i], float(scores[i])) for i in order]
 
     # ---------------------------------------------------------------- persistence
 
     def save(self, directory):
-        """Write the knowledge base to `directory` atomically (see hybridrag.retrieval.storage)."""
-        save_knowledge_base(self, directory)
+        """Write the knowledge base to `directory` atomically (see hybridrag.retrieval.storage). Holds the read lock
+        while it writes: writers wait, so the files hold one state; searches go on."""
+        with self._save_lock, self._lock.read():
+            save_knowledge_base(self, directory)
 
     @classmethod
     def load(cls, directory, encoder=None, *, device="auto"):
@@ -196,6 +254,10 @@ class KnowledgeBase:
 
     def stats(self):
         """A dict describing the contents: counts, encoder, index kind and device, sizes."""
+        with self._lock.read():
+            return self._stats()
+
+    def _stats(self):
         texts = [d.text for d in self._documents.values()]
         sources = {d.metadata.get("source_id", d.id) for d in self._documents.values()}
         return {"documents": len(self), "sources": len(sources), "characters": sum(map(len, texts)),
@@ -203,3 +265,30 @@ class KnowledgeBase:
                 "index_on_gpu": self.index.on_gpu, "vector_bytes": 4 * self.encoder.dimension * len(self),
                 "bm25_documents": len(self.bm25)}
 
+
+
+def _check_documents(documents):
+    """The documents as a list: Document objects with unique ids, each with some text and surviving a save."""
+    documents = check_unique_ids(documents)
+    for document in documents:
+        check_document(document)  # again: metadata may have changed since the Document was made
+    empty = [d.id for d in documents if not d.text.strip()]
+    if empty and len(empty) == len(documents):
+        raise ValueError(f"the {len(documents)} document(s) given hold no text (each is empty or whitespace only): "
+                         "there is nothing to index")
+    if empty:
+        raise ValueError(f"{len(empty)} of the {len(documents)} documents hold no text (empty or whitespace only): "
+                         f"{empty[:5]}; give them text or leave them out")
+    return documents
+
+
+def _check_ids(doc_ids, method):
+    """doc_ids as a list of str; a bare str is refused (it would be read as one id a character)."""
+    if isinstance(doc_ids, str) or not hasattr(doc_ids, "__iter__"):
+        raise TypeError(f"doc_ids must be a list of document ids, got {type(doc_ids).__name__}; pass [doc_id] to "
+                        f"{method}() one document")
+    doc_ids = list(doc_ids)
+    for position, doc_id in enumerate(doc_ids):
+        if not isinstance(doc_id, str):
+            raise TypeError(f"doc_ids[{position}] must be a str, got {type(doc_id).__name__}")
+    return doc_ids

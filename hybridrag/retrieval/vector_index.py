@@ -5,6 +5,7 @@ Vectors are expected L2-normalised (the encoders' output), so scores are cosine 
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ class VectorIndex:
     once tombstones exceed a quarter of it.
 
     Memory: 4 * d bytes a vector (flat, IVF), plus 2 * hnsw_m * 8 bytes of graph links (HNSW), plus an id table.
+
+    Threads: not safe by itself against writers. Calls that only read (`search`, `reconstruct`, `ids`, `save`) may
+    run together: FAISS CPU indexes are documented thread-safe for concurrent searches (HNSW's per-call
+    SearchParameters and id selector included: each search builds its own), nothing here changes during a search,
+    and the GPU copy is rebuilt and searched under an internal mutex (FAISS GPU resources take one user at a time).
+    `add` and `remove` (which may rebuild an HNSW graph) must not overlap any other call: KnowledgeBase's
+    readers-writer lock serves that.
     """
 
     def __init__(self, dimension, *, kind="auto", device="auto", nlist=None, nprobe=32, hnsw_m=32,
@@ -73,6 +81,7 @@ class VectorIndex:
         self._tombstones = set()
         self._gpu_index = None
         self._gpu_stale = True
+        self._gpu_lock = threading.Lock()
 
     # ---------------------------------------------------------------- building
 
@@ -195,19 +204,17 @@ class VectorIndex:
         return out
 
     def search(self, queries, k):
-        """Top-k by inner product: (scores float32 (Q, k), ids int64 (Q, k)), best first. Slots the index did not
-        fill (k beyond the stored vectors, or beyond what IVF's probed cells hold) have id -1 and score -inf."""
+        """Top-k by inner product: (scores float32 (Q, n), ids int64 (Q, n)) with n = min(k, len(self)), best
+        first: k beyond the stored vectors is clamped before anything is allocated, so k = 2**31 costs what
+        k = len(self) does. Slots the index did not fill (fewer than n in IVF's probed cells, or HNSW's beam) have
+        id -1 and score -inf."""
         check_int("k", k, 1)
         queries = self._check_vectors("queries", queries)
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        labels = np.full((len(queries), k), -1, dtype=np.int64)
-        if self._index is None or not self._ids or not len(queries):
-            return scores, labels
-        found_scores, found = self._search(queries, min(k, len(self._ids)))
-        width = found.shape[1]
-        labels[:, :width] = found
-        scores[:, :width] = np.where(found >= 0, found_scores, -np.inf)
-        return scores, labels
+        width = min(k, len(self._ids))
+        if self._index is None or not width or not len(queries):
+            return np.full((len(queries), width), -np.inf, dtype=np.float32), np.full((len(queries), width), -1)
+        found_scores, found = self._search(queries, width)
+        return np.where(found >= 0, found_scores, -np.inf).astype(np.float32), found.astype(np.int64)
 
     def _search(self, queries, k):
         if self.kind == "hnsw":
@@ -226,13 +233,14 @@ class VectorIndex:
         return self.device != "cpu" and self.kind in ("flat", "ivf") and gpu_available()
 
     def _gpu_search(self, queries, k):
-        if self._gpu_stale:
-            resources = faiss.StandardGpuResources()
-            # A flat IndexIDMap2 keeps ids on the host: only its storage goes to the GPU, labels map back below.
-            source = self._index.index if self.kind == "flat" else self._index
-            self._gpu_index = (faiss.index_cpu_to_gpu(resources, 0, source), resources)
-            self._gpu_stale = False
-        scores, labels = self._gpu_index[0].search(queries, k)
+        with self._gpu_lock:  # one thread at a time rebuilds the copy and uses its StandardGpuResources
+            if self._gpu_stale:
+                resources = faiss.StandardGpuResources()
+                # A flat IndexIDMap2 keeps ids on the host: only its storage goes to the GPU, labels map back below.
+                source = self._index.index if self.kind == "flat" else self._index
+                self._gpu_index = (faiss.index_cpu_to_gpu(resources, 0, source), resources)
+                self._gpu_stale = False
+            scores, labels = self._gpu_index[0].search(queries, k)
         if self.kind == "flat":
             id_map = faiss.vector_to_array(self._index.id_map)
             labels = np.where(labels >= 0, id_map[np.maximum(labels, 0)], -1)
