@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops import int8_matmul, quantize_int8
-from ..ops.int8 import FLOAT_DTYPES, check_cpu_cache
+from ..ops.int8 import FLOAT_DTYPES, check_cpu_cache, quantize_named
 from .common import _check_backend, _check_flag, _check_positive_int
 
 MODES = ("w8a16", "w8a8")
@@ -77,6 +77,10 @@ class Int8Linear(nn.Module):
         back), except under `torch.autocast` for x's device, where x is cast to the compute dtype and the matmul runs
         with autocast off, so the output is in the compute dtype, not the autocast dtype.
 
+    Non-finite inputs give the same non-finite outputs on every backend (see `hr.int8_matmul`): in W8A16 exactly
+    where nn.Linear with the dequantized weight gives NaN or +-inf; in W8A8 a NaN or inf in row i of x makes output
+    row i NaN. Weights holding NaN or inf are refused when quantized.
+
     Training: gradients flow to x and to the bias; the int8 weight and its scales are buffers and get none (a frozen
     base, e.g. under adapters). In W8A8 the gradient to x passes straight through the activation quantization.
 
@@ -133,8 +137,8 @@ class Int8Linear(nn.Module):
         linear's device, computing in linear's dtype. `linear` itself is left as it was.
 
         Raises TypeError for a non-nn.Linear or a weight dtype other than float16/bfloat16/float32, and ValueError for
-        a group_size that does not divide in_features, a mode that cannot take it or a cpu_cache the layer cannot
-        use."""
+        a group_size that does not divide in_features, a mode that cannot take it, a cpu_cache the layer cannot
+        use, or a weight holding NaN or inf (named by its first such element, see `hr.quantize_int8`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
@@ -142,7 +146,7 @@ class Int8Linear(nn.Module):
         # Built on the meta device (nothing allocated, no init drawn), then given the real weight and bias.
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode,
                     group_size=group_size, backend=backend, cpu_cache=cpu_cache, device="meta", dtype=weight.dtype)
-        layer.qweight = quantize_int8(weight.detach(), group_size=group_size)
+        layer.qweight = quantize_named("linear.weight", weight.detach(), group_size)
         layer.qweight.cpu_cache = cpu_cache
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(weight.dtype, copy=True),

@@ -130,6 +130,16 @@ def _structural_reason(names, module, owners, group_size, cpu_cache):
     return None
 
 
+def _replacement(name, module, mode, group_size, backend, cpu_cache):
+    """Int8Linear.from_linear(module), its errors (a weight holding NaN or inf) naming the layer."""
+    try:
+        with torch.no_grad():
+            return Int8Linear.from_linear(module, mode=mode, group_size=group_size, backend=backend,
+                                          cpu_cache=cpu_cache)
+    except ValueError as error:
+        raise ValueError(f"cannot quantize {name!r}: {error}") from error
+
+
 def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto", cpu_cache=None):
     """Replace the model's nn.Linear layers by `Int8Linear.from_linear` in place (at any depth) and report it.
 
@@ -160,7 +170,8 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
         QuantizationReport (replaced names, skipped names with reasons, bytes before/after/saved); print it for a
         summary.
 
-    Raises ValueError / TypeError for a bad mode, group_size, backend or skip, before anything is changed.
+    Raises ValueError / TypeError for a bad mode, group_size, backend or skip, and ValueError naming the layer for
+    a weight holding NaN or inf (see `hr.quantize_int8`), before anything is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -183,6 +194,7 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
         report.unmatched_skip = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
     owners = _parameter_owners(model)
 
+    replacements = []
     for key, module in modules.items():
         if not isinstance(module, nn.Linear):
             continue
@@ -192,11 +204,10 @@ def quantize_model(model, mode="w8a16", group_size=None, skip=(), backend="auto"
             for name in names:
                 report.skipped[name] = reason
             continue
-        with torch.no_grad():
-            replacement = Int8Linear.from_linear(module, mode=mode, group_size=group_size, backend=backend,
-                                                 cpu_cache=cpu_cache)
+        replacements.append((names, _replacement(names[0], module, mode, group_size, backend, cpu_cache)))
         if cpu_cache is not None:
             report.cpu_cache_bytes += module.weight.numel() * CPU_CACHES[cpu_cache].itemsize
+    for names, replacement in replacements:  # only once every layer has quantized: an error changes nothing
         for name in names:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, replacement)

@@ -33,7 +33,10 @@ class QuantizedWeight(nn.Module):
     `int8_matmul`; bfloat16 decode sizes keep `_weight_int8pack_mm`, faster still). Memory: N * K * 2 bytes ("bf16") or N * K * 4 bytes ("fp32") more, on top of the int8 weight,
     built on the first such call and rebuilt when data or scale change; a device or dtype move drops it. "bf16"
     takes bfloat16 x only (other dtypes would lose bits on the way in); "fp32" takes any float x. Not saved in the
-    state_dict."""
+    state_dict.
+
+    Scales are finite and positive as quantize_int8 makes them; a NaN scale makes every output that uses it NaN on
+    every backend (see `int8_matmul`); infinite scales are not supported."""
 
     _cpu_cache = _dense = _dense_key = None  # defaults for QuantizedWeights pickled before the cache existed
 
@@ -113,24 +116,61 @@ def _check_group_size(group_size, k):
                          f"got {group_size}")
 
 
+def _check_weight_shape(name, weight):
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one output and one input feature, got shape "
+                         f"{tuple(weight.shape)} (out_features, in_features)")
+
+
+def _check_finite(name, weight, scale):
+    """quantize_weight gives a row that is not finite in float32 a NaN scale: refuse it, naming its first element.
+    The check reads the N (x groups) scales, not the weight, and syncs once, at quantize time only."""
+    if weight.device.type == "meta":  # no values (Int8Linear.from_linear builds its layer there first)
+        return
+    bad = ~torch.isfinite(scale) if scale.dim() == 1 else ~torch.isfinite(scale).all(dim=1)
+    if not bad.any():
+        return
+    rows = bad.nonzero().flatten()
+    row = int(rows[0])
+    col = int((~torch.isfinite(weight[row].detach().float())).nonzero()[0])
+    value = weight[row, col].item()
+    beyond = " (beyond float32, the scales' dtype)" if value == value and abs(value) != float("inf") else ""
+    raise ValueError(f"{name} must be finite, but {len(rows)} of its {weight.shape[0]} rows (output channels) are "
+                     f"not; the first: {name}[{row}, {col}] = {value}{beyond}. int8 cannot represent such a row "
+                     f"(nn.Linear would output NaN or inf in that column); fix the weight before quantizing")
+
+
+def quantize_named(name, weight, group_size=None):
+    """quantize_int8 with `name` for the weight in its error messages (e.g. "linear.weight")."""
+    check_tensor(name, weight)
+    _check_weight_shape(name, weight)
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {weight.dtype}")
+    _check_group_size(group_size, weight.shape[1])
+    data, scale = quantize_weight(weight, group_size)
+    _check_finite(name, weight, scale)
+    return QuantizedWeight(data, scale, group_size)
+
+
 def quantize_int8(weight, *, group_size=None):
     """Symmetric int8 quantization of a (N, K) weight, round to nearest, clamped to [-127, 127].
 
     Args:
-        weight: (N, K) float16, bfloat16, float32 or float64 (e.g. an nn.Linear's weight: out x in).
+        weight: (N, K) float16, bfloat16, float32 or float64 (e.g. an nn.Linear's weight: out x in), N, K >= 1,
+            every value finite in float32.
         group_size: None for one scale per output channel, or g dividing K for one scale per g inputs.
 
     Returns:
         QuantizedWeight(data int8 (N, K), scale float32 (N,) or (N, K // g), group_size) on weight's device.
+
+    Raises ValueError for a weight holding NaN or +-inf (or float64 values beyond float32), naming the first such
+    element: int8 cannot represent that output channel, and a non-finite weight is almost always a bug upstream
+    (a diverged training run, a bad checkpoint), best caught here rather than as NaN outputs later. This reads the
+    scales once (one device sync, at quantize time only).
     """
-    check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    _check_group_size(group_size, weight.shape[1])
-    data, scale = quantize_weight(weight, group_size)
-    return QuantizedWeight(data, scale, group_size)
+    return quantize_named("weight", weight, group_size)
 
 
 def _check_quantized(qweight):
@@ -275,6 +315,17 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
     Returns:
         (..., N) in x's dtype. Gradients flow to x and bias, never to the int8 weight (adapters on a frozen base);
         W8A8's gradient to x passes straight through the activation quantization.
+
+    Non-finite values give the same NaN / +-inf outputs on every backend, carried by the arithmetic and the scales
+    (no host sync, no extra pass over x):
+        W8A16: x is not quantized, so the output is non-finite exactly where x @ dequant(qweight).T + bias is, with
+            the same NaN / +inf / -inf (nn.Linear with the dequantized weight): a NaN in row i of x makes row i NaN;
+            an inf makes column n +-inf by the sign of the int8 weight it meets, NaN where that weight is 0 or
+            opposite infinities meet.
+        W8A8: a row of x holding NaN or inf cannot be quantized to int8: its scale is NaN and its whole output
+            row is NaN (nn.Linear would give +-inf in some columns; one documented answer for every backend).
+        A NaN weight scale (a hand-built QuantizedWeight; quantize_int8 refuses non-finite weights) makes its output
+        column NaN. A NaN or inf bias makes its column non-finite as it would in nn.Linear.
 
     CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 8 and a
     per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a

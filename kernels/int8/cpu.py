@@ -20,6 +20,10 @@ The gradient to x, grad_out @ dequant(W), widens the same blocks of rows (`grad_
 grad_out with M > GRAD_SMALL_M, "fp32" otherwise) and sums their products in float32. Outputs are in x's (grad_out's)
 dtype.
 
+Non-finite values give the reference's NaN / +-inf at the same positions: NaN or inf in x meets the exact int8 weight
+values in the matmul and the positive scales after it (inf * 0 = NaN either way), and W8A8's activation scales carry
+NaN for a row holding NaN or inf (`quantize_activations`), which the epilogue spreads over the row. No extra pass.
+
 Memory: besides the output, a float32 (M, N) accumulator (gradient: (M, K)) and x in the compute dtype; one buffer
 for the widened weight block, WIDEN_BLOCK_BYTES in float32 (half in bfloat16; group-wise in bfloat16 both); never
 an (N, K) copy. The widening buffers are a per-thread workspace kept between calls (at most 2.5 x WIDEN_BLOCK_BYTES,

@@ -1,6 +1,11 @@
 """Symmetric int8 quantization, round to nearest, values clamped to [-127, 127] (so -128 is never used and the grid
 is symmetric). Weights (N, K) get one float32 scale per output channel, or per group of `group_size` along K;
-activations (M, K) get one scale per row (per token)."""
+activations (M, K) get one scale per row (per token).
+
+Non-finite values: a row (or group) holding NaN or +-inf gets a NaN scale, so every product that uses it is NaN:
+the int8 format cannot represent the row, and NaN is the honest value for it (for activations, a whole output row
+of W8A8; `hybridrag.quantize_int8` refuses such weights instead). The int8 data of such a row is unspecified (what
+the cast of NaN gives); it only ever meets the NaN scale. Carried by the scale alone: no extra pass over the data."""
 import torch
 
 INT8_MAX = 127
@@ -8,12 +13,14 @@ MAX_INT8_REDUCTION = (2**31 - 1) // (INT8_MAX * INT8_MAX)  # longest exact int32
 
 
 def _scales(amax):
-    """Scale so that amax maps to 127; an all-zero channel gets scale 1 (its data is 0 either way)."""
-    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    """Scale so that amax maps to 127; an all-zero channel gets scale 1 (its data is 0 either way); a NaN or inf
+    amax (torch's amax propagates NaN) a NaN scale. As many ops as without the NaN case: inf -> NaN in nan_to_num."""
+    return torch.where(amax == 0, 1.0, amax.nan_to_num(nan=float("nan"), posinf=float("nan")) / INT8_MAX)
 
 
 def quantize_weight(weight, group_size=None):
-    """weight (N, K) float -> (data int8 (N, K), scale float32 (N,) or (N, K // group_size))."""
+    """weight (N, K) float -> (data int8 (N, K), scale float32 (N,) or (N, K // group_size)); NaN scales for rows
+    (groups) that are not finite in float32."""
     n, k = weight.shape
     w = weight.detach().float()
     if group_size is None:
@@ -36,7 +43,8 @@ def dequantize_weight(data, scale, group_size=None, dtype=torch.float32):
 
 
 def quantize_activations(x):
-    """x (M, K) float -> (int8 (M, K), scale float32 (M,)): one scale per row (per token)."""
+    """x (M, K) float -> (int8 (M, K), scale float32 (M,)): one scale per row (per token), NaN for a row holding
+    NaN or inf."""
     x = x.float()
     scale = _scales(x.abs().amax(dim=1))
     return torch.round(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale

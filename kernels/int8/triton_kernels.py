@@ -39,7 +39,12 @@ Two launch shapes, chosen by `_use_splitk` (small functions so that tests can mo
 
 W8A8: a fused kernel quantizes each row of x (abs-max, scale = amax / 127 or 1 for an all-zero row, x / scale rounded
 to nearest even, clamped to [-127, 127], cast to int8), bit for bit as `quantize.quantize_activations` does (IEEE
-divisions via div_rn, and rint by the 1.5 * 2^23 trick, which works in the interpreter and compiled alike). Then the
+divisions via div_rn, and rint by the 1.5 * 2^23 trick, which works in the interpreter and compiled alike). A row
+holding NaN or inf gets a NaN scale, so the epilogue makes its whole output row NaN.
+
+Non-finite values otherwise fall out of the arithmetic, as in the reference: a NaN or inf in x (W8A16) meets the
+exact int8 weights in the dot (inf * 0 = NaN, +inf + -inf = NaN), and a NaN weight scale multiplies into every
+output of its column. No extra pass, no host sync. Then the
 GEMM runs int8 x int8 dots accumulating in int32, and the epilogue computes acc * x_scale[m] * w_scale[n] + bias in
 fp32 (the order of the CPU path) before the cast. int32 accumulation is exact up to K = 133143.
 
@@ -113,24 +118,29 @@ def _epilogue(acc, offs_m, offs_c, mask_m, mask_c, SCALE, stride_sc, A_SCALE, BI
 
 @triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
-    """One program per row: amax over the row, then x / scale rounded, clamped and stored as int8."""
+    """One program per row: amax over the row, then x / scale rounded, clamped and stored as int8. A row holding NaN
+    or inf gets a NaN scale (and data 0), as `quantize.quantize_activations` does."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
     q_row = XQ + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    poison = tl.zeros([BLOCK_K], dtype=tl.float32)  # x - x: 0 where x is finite, NaN where it is NaN or inf
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         x = tl.load(x_row + k.to(tl.int64) * stride_xk, mask=k < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
+        poison += x - x
     row_max = tl.max(amax, 0)
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
+    # A sum carries NaN under every compiler's rules (tl.max may drop it on a GPU, keep it in the interpreter).
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0) + tl.sum(poison, 0)
     tl.store(XS + row, scale)
+    finite = scale == scale
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         x = tl.load(x_row + k.to(tl.int64) * stride_xk, mask=k < K, other=0.0).to(tl.float32)
         q = _rint(tl.math.div_rn(x, scale))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.where(finite, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)  # no cast of NaN to int8
         tl.store(q_row + k, q.to(tl.int8), mask=k < K)
 
 
