@@ -30,10 +30,19 @@ def _block_range(first, last, LEFT, RIGHT, limit, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _non_finite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
 def _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d, mask_d,
-                         COMPUTE_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         COMPUTE_O: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
     """Fold one key block's base-2 scores s [M, N] (-inf where hidden) into the running max m_i, sum l_i and output
-    acc [M, D], reading the block's values at rows idx of v_base. Rows that have seen nothing stay at p = 0."""
+    acc [M, D], reading the block's values at rows idx of v_base. Rows that have seen nothing stay at p = 0.
+
+    MASKED: some row may not see some key of the block. A NaN/inf value must then reach only the rows that see it
+    (p = 0 would multiply it into NaN): the product runs on finite values, and in the rare block that holds a
+    non-finite one, the columns it poisons are set to NaN in the rows that see it."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -42,7 +51,15 @@ def _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d
     if COMPUTE_O:
         v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
                     other=0.0)  # [N, D]
+        if MASKED:
+            bad = _non_finite(v)
+            v = tl.where(bad, 0.0, v)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if MASKED:
+            if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+                seen = (s != float("-inf")).to(v.dtype)
+                hits = tl.dot(seen, bad.to(v.dtype), input_precision=DOT_PRECISION)  # [M, D] counts
+                acc = tl.where(hits > 0, float("nan"), acc)
     return acc, l_i, m_new
 
 
@@ -51,7 +68,8 @@ def _softmax_result(acc, l_i, m_i):
     """(o [M, D], natural-log lse [M]) from the online softmax's state; rows that saw no key: o = 0, lse = -inf."""
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
+                   tl.where(l_i == 0.0, float("-inf"), float("nan")))  # NaN: the row saw a non-finite score
     return out, lse
 
 
@@ -69,7 +87,7 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, strid
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    delta = tl.sum(tl.where(do == 0.0, 0.0, o * do), 1)  # a NaN row nobody takes a gradient of stays out
     row = off_bh.to(tl.int64) * Tq + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < Tq, other=0.0)
@@ -113,9 +131,10 @@ def _dot_precision(dtype):
 
 
 def _band(left, right, tq, tk):
-    """Kernel-side band: an unbounded side becomes a distance no pair of positions reaches."""
+    """Kernel-side band: an unbounded side, or one past every pair of positions, becomes a distance no pair reaches
+    yet p + side stays within int32."""
     far = tq + tk
-    return (far if left < 0 else left), (far if right < 0 else right)
+    return (far if left < 0 or left > far else left), (far if right < 0 or right > far else right)
 
 
 def _check_row_offsets(**tensors):

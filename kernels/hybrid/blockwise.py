@@ -6,12 +6,14 @@ The (row, key) pairs are split into tiles so that each query row lies in exactly
 - a block of those global rows against every key up to the last row's position, and the memory tokens.
 Each tile is one softmax; the backward recomputes its probabilities from the lse. The largest temporary is
 (B, H, block, window + block + L + M) for row blocks and (B, H, block, Tk + M) for global rows, in float32: never
-a Tq x Tk matrix. Low-precision inputs are computed in float32 and cast back.
+a Tq x Tk matrix. Low-precision inputs are computed in float32 and cast back. NaN/inf reach only the rows that see
+them (kernels/nonfinite.py).
 """
 from dataclasses import dataclass
 
 import torch
 
+from ..nonfinite import output_grad_products, poison_output, poison_scores, split_finite
 from ..patterns import global_query_rows, hybrid_visibility, landmark_flags, visible_key_range
 
 CPU_BLOCK = 128
@@ -74,11 +76,11 @@ class _Operands:
 
     def rows(self, x, rows):
         """(B, H, T, D) -> float32 (B * Hkv, G * R, D)."""
-        return x[:, :, rows].float().reshape(self.batch * self.kv_heads, -1, x.shape[-1])
+        return x[:, :, rows].float().reshape(self.batch * self.kv_heads, self.group * len(rows), x.shape[-1])
 
     def row_stat(self, x, rows):
         """(B, H, T) -> (B * Hkv, G * R, 1)."""
-        return x[:, :, rows].reshape(self.batch * self.kv_heads, -1, 1)
+        return x[:, :, rows].reshape(self.batch * self.kv_heads, self.group * len(rows), 1)
 
     def keys(self, x, memory, tile):
         """(B * Hkv, band + X + M, D) float32: the tile's keys (or values) in bias column order."""
@@ -93,10 +95,10 @@ class _Operands:
         bias = tile.bias
         kv_heads = self.kv_heads if bias.shape[0] > 1 else 1  # a batch-independent bias broadcasts over B * Hkv
         bias = bias[:, None, None].expand(bias.shape[0], kv_heads, self.group, *bias.shape[1:])
-        return bias.reshape(-1, self.group * bias.shape[-2], bias.shape[-1])
+        return bias.reshape(bias.shape[0] * kv_heads, self.group * bias.shape[-2], bias.shape[-1])
 
     def ungroup(self, x):
-        return x.reshape(self.batch, self.heads, -1, x.shape[-1])
+        return x.reshape(self.batch, self.heads, x.shape[1] // self.group, x.shape[-1])
 
 
 def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None,
@@ -110,14 +112,18 @@ def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     for tile in _tiles(q.shape[2], k.shape[2], left, right, causal, landmarks, global_queries, ops.memory, kv_start,
                        key_mask, block, q.device):
-        keys = ops.keys(k, ops.memory_k, tile)
-        scores = torch.baddbmm(ops.bias(tile), ops.rows(q, tile.rows), keys.transpose(1, 2), alpha=scale)
+        keys, k_bad = split_finite(ops.keys(k, ops.memory_k, tile))
+        q_tile, q_bad = split_finite(ops.rows(q, tile.rows))
+        bias = ops.bias(tile)
+        scores = torch.baddbmm(bias, q_tile, keys.transpose(1, 2), alpha=scale)
+        scores = poison_scores(scores, bias == 0, q_bad, k_bad)
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max.masked_fill_(torch.isinf(row_max), 0.0)  # rows that see nothing keep weights 0
         weights = scores.sub_(row_max).exp_()
         total = weights.sum(dim=-1, keepdim=True)
         if out is not None:
-            o_tile = torch.bmm(weights, ops.keys(v, ops.memory_v, tile))
+            values, v_bad = split_finite(ops.keys(v, ops.memory_v, tile))
+            o_tile = poison_output(torch.bmm(weights, values), bias == 0, v_bad)
             o_tile.div_(total.clamp(min=torch.finfo(torch.float32).tiny))
             out[:, :, tile.rows] = ops.ungroup(o_tile).to(q.dtype)
         lse[:, :, tile.rows] = ops.ungroup(row_max + torch.log(total)).squeeze(-1)
@@ -137,12 +143,13 @@ def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, cau
     dmem_v = torch.zeros_like(dmem_k)
     for tile in _tiles(q.shape[2], tk, left, right, causal, landmarks, global_queries, ops.memory, kv_start, key_mask,
                        block, q.device):
-        q_tile, grad_o_tile = ops.rows(q, tile.rows), ops.rows(grad_out, tile.rows)
-        keys, values = ops.keys(k, ops.memory_k, tile), ops.keys(v, ops.memory_v, tile)
+        q_tile, grad_o_tile = split_finite(ops.rows(q, tile.rows))[0], ops.rows(grad_out, tile.rows)
+        keys = split_finite(ops.keys(k, ops.memory_k, tile))[0]
+        values = split_finite(ops.keys(v, ops.memory_v, tile))[0]
         row_lse = ops.row_stat(lse, tile.rows)
         row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)  # rows that see no key: all scores are -inf
         # dS = P * (dP - delta) with delta = rowsum(O * dO) - dlse: the lse gradient folds into delta.
-        delta = (ops.rows(out, tile.rows) * grad_o_tile).sum(-1, keepdim=True)
+        delta = output_grad_products(ops.rows(out, tile.rows), grad_o_tile).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta -= ops.row_stat(grad_lse, tile.rows)
         probs = torch.baddbmm(ops.bias(tile), q_tile, keys.transpose(1, 2), alpha=scale).sub_(row_lse).exp_()
@@ -179,9 +186,10 @@ def attention_mass_blockwise(q, k, lse, segments, num_segments, row_weights, lef
                        key_mask, block, q.device):
         row_lse = ops.row_stat(lse, tile.rows)
         row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)
-        scores = torch.baddbmm(ops.bias(tile), ops.rows(q, tile.rows), ops.keys(k, ops.memory_k, tile).transpose(1, 2),
-                               alpha=scale)
-        probs = scores.sub_(row_lse).exp_().view(batch, heads, len(tile.rows), -1)
+        q_tile = split_finite(ops.rows(q, tile.rows))[0]
+        keys = split_finite(ops.keys(k, ops.memory_k, tile))[0]
+        scores = torch.baddbmm(ops.bias(tile), q_tile, keys.transpose(1, 2), alpha=scale)
+        probs = scores.sub_(row_lse).exp_().view(batch, heads, len(tile.rows), scores.shape[-1])
         key_mass = torch.einsum("br,bhrn->bhn", row_weights[:, tile.rows].float(), probs)
         keys = torch.cat([torch.arange(tile.band.start, tile.band.stop, device=q.device), tile.extra])
         mass.scatter_add_(2, bins[:, keys][:, None].expand(-1, heads, -1), key_mass[..., :keys.numel()])

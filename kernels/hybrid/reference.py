@@ -4,24 +4,36 @@ Memory: O(B * H * Tq * (Tk + M)) (full score matrices). Differentiable through a
 """
 import torch
 
+from ..nonfinite import poison_output, poison_scores, split_finite
 from ..patterns import hybrid_mask
 
 
 def _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
                    key_mask):
-    """Scores (B, H, Tq, Tk + M) in q's dtype with -inf where hidden; memory keys come last and are always seen."""
+    """(scores (B, H, Tq, Tk + M) in q's dtype with -inf where hidden, visibility broadcastable to it); memory keys
+    come last and are always seen. Non-finite entries reach only the rows that see them (kernels/nonfinite.py)."""
     batch, heads, tq, _ = q.shape
     group = heads // k.shape[1]
     keys = k
     if memory_k is not None:
         keys = torch.cat([k, memory_k.expand(batch, -1, -1, -1)], dim=2)
-    scores = (q @ keys.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    q, q_bad = split_finite(q)
+    keys, k_bad = split_finite(keys.repeat_interleave(group, dim=1))
+    scores = (q @ keys.transpose(-1, -2)) * scale
     visible = hybrid_mask(tq, k.shape[2], left, right, causal, landmark_positions, global_queries, kv_start,
                           key_mask)
     if memory_k is not None:
         visible = torch.cat([visible, visible.new_ones(visible.shape[:-1] + (memory_k.shape[2],))], dim=-1)
     visible = visible[:, None] if visible.dim() == 3 else visible  # (B or 1, 1, Tq, Tk + M) against (B, H, ...)
-    return scores.masked_fill(~visible, float("-inf"))
+    scores = poison_scores(scores, visible, q_bad, k_bad)
+    return scores.masked_fill(~visible, float("-inf")), visible
+
+
+def _attend(probs, v, memory_v, visible, group):
+    """probs @ values (main keys then memory tokens), non-finite values reaching only the rows that see them."""
+    values = v if memory_v is None else torch.cat([v, memory_v.expand(v.shape[0], -1, -1, -1)], dim=2)
+    values, v_bad = split_finite(values.repeat_interleave(group, dim=1))
+    return poison_output(probs @ values, visible, v_bad)
 
 
 def _softmax_with_lse(scores):
@@ -40,22 +52,20 @@ def hybrid_attention_reference(q, k, v, left, right, causal, landmark_positions,
     key_mask (B, Tk) bool or None -> (o, lse (B, H, Tq)).
 
     Computes in q's dtype; a row that sees no key gets o = 0 and lse = -inf."""
-    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
-                            key_mask)
+    scores, visible = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale,
+                                     kv_start, key_mask)
     probs, lse = _softmax_with_lse(scores)
-    values = v if memory_v is None else torch.cat([v, memory_v.expand(v.shape[0], -1, -1, -1)], dim=2)
-    return probs @ values.repeat_interleave(q.shape[1] // k.shape[1], dim=1), lse
+    return _attend(probs, v, memory_v, visible, q.shape[1] // k.shape[1]), lse
 
 
 def hybrid_attention_weights_reference(q, k, v, left, right, causal, landmark_positions, global_queries, scale,
                                        memory_k=None, memory_v=None, kv_start=None, key_mask=None):
     """(o (B, H, Tq, D), probabilities (B, H, Tq, Tk + M)) in q's dtype, memory tokens' columns last: the dense
     attention weights, for `output_attentions`. Memory: O(B * H * Tq * (Tk + M))."""
-    scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
-                            key_mask)
+    scores, visible = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale,
+                                     kv_start, key_mask)
     probs = _softmax_with_lse(scores)[0]
-    values = v if memory_v is None else torch.cat([v, memory_v.expand(v.shape[0], -1, -1, -1)], dim=2)
-    return probs @ values.repeat_interleave(q.shape[1] // k.shape[1], dim=1), probs
+    return _attend(probs, v, memory_v, visible, q.shape[1] // k.shape[1]), probs
 
 
 def attention_mass_reference(q, k, segments, num_segments, left, right, causal, landmark_positions, global_queries,
@@ -66,7 +76,7 @@ def attention_mass_reference(q, k, segments, num_segments, left, right, causal, 
     segments (B, Tk) int (-1 = no segment), query_mask (B, Tq) bool or None (all rows). Memory tokens take part in
     the softmax but belong to no segment."""
     scores = _masked_scores(q, k, left, right, causal, landmark_positions, global_queries, memory_k, scale, kv_start,
-                            key_mask)
+                            key_mask)[0]
     probs = _softmax_with_lse(scores)[0][..., :k.shape[2]]  # (B, H, Tq, Tk) in q's dtype
     batch, heads, tq, _ = q.shape
     sums = torch.promote_types(q.dtype, torch.float32)

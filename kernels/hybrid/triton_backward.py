@@ -3,7 +3,7 @@ and the global rows (no atomics), and dk/dv of the extra keys."""
 import triton
 import triton.language as tl
 
-from ..triton_common import _block_range
+from ..triton_common import _block_range, _non_finite
 from .triton_tiles import _key_blocks, _key_ok, _key_positions, _masked_scores, _rows, _visible
 
 
@@ -23,6 +23,10 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS
         s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, key_mask, MODE, HAS_KV_START,
                            HAS_KEY_MASK)
         p = tl.math.exp2(s - lse2[:, None])
+        if MODE != 0 or HAS_KV_START or HAS_KEY_MASK:  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
+            p = tl.where(s == float("-inf"), 0.0, p)  # a NaN lse would make exp2(-inf - NaN) NaN
+            kT = tl.where(_non_finite(kT), 0.0, kT)
+            vT = tl.where(_non_finite(vT), 0.0, vT)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
@@ -107,14 +111,17 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # +inf (rows hidden from this pass) gives p = 0
         delta = tl.load(DELTA + row, mask=mask_r, other=0.0)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [N, M]
+        pT = tl.math.exp2(sT - lse2[None, :])
         if MODE != 0:
             seen = _visible((row + offset)[None, :], kpos[:, None], valid_k[:, None] & mask_r[None, :], LEFT, RIGHT,
                             CAUSAL, kv_start, MODE)
-            sT = tl.where(seen, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])
+            pT = tl.where(seen, pT, 0.0)  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
+            qT = tl.where(_non_finite(qT), 0.0, qT)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
         dsT = pT * (dpT - delta[None, :])
+        if MODE != 0:
+            dsT = tl.where(seen, dsT, 0.0)  # a NaN row's delta must not reach the keys it does not see
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -146,6 +153,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, KEY_MASK, LM
                 mask=mask_nd, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                 mask=mask_nd, other=0.0)
+    v = tl.where(_non_finite(v), 0.0, v)  # v only enters dP, where a hidden row's p = 0 would meet it
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if HAS_KV_START:
@@ -218,6 +226,7 @@ def _dkdv_extra_kernel(Q, XK, XV, XPOS, DO, LSE, DELTA, KV_START, XDK, XDV,
                 mask=mask_xd, other=0.0)
     v = tl.load(XV + off_b * stride_xvb + off_kv * stride_xvh + offs_x[:, None] * stride_xvn + offs_d[None, :],
                 mask=mask_xd, other=0.0)
+    v = tl.where(_non_finite(v), 0.0, v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if HAS_KV_START:

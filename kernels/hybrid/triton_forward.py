@@ -23,7 +23,7 @@ def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KPOS, pos
         s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, key_mask, MODE, HAS_KV_START,
                            HAS_KEY_MASK)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d, mask_d,
-                                             COMPUTE_O, DOT_PRECISION)
+                                             COMPUTE_O, DOT_PRECISION, MODE != 0 or HAS_KV_START or HAS_KEY_MASK)
     return acc, l_i, m_i
 
 

@@ -4,9 +4,11 @@ Queries are processed in blocks of `block` rows; each block multiplies only agai
 work grows with Tq x (window + block) and the largest temporary is (B, H, block, window + block) in float32.
 Never a Tq x Tk matrix. Low-precision inputs are computed in float32 and cast back. The scale and the mask (as an
 additive 0 / -inf bias) ride in the score matmul itself (`baddbmm`); a kv head's query heads share one matmul.
+NaN/inf reach only the rows that see them (kernels/nonfinite.py).
 """
 import torch
 
+from ..nonfinite import output_grad_products, poison_output, poison_scores, split_finite
 from ..patterns import block_visibility, visible_key_range
 
 CPU_BLOCK = 128
@@ -41,12 +43,12 @@ def _blocks(tq, tk, left, right, block):
 def _grouped_rows(x, kv_heads, rows):
     """(B, H, T, D) -> float32 (B * Hkv, G * len(rows), D): a kv head's query heads stacked along the rows."""
     batch, heads, _, dim = x.shape
-    return x[:, :, rows].float().reshape(batch * kv_heads, -1, dim)
+    return x[:, :, rows].float().reshape(batch * kv_heads, heads // kv_heads * (rows.stop - rows.start), dim)
 
 
-def _ungroup_rows(x, batch, heads, dim):
+def _ungroup_rows(x, batch, heads, rows, dim):
     """Inverse of `_grouped_rows`: (B * Hkv, G * M, D) -> (B, H, M, D)."""
-    return x.reshape(batch, heads, -1, dim)
+    return x.reshape(batch, heads, rows.stop - rows.start, dim)
 
 
 def sliding_window_fwd_blockwise(q, k, v, left, right, scale, block=CPU_BLOCK):
@@ -60,16 +62,18 @@ def sliding_window_fwd_blockwise(q, k, v, left, right, scale, block=CPU_BLOCK):
     for row_lo, row_hi, key_lo, key_hi in _blocks(tq, tk, left, right, block):
         rows, keys = slice(row_lo, row_hi), slice(key_lo, key_hi)
         bias = biases(row_lo + tk - tq, row_hi - row_lo, key_lo, key_hi - key_lo)
-        k_blk = k[:, :, keys].float().flatten(0, 1)  # (B * Hkv, N, D)
-        v_blk = v[:, :, keys].float().flatten(0, 1)
-        scores = torch.baddbmm(bias, _grouped_rows(q, kv_heads, rows), k_blk.transpose(1, 2), alpha=scale)
+        k_blk, k_bad = split_finite(k[:, :, keys].float().flatten(0, 1))  # (B * Hkv, N, D)
+        v_blk, v_bad = split_finite(v[:, :, keys].float().flatten(0, 1))
+        q_blk, q_bad = split_finite(_grouped_rows(q, kv_heads, rows))
+        scores = torch.baddbmm(bias, q_blk, k_blk.transpose(1, 2), alpha=scale)
+        scores = poison_scores(scores, bias == 0, q_bad, k_bad)
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max.masked_fill_(torch.isinf(row_max), 0.0)  # rows that see nothing in this block keep weights 0
         weights = scores.sub_(row_max).exp_()
         total = weights.sum(dim=-1, keepdim=True)
-        o_blk = torch.bmm(weights, v_blk).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
-        out[:, :, rows] = _ungroup_rows(o_blk, batch, heads, dim)
-        lse[:, :, rows] = (row_max + torch.log(total)).reshape(batch, heads, -1)
+        o_blk = poison_output(torch.bmm(weights, v_blk), bias == 0, v_bad).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
+        out[:, :, rows] = _ungroup_rows(o_blk, batch, heads, rows, dim)
+        lse[:, :, rows] = (row_max + torch.log(total)).reshape(batch, heads, row_hi - row_lo)
     return out, lse
 
 
@@ -88,20 +92,20 @@ def sliding_window_bwd_blockwise(q, k, v, o, lse, grad_o, grad_lse, left, right,
     for row_lo, row_hi, key_lo, key_hi in _blocks(tq, tk, left, right, block):
         rows, keys = slice(row_lo, row_hi), slice(key_lo, key_hi)
         bias = biases(row_lo + tk - tq, row_hi - row_lo, key_lo, key_hi - key_lo)
-        q_blk = _grouped_rows(q, kv_heads, rows)
+        q_blk = split_finite(_grouped_rows(q, kv_heads, rows))[0]
         grad_o_blk = _grouped_rows(grad_o, kv_heads, rows)
-        k_blk = k[:, :, keys].float().flatten(0, 1)
-        v_blk = v[:, :, keys].float().flatten(0, 1)
-        row_lse = lse[:, :, rows].reshape(batch * kv_heads, -1, 1)
+        k_blk = split_finite(k[:, :, keys].float().flatten(0, 1))[0]
+        v_blk = split_finite(v[:, :, keys].float().flatten(0, 1))[0]
+        row_lse = lse[:, :, rows].reshape(batch * kv_heads, group * (row_hi - row_lo), 1)
         row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)  # rows that see no key: all scores are -inf
         # dS = P * (dP - delta) with delta = rowsum(O * dO) - dlse: the lse gradient folds into delta.
-        delta = (_grouped_rows(o, kv_heads, rows) * grad_o_blk).sum(-1, keepdim=True)
+        delta = output_grad_products(_grouped_rows(o, kv_heads, rows), grad_o_blk).sum(-1, keepdim=True)
         if grad_lse is not None:
-            delta -= grad_lse[:, :, rows].reshape(batch * kv_heads, -1, 1)
+            delta -= grad_lse[:, :, rows].reshape(batch * kv_heads, group * (row_hi - row_lo), 1)
         probs = torch.baddbmm(bias, q_blk, k_blk.transpose(1, 2), alpha=scale).sub_(row_lse).exp_()
         dv[:, keys] += torch.bmm(probs.transpose(1, 2), grad_o_blk)
         grad_scores = probs.mul_(torch.bmm(grad_o_blk, v_blk.transpose(1, 2)).sub_(delta))
-        dq[:, :, rows] = _ungroup_rows(torch.bmm(grad_scores, k_blk).mul_(scale), batch, heads, dim)
+        dq[:, :, rows] = _ungroup_rows(torch.bmm(grad_scores, k_blk).mul_(scale), batch, heads, rows, dim)
         dk[:, keys] += torch.bmm(grad_scores.transpose(1, 2), q_blk).mul_(scale)
     shape = (batch, kv_heads, tk, dim)
     return dq, dk.view(shape).to(k.dtype), dv.view(shape).to(v.dtype)

@@ -6,6 +6,7 @@ the hybrid path's for the chunk part."""
 import torch
 
 from ..hybrid.blockwise import CPU_BLOCK, hybrid_fwd_blockwise
+from ..nonfinite import poison_output, poison_scores, split_finite
 from .cache_layout import ring_positions, stream_visibility
 
 
@@ -15,21 +16,21 @@ def _cache_part(q, keys, values, key_pos, length, sinks, window, scale, block):
     batch, heads, chunk, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
-    keys = keys.float().flatten(0, 1).transpose(1, 2)  # (B * Hkv, D, N)
-    values = values.float().flatten(0, 1)
+    keys, k_bad = split_finite(keys.float().flatten(0, 1))  # (B * Hkv, N, D)
+    values, v_bad = split_finite(values.float().flatten(0, 1))
     out = torch.zeros(batch, heads, chunk, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, chunk), float("-inf"), dtype=torch.float32, device=q.device)
     for lo in range(0, chunk, block):
         hi = min(lo + block, chunk)
         visible = stream_visibility(torch.arange(length + lo, length + hi, device=q.device), key_pos, sinks, window)
         bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf")).repeat(group, 1)
-        rows = q[:, :, lo:hi].float().reshape(batch * kv_heads, group * (hi - lo), dim)
-        scores = torch.baddbmm(bias, rows, keys, alpha=scale)
+        rows, q_bad = split_finite(q[:, :, lo:hi].float().reshape(batch * kv_heads, group * (hi - lo), dim))
+        scores = poison_scores(torch.baddbmm(bias, rows, keys.transpose(1, 2), alpha=scale), bias == 0, q_bad, k_bad)
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max.masked_fill_(torch.isinf(row_max), 0.0)
         weights = scores.sub_(row_max).exp_()
         total = weights.sum(dim=-1, keepdim=True)
-        o = torch.bmm(weights, values).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
+        o = poison_output(torch.bmm(weights, values), bias == 0, v_bad).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
         out[:, :, lo:hi] = o.view(batch, heads, hi - lo, dim)
         lse[:, :, lo:hi] = (row_max + torch.log(total)).view(batch, heads, hi - lo)
     return out, lse
@@ -42,7 +43,9 @@ def _merge(parts):
         lse = torch.logaddexp(lse, part_lse)
     out = torch.zeros_like(parts[0][0])
     for part_out, part_lse in parts:
-        out += torch.exp(part_lse - lse).nan_to_num_(0.0)[..., None] * part_out
+        empty = part_lse == float("-inf")  # the part holds no key these rows see (a NaN lse must stay NaN)
+        weight = torch.where(empty, torch.zeros_like(part_lse), torch.exp(part_lse - lse))
+        out += weight[..., None] * torch.where(empty[..., None], torch.zeros_like(part_out), part_out)
     return out
 
 

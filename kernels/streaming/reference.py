@@ -2,6 +2,7 @@
 softmax under the stream's visibility. The truth for tests. Memory: O(B * H * C * (sinks + window + C))."""
 import torch
 
+from ..nonfinite import poison_output, poison_scores, split_finite
 from .cache_layout import ring_positions, stream_visibility
 
 
@@ -17,8 +18,11 @@ def streaming_attention_reference(q, k, v, sink_k, sink_v, ring_k, ring_v, lengt
     keys = torch.cat([sink_k, ring_k, k], dim=2)
     values = torch.cat([sink_v, ring_v, v], dim=2)
     group = q.shape[1] // k.shape[1]
-    scores = (q @ keys.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    q, q_bad = split_finite(q)
+    keys, k_bad = split_finite(keys.repeat_interleave(group, dim=1))
+    values, v_bad = split_finite(values.repeat_interleave(group, dim=1))
+    scores = (q @ keys.transpose(-1, -2)) * scale
     visible = stream_visibility(torch.arange(length, length + chunk, device=device), key_pos, sinks, window)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = poison_scores(scores, visible, q_bad, k_bad).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-    return probs @ values.repeat_interleave(group, dim=1)
+    return poison_output(probs @ values, visible, v_bad)

@@ -1,0 +1,47 @@
+"""NaN and inf under an attention mask, for the PyTorch paths: what a row cannot see must not reach it.
+
+`probs @ v` lets a hidden NaN through (0 * NaN = NaN), and so do `bias + q @ k.T` and every backward product of a
+zero probability with a non-finite operand. These paths multiply finite copies (NaN/inf entries zeroed) and put NaN
+back only where a row sees a non-finite entry:
+- a non-finite query row, or a non-finite key the row sees, gives NaN scores there, so a NaN row (o and lse);
+- a non-finite value the row sees gives NaN in that value's columns of o.
+The Triton kernels do the same block by block (`_online_softmax_step`). Gradients stay clean for every row whose
+upstream gradient is zero where its output is NaN (as when those rows are left out of a loss).
+"""
+import torch
+
+
+def split_finite(x):
+    """(x with NaN/inf entries set to 0, bool mask of those entries), or (x, None) when x is all finite."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return x, None
+    return x.masked_fill(bad, 0.0), bad
+
+
+def poison_scores(scores, visible, q_bad, k_bad):
+    """scores (..., M, N) with NaN where `visible` (bool, broadcastable) and the row's query (q_bad (..., M, D)) or
+    the key (k_bad (..., N, D)) holds a non-finite entry; either mask may be None."""
+    hit = None
+    if q_bad is not None:
+        hit = q_bad.any(-1)[..., :, None]
+    if k_bad is not None:
+        key_hit = k_bad.any(-1)[..., None, :]
+        hit = key_hit if hit is None else hit | key_hit
+    if hit is None:
+        return scores
+    return scores.masked_fill(hit & visible, float("nan"))
+
+
+def poison_output(out, visible, v_bad):
+    """out (..., M, D) with NaN in column d of each row that sees (visible (..., M, N) bool) a value whose entry d is
+    non-finite (v_bad (..., N, D), or None)."""
+    if v_bad is None:
+        return out
+    hit = (visible.to(torch.float32) @ v_bad.to(torch.float32)) > 0
+    return out.masked_fill(hit, float("nan"))
+
+
+def output_grad_products(out, grad_out):
+    """out * grad_out with 0 where grad_out is 0: a NaN output nobody takes a gradient of stays out of delta."""
+    return torch.where(grad_out == 0, torch.zeros((), dtype=out.dtype, device=out.device), out * grad_out)
