@@ -24,13 +24,15 @@ def resolve_window(window, causal):
             return UNBOUNDED, 0
         if window < 1:
             raise ValueError(f"window must be >= 1 (or -1 for unbounded), got {window}")
-        return window - 1, 0
+        return (UNBOUNDED if window > 2**31 else window - 1), 0
     if len(window) != 2 or any(isinstance(w, bool) or not isinstance(w, int) for w in window):
         raise TypeError(f"window must be an int or a (left, right) tuple of two ints, got {tuple(window)!r}")
     left, right = window
     for name, value in (("left", left), ("right", right)):
         if value < UNBOUNDED:
             raise ValueError(f"window {name} must be >= 0 or -1 (unbounded), got {value}")
+    # A side of 2**31 or more reaches past every position the kernels index (int32): it is unbounded.
+    left, right = (UNBOUNDED if side >= 2**31 else side for side in (left, right))
     if causal:
         right = 0
     return left, right
@@ -90,7 +92,7 @@ def resolve_landmarks(landmarks, tk, device=None):
     if isinstance(landmarks, int):
         if landmarks < 1:
             raise ValueError(f"a landmark stride must be >= 1, got {landmarks}")
-        return torch.arange(0, tk, landmarks, device=device)
+        return torch.arange(0, tk, min(landmarks, max(tk, 1)), device=device)  # a stride past Tk: position 0 only
     if landmarks.dim() != 1 or landmarks.dtype.is_floating_point or landmarks.dtype.is_complex \
             or landmarks.dtype == torch.bool:
         raise TypeError(f"landmarks must be a 1-D integer tensor, got dtype {landmarks.dtype} and shape "

@@ -85,6 +85,7 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
     never a Tq x Tk matrix (only the "reference" backend builds one).
     """
     check_tensor("q", q)
+    check_flag("return_lse", return_lse)
     backend = resolve_backend(backend, q.device)
     check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
     check_memory_tokens(memory_k, memory_v, k)

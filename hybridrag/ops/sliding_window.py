@@ -6,8 +6,8 @@ from hybridrag.kernels.sliding_window import (sliding_window_attention_reference
                                               sliding_window_fwd_blockwise)
 
 from .backend import resolve_backend
-from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_interpreter_dtype,
-                         check_scale, check_tensor, unit_last_stride)
+from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_flag,
+                         check_interpreter_dtype, check_scale, check_tensor, unit_last_stride)
 
 
 def _triton_functions():
@@ -73,6 +73,8 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return
                                 key_mask=key_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, backend=backend)
     check_tensor("q", q)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
     backend = resolve_backend(backend, q.device)
     check_attention_inputs(q, k, v, REFERENCE_DTYPES if backend == "reference" else ATTENTION_DTYPES)
     check_interpreter_dtype(backend, q)

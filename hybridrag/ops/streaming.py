@@ -52,8 +52,24 @@ class StreamingKVCache:
         """Start a new stream (the storage is kept and overwritten)."""
         self.length = 0
 
+    def check_chunk(self, k, v):
+        """k, v: one (B, Hkv, C, D) shape with C >= 1 and (B, Hkv, D) the cache's, in its dtype and device."""
+        check_tensor("k", k)
+        check_tensor("v", v)
+        batch, kv_heads, head_dim = self.shape
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch, kv_heads, head_dim) or t.shape[2] < 1:
+                raise ValueError(f"{name} must have shape ({batch}, {kv_heads}, C >= 1, {head_dim}) (the cache's "
+                                 f"batch, kv heads and head_dim), got {tuple(t.shape)}")
+            if t.dtype != self.dtype or t.device != self.device:
+                raise TypeError(f"{name} is {t.dtype} on {t.device} but the cache is {self.dtype} on {self.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have one shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+
     def append(self, k, v):
-        """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place (no host sync)."""
+        """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place (no host sync).
+        Checked first (`check_chunk`): a bad chunk leaves the cache as it was."""
+        self.check_chunk(k, v)
         chunk = k.shape[2]
         to_sinks = max(0, min(self.sinks - self.length, chunk))  # the chunk's first tokens may still be sinks
         if to_sinks:
@@ -100,12 +116,7 @@ def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
         raise ValueError("streaming_attention is inference only (its cache keeps no graph); use "
                          "hybrid_attention(q, k, v, window, landmarks=torch.arange(sinks), global_queries=False) to "
                          "train, or call it under torch.no_grad()")
-    batch, kv_heads, head_dim = cache.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, kv_heads, head_dim):
-        raise ValueError(f"k has (batch, kv_heads, head_dim) {(k.shape[0], k.shape[1], k.shape[3])} but the cache "
-                         f"holds {(batch, kv_heads, head_dim)}")
-    if k.dtype != cache.dtype or k.device != cache.device:
-        raise TypeError(f"k is {k.dtype} on {k.device} but the cache is {cache.dtype} on {cache.device}")
+    cache.check_chunk(k, v)
     check_interpreter_dtype(backend, q)
     scale = check_scale(scale, q.shape[-1])
     state = (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, cache.length, cache.sinks, cache.window, scale)

@@ -103,8 +103,17 @@ def check_memory_tokens(memory_k, memory_v, k):
                          f"{tuple(memory_v.shape)}")
 
 
+def _reading_is_free(t):
+    """Whether reading t's values here costs no graph break and no illegal sync (compile, CUDA graph capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 def check_kv_start(kv_start, k):
-    """kv_start: None or an integer tensor (B,) on k's device (keys before kv_start[b] are padding)."""
+    """kv_start: None or an integer tensor (B,) on k's device with values in [0, Tk] (keys before kv_start[b] are
+    padding). The values are checked where they can be read (one (B,) copy to the host on a GPU; not while compiling
+    or capturing a CUDA graph, where they are clamped to [0, Tk], which means the same). Returns int32."""
     if kv_start is None:
         return None
     check_tensor("kv_start", kv_start)
@@ -115,7 +124,12 @@ def check_kv_start(kv_start, k):
                          f"got {tuple(kv_start.shape)}")
     if kv_start.device != k.device:
         raise ValueError(f"kv_start is on {kv_start.device} but k is on {k.device}")
-    return kv_start.to(torch.int32).contiguous()
+    tk = k.shape[2]
+    if kv_start.numel() and _reading_is_free(kv_start):
+        low, high = torch.stack(torch.aminmax(kv_start)).tolist()
+        if low < 0 or high > tk:
+            raise ValueError(f"kv_start values must lie in [0, {tk}] (Tk = {tk}), got {low} .. {high}")
+    return kv_start.clamp(0, tk).to(torch.int32).contiguous()  # clamped before the cast: int32 never wraps
 
 
 def check_flag(name, value):
