@@ -210,8 +210,19 @@ def fake_search(vectors, k):
     (lambda: DynamicQueryGenerator.retrieve(np.zeros((1, 2, 8), np.float32), fake_search, 2, depth=0), ValueError,
      r"depth must be positive, got 0"),
     (lambda: DynamicQueryGenerator.retrieve(np.zeros((1, 2, 8), np.float32), lambda v, k: fake_search(v, k + 1), 2),
-     ValueError, r"search_fn must return scores and ids of shape \(2, 2\), got \(2, 3\) and \(2, 3\)"),
+     ValueError, r"search_fn must return scores and ids of one shape \(2, w\) with 1 <= w <= 2, got \(2, 3\) and "
+         r"\(2, 3\)"),
 ])
 def test_bad_fusion_and_retrieval_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_retrieve_takes_a_search_that_returns_fewer_columns_than_asked():
+    """VectorIndex.search returns min(depth, index size) columns: a small index must not break retrieve."""
+    index = VectorIndex(8, kind="flat")
+    vectors = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index.add(vectors, np.arange(5))
+    scores, ids = DynamicQueryGenerator.retrieve(vectors[None, :2], index.search, 3, depth=10)
+    assert ids.shape == (1, 3) and set(ids[0].tolist()) <= set(range(5)) and np.isfinite(scores).all()

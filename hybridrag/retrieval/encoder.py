@@ -6,6 +6,7 @@ An encoder is any object with `.name` (str, stored in a knowledge base's manifes
 """
 import hashlib
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,16 +165,19 @@ class LazyEncoder:
 
     def __init__(self, name, dimension, build):
         self.name, self.dimension, self._build, self._encoder = name, dimension, build, None
+        self._building = threading.Lock()  # concurrent first searches build the model once
 
     @property
     def encoder(self):
         """The built encoder (built now if it was not yet)."""
         if self._encoder is None:
-            encoder = check_encoder(self._build())
-            if (encoder.name, encoder.dimension) != (self.name, self.dimension):
-                raise ValueError(f"the encoder built for {self.name!r} ({self.dimension}-dim) is {encoder.name!r} "
-                                 f"({encoder.dimension}-dim)")
-            self._encoder = encoder
+            with self._building:
+                if self._encoder is None:
+                    encoder = check_encoder(self._build())
+                    if (encoder.name, encoder.dimension) != (self.name, self.dimension):
+                        raise ValueError(f"the encoder built for {self.name!r} ({self.dimension}-dim) is "
+                                         f"{encoder.name!r} ({encoder.dimension}-dim)")
+                    self._encoder = encoder
         return self._encoder
 
     def encode(self, texts, **options):

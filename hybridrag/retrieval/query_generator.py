@@ -136,8 +136,9 @@ class DynamicQueryGenerator(nn.Module):
 
         Args:
             query_vectors: (B, S, d) tensor (e.g. forward's output; detached here) or float array.
-            search_fn: `search_fn(vectors float32 (n, d), depth) -> (scores (n, depth), ids (n, depth) int)`, the
-                `VectorIndex.search` contract (id -1 = empty slot). Called once with all B * S vectors.
+            search_fn: `search_fn(vectors float32 (n, d), depth) -> (scores (n, w), ids (n, w) int)` with
+                w <= depth, the `VectorIndex.search` contract (w = min(depth, index size); id -1 = empty slot).
+                Called once with all B * S vectors.
             k: results per batch row. depth: results asked per query vector (default k).
             fusion, rrf_k: see `fuse_rankings`.
         Returns:
@@ -157,10 +158,12 @@ class DynamicQueryGenerator(nn.Module):
         flat = np.ascontiguousarray(query_vectors.reshape(batch * slots, dim), dtype=np.float32)
         scores, ids = search_fn(flat, depth)
         scores, ids = np.asarray(scores), np.asarray(ids)
-        if scores.shape != (batch * slots, depth) or ids.shape != (batch * slots, depth):
-            raise ValueError(f"search_fn must return scores and ids of shape ({batch * slots}, {depth}), got "
-                             f"{scores.shape} and {ids.shape}")
-        return fuse_rankings(scores.reshape(batch, slots, depth), ids.reshape(batch, slots, depth), k, fusion, rrf_k)
+        if scores.ndim != 2 or scores.shape != ids.shape or scores.shape[0] != batch * slots \
+                or not 1 <= scores.shape[1] <= depth:
+            raise ValueError(f"search_fn must return scores and ids of one shape ({batch * slots}, w) with "
+                             f"1 <= w <= {depth}, got {scores.shape} and {ids.shape}")
+        width = scores.shape[1]
+        return fuse_rankings(scores.reshape(batch, slots, width), ids.reshape(batch, slots, width), k, fusion, rrf_k)
 
 
 def fuse_rankings(scores, ids, k, fusion="rrf", rrf_k=60):
