@@ -60,9 +60,10 @@ class StreamingKVCache:
         for name, t in (("k", k), ("v", v)):
             if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch, kv_heads, head_dim) or t.shape[2] < 1:
                 raise ValueError(f"{name} must have shape ({batch}, {kv_heads}, C >= 1, {head_dim}) (the cache's "
-                                 f"batch, kv heads and head_dim), got {tuple(t.shape)}")
+                                 f"batch, kv_heads and head_dim), got {tuple(t.shape)}")
             if t.dtype != self.dtype or t.device != self.device:
-                raise TypeError(f"{name} is {t.dtype} on {t.device} but the cache is {self.dtype} on {self.device}")
+                raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but the cache holds {self.dtype} on "
+                                f"{self.device}")
         if k.shape != v.shape:
             raise ValueError(f"k and v must have one shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
 
