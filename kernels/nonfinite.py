@@ -4,8 +4,8 @@
 zero probability with a non-finite operand. These paths multiply finite copies (NaN/inf entries zeroed) and put NaN
 back only where a row sees a non-finite entry:
 - a non-finite query row, or a non-finite key the row sees, gives NaN scores there, so a NaN row (o and lse);
-- a non-finite value the row sees gives NaN in that value's columns of o.
-The Triton kernels do the same block by block (`_online_softmax_step`). Gradients stay clean for every row whose
+- a non-finite value the row sees gives NaN in that value's columns of o (the Triton kernels, in a block a mask
+  cuts, make the whole row NaN: exact columns would cost a second dot there; `_online_softmax_step`). Gradients stay clean for every row whose
 upstream gradient is zero where its output is NaN (as when those rows are left out of a loss).
 """
 import torch

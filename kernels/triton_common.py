@@ -41,25 +41,25 @@ def _online_softmax_step(acc, l_i, m_i, s, v_base, stride_vn, idx, valid, offs_d
     acc [M, D], reading the block's values at rows idx of v_base. Rows that have seen nothing stay at p = 0.
 
     MASKED: some row may not see some key of the block. A NaN/inf value must then reach only the rows that see it
-    (p = 0 would multiply it into NaN): the product runs on finite values, and in the rare block that holds a
-    non-finite one, the columns it poisons are set to NaN in the rows that see it."""
+    (p = 0 would multiply it into NaN): the product runs on finite values and a row that sees a non-finite value is
+    set to NaN, all of it (kernels/nonfinite.py). A select and a row reduction, no branch and no extra dot: exact
+    columns would need a second dot (or a branch around one), which spills registers inside the loop on sm_90."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
     if COMPUTE_O:
         v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
                     other=0.0)  # [N, D]
         if MASKED:
             bad = _non_finite(v)
             v = tl.where(bad, 0.0, v)
+            bad_key = tl.max(bad.to(tl.int32), 1)  # [N]
+            acc = tl.where(tl.max(tl.where(s == float("-inf"), 0, bad_key[None, :]), 1)[:, None] > 0,
+                           float("nan"), acc)  # rows that see one; NaN survives the rescale and the sum
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if COMPUTE_O:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        if MASKED:
-            if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
-                seen = (s != float("-inf")).to(v.dtype)
-                hits = tl.dot(seen, bad.to(v.dtype), input_precision=DOT_PRECISION)  # [M, D] counts
-                acc = tl.where(hits > 0, float("nan"), acc)
     return acc, l_i, m_new
 
 

@@ -24,7 +24,6 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS
                            HAS_KEY_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         if MODE != 0 or HAS_KV_START or HAS_KEY_MASK:  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
-            p = tl.where(s == float("-inf"), 0.0, p)  # a NaN lse would make exp2(-inf - NaN) NaN
             kT = tl.where(_non_finite(kT), 0.0, kT)
             vT = tl.where(_non_finite(vT), 0.0, vT)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
@@ -120,8 +119,6 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
         dsT = pT * (dpT - delta[None, :])
-        if MODE != 0:
-            dsT = tl.where(seen, dsT, 0.0)  # a NaN row's delta must not reach the keys it does not see
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
