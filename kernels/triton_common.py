@@ -31,6 +31,7 @@ def _block_range(first, last, LEFT, RIGHT, limit, BLOCK: tl.constexpr):
 
 @triton.jit
 def _non_finite(x):
+    """NaN or +-inf, elementwise."""
     return (x != x) | (tl.abs(x) == float("inf"))
 
 
