@@ -69,10 +69,12 @@ class HybridAttentionSettings:
         keys, the query's own included) or -1 (full causal) replaces it.
     landmark_stride: None, or s: keys 0, s, 2s, ... (key indices, padding included) are seen by every later query.
     global_queries: a query sitting on a landmark position sees every earlier key.
+    sinks: the first `sinks` keys are landmarks too (StreamingLLM's attention sinks), with or without a stride.
     """
     window: int = None
     landmark_stride: int = None
     global_queries: bool = True
+    sinks: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,23 @@ def _window(sliding_window, settings):
     return window
 
 
+def _landmarks(settings, key):
+    """The settings' landmarks for keys (B, Hkv, Tk, D): the stride (an int), or with sinks the sorted positions."""
+    if not settings.sinks:
+        return settings.landmark_stride
+    tk = key.shape[2]
+    positions = torch.arange(min(settings.sinks, tk), device=key.device)
+    if settings.landmark_stride is not None:
+        positions = torch.cat([positions, torch.arange(0, tk, settings.landmark_stride, device=key.device)])
+    return torch.unique(positions)  # sorted, no repeats
+
+
 def _pattern(module, key, sliding_window, scaling):
     """hybrid_attention's keyword arguments for this module: window, landmarks, memory tokens, scale."""
     settings = getattr(module, SETTINGS_ATTR, None)
     pattern = dict(landmarks=None, global_queries=True, memory_k=None, memory_v=None, causal=True, scale=scaling)
     if settings is not None:
-        pattern.update(landmarks=settings.landmark_stride, global_queries=settings.global_queries)
+        pattern.update(landmarks=_landmarks(settings, key), global_queries=settings.global_queries)
         memory_k, memory_v = getattr(module, "memory_k", None), getattr(module, "memory_v", None)
         if memory_k is not None:
             pattern.update(memory_k=memory_k.to(key.dtype), memory_v=memory_v.to(key.dtype))
@@ -388,7 +401,7 @@ def _cache_argument(kwargs):
 def _check_cache_keeps_keys(module, args, kwargs):
     """Forward pre-hook: refuse a sliding-window cache layer that has dropped keys the settings still need."""
     settings = getattr(module, SETTINGS_ATTR, None)
-    if settings is None or (settings.landmark_stride is None and settings.window is None):
+    if settings is None or (settings.landmark_stride is None and settings.window is None and not settings.sinks):
         return  # the layer's own window: its cache keeps what it needs
     layers = getattr(_cache_argument(kwargs), "layers", None)
     index = getattr(module, "layer_idx", None)
@@ -399,7 +412,7 @@ def _check_cache_keeps_keys(module, args, kwargs):
     kept = (layer.get_max_length if hasattr(layer, "get_max_length") else layer.get_max_cache_shape)()
     if layer.get_seq_length() < kept:
         return  # nothing dropped yet
-    if settings.landmark_stride is not None or settings.window == -1 or settings.window > kept:
+    if settings.landmark_stride is not None or settings.sinks or settings.window == -1 or settings.window > kept:
         raise ValueError(f"layer {index}'s KV cache keeps only the last {kept} keys, but its hybridrag settings "
                          f"(window={settings.window}, landmark_stride={settings.landmark_stride}) need older ones; "
                          "generate with past_key_values=DynamicCache() (no config: every layer keeps every key)")
