@@ -102,7 +102,7 @@ def test_defaults():
     assert (config.model_path, config.cache_dir, config.attn_implementation, config.int8) == (None, None,
                                                                                            "hybridrag", False)
     assert (config.encoder, config.index_kind, config.passage_cache, config.passage_cache_size, config.device) == \
-        ("minilm", "auto", True, 256, "cpu")
+        ("minilm", "auto", True, 32, "cpu")
 
 
 def test_accepted_edge_values(tmp_path):

@@ -206,8 +206,9 @@ class SystemConfig:
     encoder: "minilm" (bundled all-MiniLM-L6-v2), "hashing-<dim>" (dim >= 2) or a local sentence-transformers
         folder (it must exist).
     index_kind: "auto", "flat", "ivf" or "hnsw".
-    passage_cache: keep each passage's KV cache; passage_cache_size passages at most (>= 1), least recently used
-        evicted beyond.
+    passage_cache: keep each passage's KV cache; passage_cache_size passages at most (>= 1, default 32), least
+        recently used evicted beyond. A 200-token passage of SmolLM2-135M in float32 holds about 9 MiB of keys and
+        values (hybridrag.system.passage_cache).
     device: "cpu", "cuda" or "cuda:<n>".
     """
 
@@ -221,7 +222,7 @@ class SystemConfig:
     encoder: str = "minilm"
     index_kind: str = "auto"
     passage_cache: bool = True
-    passage_cache_size: int = 256
+    passage_cache_size: int = 32
     device: str = "cpu"
 
     def __post_init__(self):

@@ -1,0 +1,403 @@
+"""`HybridRAGSystem`: answers questions over a knowledge base with a real language model on the kernels.
+
+Three methods, one prompt layout (`PromptParts`: the chat template's opening and instruction, one block per
+passage, the question and the assistant's turn), token for token the same in each:
+- "hybrid": each passage's KV cache is computed once on its own under the passage pattern (AttentionConfig: a
+  sliding window, the first tokens as sinks, optional landmarks), kept in a bounded store, and stitched in front of
+  the question with its keys re-rotated to the passage's offset (`passage_cache`); only the question and the answer
+  run at answer time, attending to every passage.
+- "base_rag": the same tokens as one prompt with full causal attention (plain RAG).
+- "direct": the question alone.
+With attn_implementation="hybridrag" the answer rows' attention mass per passage is recorded on the way
+(`capture_attention_mass`: no T x T matrix).
+"""
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..integrations.transformers import capture_attention_mass
+from ..retrieval import KnowledgeBase
+from ..retrieval.cli import make_encoder
+from ..retrieval.prompting import escape_boundaries
+from .config import SystemConfig
+from .generation import GenerationStats, stream_generate
+from .loading import load_documents
+from .model import load_language_model
+from .passage_cache import PassageKVStore, cache_argument, check_rotary, stitch
+
+TASKS = {
+    "qa": "Answer the question using the documents. Reply with a short answer only.",
+    "generation": "Write a helpful response to the request, using the documents.",
+    "classification": "Classify the text using the documents. Reply with one of the labels only.",
+}
+DIRECT = {
+    "qa": "Answer the question. Reply with a short answer only.",
+    "generation": "Write a helpful response to the request.",
+    "classification": "Classify the text. Reply with one of the labels only.",
+}
+_MARKER = "\u0000PASSAGES\u0000"
+
+
+@dataclass
+class PromptParts:
+    """Token ids (1, n) of a prompt's parts: `prefix` (template opening and instruction), `passages` (one per
+    retrieved passage) and `suffix` (the question and the assistant's turn)."""
+
+    prefix: torch.Tensor
+    passages: list
+    suffix: torch.Tensor
+
+    def full(self):
+        return torch.cat([self.prefix, *self.passages, self.suffix], dim=1)
+
+    def segments(self):
+        """(1, T) passage index of each prompt position, -1 outside passages."""
+        ids = [torch.full((p.shape[1],), -1) for p in (self.prefix,)]
+        ids += [torch.full((p.shape[1],), i) for i, p in enumerate(self.passages)]
+        ids.append(torch.full((self.suffix.shape[1],), -1))
+        return torch.cat(ids)[None]
+
+
+def passage_block(document):
+    """The text a passage holds in the prompt: its title line, then its text (no number: the block is the same in
+    every prompt, so its KV cache can be reused)."""
+    title = f"Document: {escape_boundaries(document.title)}\n" if document.title else "Document:\n"
+    return f"{title}{escape_boundaries(document.text)}\n\n"
+
+
+class HybridRAGSystem:
+    """Documents in a KnowledgeBase (MiniLM + FAISS + BM25), answers from the language model (SmolLM2-135M-Instruct
+    unless `config.model_path` names another), the three methods of the module docstring.
+
+    Memory: the model, the knowledge base, and the passage store (at most config.passage_cache_size passages; see
+    passage_cache for the bytes a token)."""
+
+    def __init__(self, config=None, *, language_model=None):
+        self.config = SystemConfig.from_any(config)
+        self._language_model = language_model
+        self.knowledge_base = None
+        self.passages = PassageKVStore(self.config.passage_cache_size)
+
+    def __repr__(self):
+        kb = "none" if self.knowledge_base is None else f"{len(self.knowledge_base)} documents"
+        model = "not loaded" if self._language_model is None else self._language_model.name
+        return f"HybridRAGSystem(model={model}, knowledge_base={kb}, passage_cache={self.passages.stats()})"
+
+    # ---------------------------------------------------------------- parts
+
+    @property
+    def language_model(self):
+        """The LanguageModel, loaded on first use (the conversion of the bundled GGUF is cached on disk)."""
+        if self._language_model is None:
+            c = self.config
+            self._language_model = load_language_model(c.model_path, cache_dir=c.cache_dir,
+                                                       attn_implementation=c.attn_implementation, int8=c.int8,
+                                                       device=c.device)
+            c.attention.check_against_model(self._language_model.model.config)
+        return self._language_model
+
+    def load_documents(self, paths, **options):
+        """Documents from files and folders of .txt, .md and .jsonl (see hybridrag.system.loading)."""
+        return load_documents(paths, **options)
+
+    def create_vectorstore(self, documents):
+        """Build the knowledge base: documents split into config.attention.segment_length-token passages sharing
+        window_overlap tokens, encoded by config.encoder, indexed for dense, BM25 and hybrid search."""
+        c = self.config
+        encoder = make_encoder(c.encoder)
+        c.retriever.check_against_encoder(encoder.dimension)
+        self.knowledge_base = KnowledgeBase.build(documents, encoder, chunk_tokens=c.attention.segment_length,
+                                                  overlap=c.attention.window_overlap, index_kind=c.index_kind)
+        self.passages.clear()
+        return self.knowledge_base
+
+    def retrieve(self, question, k=None):
+        """The top k (default retriever.top_k, at most attention.max_retrieved_segments) SearchResults."""
+        if self.knowledge_base is None:
+            raise ValueError("no knowledge base: call create_vectorstore(documents) (or HybridRAGSystem.load) first")
+        r = self.config.retriever
+        k = min(k or r.top_k, self.config.attention.max_retrieved_segments)
+        return self.knowledge_base.search(question, k, r.mode, candidates=r.num_candidates)
+
+    # ---------------------------------------------------------------- prompts
+
+    def prompt_parts(self, question, documents, task_type="qa"):
+        """PromptParts of `question` over `documents` (Document objects, in prompt order)."""
+        lm = self.language_model
+        text = lm.chat_prompt(TASKS[task_type], f"{_MARKER}Question: {question}" if task_type != "generation"
+                              else f"{_MARKER}Request: {question}")
+        prefix, suffix = text.split(_MARKER)
+        return PromptParts(self._tokens(prefix), [self._tokens(passage_block(d)) for d in documents],
+                           self._tokens(suffix))
+
+    def _tokens(self, text):
+        ids = self.language_model.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return ids.to(self.config.device)
+
+    # ---------------------------------------------------------------- answers
+
+    def generate_response(self, question, use_hybrid=True, task_type="qa", *, method=None, labels=None,
+                          measure_attention=True, on_token=None):
+        """Answer `question` from the knowledge base.
+
+        Args:
+            use_hybrid: True = "hybrid" (cached passages stitched), False = "base_rag" (one prompt, full
+                attention). method: "hybrid" | "base_rag" | "direct" overrides use_hybrid.
+            task_type: "qa" | "generation" | "classification" (with `labels`: the label whose tokens the model
+                finds most likely after the prompt).
+            measure_attention: record each passage's attention mass from the answer rows (needs
+                attn_implementation="hybridrag"; it costs an attention_mass per layer and step).
+            on_token: called with each decoded text piece as it comes (streaming).
+
+        Returns a dict: response, passages [{id, text, score, attention_mass}], citations (ids of the passages
+        that got at least their uniform share 1 / k of the passage mass, most attended first; [] without mass),
+        success (a non-empty answer), timings {retrieve, passages, prefill, first_token, decode} in seconds
+        (first_token counts from the start of prompt processing: passages + prefill), tokens_per_second, method,
+        prompt_tokens.
+        """
+        method = method or ("hybrid" if use_hybrid else "base_rag")
+        return self._respond(question, method, task_type, labels, measure_attention, on_token)[0]
+
+    def _respond(self, question, method, task_type="qa", labels=None, measure_attention=True, on_token=None):
+        """(generate_response's dict, the AttentionMassRecord of the answer rows or None)."""
+        self._check_question(question, method, task_type, labels)
+        timings = {"retrieve": 0.0, "passages": 0.0}
+        hits = []
+        if method != "direct":
+            start = time.perf_counter()
+            hits = self.retrieve(question)
+            timings["retrieve"] = time.perf_counter() - start
+        documents = [hit.document for hit in hits]
+        if method == "direct":
+            parts = PromptParts(self._tokens(self.language_model.chat_prompt(DIRECT[task_type], question)), [],
+                                self._tokens(""))
+        else:
+            parts = self.prompt_parts(question, documents, task_type)
+        if task_type == "classification":
+            return self._classify(question, parts, hits, labels, method, timings), None
+        start = time.perf_counter()
+        input_ids, cache = self._prefill_inputs(parts, method)
+        timings["passages"] = time.perf_counter() - start
+        self._check_budget(parts)
+        stats = GenerationStats()
+        text, record = self._generate(parts, input_ids, cache, stats, measure_attention and bool(hits), on_token)
+        timings.update(prefill=timings["passages"] + stats.prefill_s, first_token=timings["passages"]
+                       + stats.first_token_s, decode=stats.decode_s)
+        return self._result(text, hits, _passage_mass(record), timings, stats, method, parts), record
+
+    def _check_question(self, question, method, task_type, labels):
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError("question is empty: ask something")
+        if method not in ("hybrid", "base_rag", "direct"):
+            raise ValueError(f"method must be 'hybrid', 'base_rag' or 'direct', got {method!r}")
+        if task_type not in TASKS:
+            raise ValueError(f"task_type must be one of {tuple(TASKS)}, got {task_type!r}")
+        if task_type == "classification":
+            if not labels or isinstance(labels, str) or not all(isinstance(x, str) and x.strip() for x in labels):
+                raise ValueError(f"task_type='classification' needs labels, a list of non-empty strings, got "
+                                 f"{labels!r}")
+        elif labels is not None:
+            raise ValueError(f"labels apply to task_type='classification' only, got task_type={task_type!r}")
+
+    def _check_budget(self, parts):
+        total = parts.full().shape[1] + self.config.generation.max_new_tokens
+        limit = self.language_model.context_length
+        if total > limit:
+            raise ValueError(f"the prompt ({parts.full().shape[1]} tokens) and max_new_tokens "
+                             f"({self.config.generation.max_new_tokens}) need {total} positions, past the model's "
+                             f"context of {limit}: retrieve fewer passages (retriever.top_k) or shorter ones "
+                             "(attention.segment_length)")
+
+    def _prefill_inputs(self, parts, method):
+        """(input_ids the model still has to run, the cache before them or None)."""
+        if method != "hybrid" or not parts.passages or not self.config.passage_cache:
+            return parts.full(), None
+        model = self.language_model.model
+        a = self.config.attention
+        pattern = (a.window_size, a.num_landmark_tokens, a.landmark_stride)
+        cached = [self.passages.get(model, ids, pattern) for ids in [parts.prefix, *parts.passages]]
+        return parts.suffix, stitch(cached, check_rotary(model))
+
+    def _generate(self, parts, input_ids, cache, stats, measure, on_token):
+        """(answer text, the AttentionMassRecord of the answer rows or None)."""
+        lm, g = self.language_model, self.config.generation
+        prompt_length = parts.full().shape[1]
+        context = None
+        if measure and lm.attn_implementation == "hybridrag":
+            total = prompt_length + g.max_new_tokens
+            rows = torch.zeros(1, total, dtype=torch.bool)
+            rows[:, prompt_length - 1:] = True  # the rows whose logits give the answer's tokens
+            segments = torch.cat([parts.segments(), torch.full((1, g.max_new_tokens), -1)], dim=1)
+            context = capture_attention_mass(lm.model, segments.to(self.config.device),
+                                             rows.to(self.config.device), num_segments=len(parts.passages))
+        pieces = []
+        with context if context is not None else contextlib.nullcontext() as record:
+            for token in stream_generate(lm.model, input_ids, past_key_values=cache, tokenizer=lm.tokenizer,
+                                         max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                         seed=g.seed, stats=stats):
+                pieces.append(token.text)
+                if on_token is not None and token.text:
+                    on_token(token.text)
+        return "".join(pieces).strip(), record
+
+    def _classify(self, question, parts, hits, labels, method, timings):
+        lm = self.language_model
+        start = time.perf_counter()
+        scores = []
+        for label in labels:
+            label_ids = self._tokens(label)
+            input_ids, cache = self._prefill_inputs(parts, method)
+            ids = torch.cat([input_ids, label_ids], dim=1)
+            with torch.no_grad():
+                logits = lm.model(input_ids=ids, use_cache=cache is not None,
+                                  **({} if cache is None else {cache_argument(lm.model): cache})).logits
+            steps = torch.log_softmax(logits[0, -label_ids.shape[1] - 1:-1].float(), dim=-1)
+            scores.append(float(steps.gather(1, label_ids[0, :, None]).mean()))
+        best = max(range(len(labels)), key=scores.__getitem__)
+        timings.update(prefill=time.perf_counter() - start, first_token=time.perf_counter() - start, decode=0.0)
+        stats = GenerationStats(prompt_tokens=parts.full().shape[1])
+        result = self._result(labels[best], hits, None, timings, stats, method, parts)
+        result["label_scores"] = dict(zip(labels, scores))
+        return result
+
+    def _result(self, text, hits, masses, timings, stats, method, parts):
+        passages = [{"id": hit.document.id, "text": hit.document.text, "score": hit.score,
+                     "attention_mass": None if masses is None else float(masses[i])} for i, hit in enumerate(hits)]
+        return {"response": text, "passages": passages, "citations": _citations(passages), "success": bool(text),
+                "timings": {name: round(value, 6) for name, value in timings.items()},
+                "tokens_per_second": stats.tokens_per_second, "method": method,
+                "prompt_tokens": parts.full().shape[1]}
+
+    def compare_methods(self, question, task_type="qa", **options):
+        """{"hybrid": r, "base_rag": r, "direct": r}: generate_response with each method on `question`."""
+        return {method: self.generate_response(question, task_type=task_type, method=method, **options)
+                for method in ("hybrid", "base_rag", "direct")}
+
+    def analyze_attention_patterns(self, question, *, method="hybrid", plot=None):
+        """Where the answer's attention went: passage mass per layer and head, and four summaries.
+
+        Needs attn_implementation="hybridrag". Returns a dict: response, passage_ids, mass (layers x heads x k
+        nested lists), per_passage (k,) and per_layer (layers x k) shares (each row sums to 1), and
+        - entropy: of per_passage, divided by log k (0 = one passage, 1 = spread evenly);
+        - focus: the largest share;
+        - coverage: the fraction of passages with at least half the uniform share 1 / k;
+        - attention_quality: sum over passages of share x support, support = the fraction of the answer's words
+          (normalized, stop words kept) found in that passage: how much of the attention went to the passages the
+          answer's words come from (0 when the answer has no word).
+        plot: a path: also write a PNG heatmap (layers x passages, mean over heads) there.
+        """
+        if self.language_model.attn_implementation != "hybridrag":
+            raise ValueError("analyze_attention_patterns needs attn_implementation='hybridrag' (the mass comes from "
+                             f"the kernels), got {self.language_model.attn_implementation!r}")
+        if method == "direct":
+            raise ValueError("method='direct' retrieves no passage: nothing to analyze")
+        result, record = self._respond(question, method)
+        masses = mass_by_layer(record)
+        if masses is None:
+            raise ValueError("no attention mass was recorded (no passage retrieved?)")
+        per_layer = masses.mean(1)
+        per_layer = per_layer / per_layer.sum(-1, keepdim=True).clamp(min=1e-30)
+        share = masses.mean(dim=(0, 1))
+        share = share / share.sum().clamp(min=1e-30)
+        k = share.numel()
+        entropy = float(-(share * share.clamp(min=1e-30).log()).sum() / torch.log(torch.tensor(float(k)))) if k > 1 \
+            else 0.0
+        support = torch.tensor([_support(result["response"], p["text"]) for p in result["passages"]],
+                               dtype=torch.float64)
+        analysis = {"response": result["response"], "passage_ids": [p["id"] for p in result["passages"]],
+                    "mass": masses.tolist(), "per_passage": share.tolist(), "per_layer": per_layer.tolist(),
+                    "entropy": entropy, "focus": float(share.max()),
+                    "coverage": float((share >= 0.5 / k).double().mean()),
+                    "attention_quality": float((share * support).sum()), "result": result}
+        if plot is not None:
+            _heatmap(per_layer, analysis["passage_ids"], plot)
+        return analysis
+
+    # ---------------------------------------------------------------- persistence
+
+    def save(self, path):
+        """Write config.json and the knowledge base (kb/) into folder `path`. The passage store is not written: it is
+        recomputed on demand (its size is bounded, its contents depend only on the model and the passages)."""
+        if self.knowledge_base is None:
+            raise ValueError("nothing to save: call create_vectorstore(documents) first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.knowledge_base.save(path / "kb")
+        temporary = path / ".config.json.tmp"
+        temporary.write_text(json.dumps(self.config.to_dict(), indent=1), encoding="utf-8")
+        temporary.replace(path / "config.json")
+
+    @classmethod
+    def load(cls, path, *, language_model=None):
+        """A system written by `save` (FileNotFoundError naming what is missing)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no hybridrag system at {path} (missing config.json)")
+        system = cls(SystemConfig.from_any(path / "config.json"), language_model=language_model)
+        system.knowledge_base = KnowledgeBase.load(path / "kb", make_encoder(system.config.encoder))
+        return system
+
+
+def _support(answer, passage):
+    """The fraction of the answer's normalized words that occur in the passage's normalized words."""
+    from .evaluation import normalize_answer
+    words = normalize_answer(answer).split()
+    if not words:
+        return 0.0
+    vocabulary = set(normalize_answer(passage).split())
+    return sum(word in vocabulary for word in words) / len(words)
+
+
+def _heatmap(per_layer, passage_ids, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(passage_ids), 1.5 + 0.18 * per_layer.shape[0]))
+    image = axes.imshow(per_layer.numpy(), aspect="auto", cmap="viridis")
+    axes.set_xticks(range(len(passage_ids)), [str(i)[:18] for i in passage_ids], rotation=45, ha="right", fontsize=7)
+    axes.set_ylabel("layer")
+    axes.set_title("answer's attention mass per passage (share, mean over heads)", fontsize=8)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def mass_by_layer(record):
+    """(layers, H, k) float64: each passage's mass from the answer rows, per layer and head, averaged over the
+    calls that had answer rows (the question's last row, then each generated token), or None."""
+    if record is None:
+        return None
+    layers = {}
+    for layer, mass in zip(record.layers, record):
+        if float(mass.sum()) > 0:
+            layers.setdefault(layer, []).append(mass[0].double())
+    if not layers:
+        return None
+    return torch.stack([torch.stack(layers[layer]).mean(0) for layer in sorted(layers)])
+
+
+def _passage_mass(record):
+    """(k,) float64: mass_by_layer averaged over layers and heads, or None."""
+    masses = mass_by_layer(record)
+    return None if masses is None else masses.mean(dim=(0, 1))
+
+
+def _citations(passages):
+    masses = [p["attention_mass"] for p in passages]
+    if not passages or any(m is None for m in masses) or sum(masses) <= 0:
+        return []
+    share = sum(masses) / len(masses)
+    cited = sorted((p for p in passages if p["attention_mass"] >= share), key=lambda p: -p["attention_mass"])
+    return [p["id"] for p in cited]
+
+
+def create_hybrid_rag_system(config=None, *, language_model=None):
+    """A HybridRAGSystem from config: None (defaults), a dict, a path to JSON/YAML, or a SystemConfig."""
+    return HybridRAGSystem(config, language_model=language_model)

@@ -1,0 +1,108 @@
+"""HybridRAGSystem end to end on the real offline model (SmolLM2-135M-Instruct, converted once into the cache) over
+a few of Python's bundled doc topics: the three methods, the passage store, attention mass and its analysis,
+classification, persistence and bad input. Short answers (8 tokens) keep it within CI's budget."""
+import pytest
+import torch
+from pydoc_data.topics import topics
+
+from hybridrag.retrieval import Document
+from hybridrag.system import HybridRAGSystem, create_hybrid_rag_system
+
+TOPICS = ["assert", "for", "while", "if", "try", "with", "pass", "global", "nonlocal", "lambda", "return", "raise"]
+QUESTION = "Which exception does an assert statement raise when its condition is false?"
+
+
+@pytest.fixture(scope="module")
+def system():
+    config = {"encoder": "hashing-256", "retriever": {"top_k": 3}, "generation": {"max_new_tokens": 8},
+              "attention": {"segment_length": 120, "window_overlap": 16}}
+    system = create_hybrid_rag_system(config)
+    system.create_vectorstore([Document(name, topics[name], name) for name in TOPICS])
+    return system
+
+
+def test_each_method_answers_with_every_field(system):
+    results = system.compare_methods(QUESTION)
+    assert set(results) == {"hybrid", "base_rag", "direct"}
+    for method, result in results.items():
+        assert result["method"] == method and result["success"] and result["response"]
+        assert set(result["timings"]) == {"retrieve", "passages", "prefill", "first_token", "decode"}
+        assert result["tokens_per_second"] > 0 and result["prompt_tokens"] > 0
+    assert results["direct"]["passages"] == [] and results["direct"]["citations"] == []
+    for method in ("hybrid", "base_rag"):
+        passages = results[method]["passages"]
+        assert len(passages) == 3 and {"id", "text", "score", "attention_mass"} <= set(passages[0])
+        masses = [p["attention_mass"] for p in passages]
+        assert all(m is not None and m >= 0 for m in masses) and sum(masses) > 0
+        assert set(results[method]["citations"]) <= {p["id"] for p in passages}
+    # the same retrieved passages and the same tokens: only the attention pattern differs
+    assert [p["id"] for p in results["hybrid"]["passages"]] == [p["id"] for p in results["base_rag"]["passages"]]
+    assert results["hybrid"]["prompt_tokens"] == results["base_rag"]["prompt_tokens"]
+
+
+def test_cached_passages_are_reused_and_only_the_question_runs(system):
+    system.passages.clear()
+    first = system.generate_response(QUESTION, measure_attention=False)
+    hits = system.passages.hits
+    again = system.generate_response(QUESTION, measure_attention=False)
+    assert system.passages.hits == hits + 4  # the prefix and the three passages
+    assert again["timings"]["passages"] < first["timings"]["passages"] / 3
+    assert again["response"] == first["response"]
+
+
+def test_the_answer_streams_piece_by_piece(system):
+    pieces = []
+    result = system.generate_response(QUESTION, on_token=pieces.append)
+    assert len(pieces) >= 2 and "".join(pieces).strip() == result["response"]
+
+
+def test_attention_analysis(system, tmp_path):
+    plot = tmp_path / "heatmap.png"
+    analysis = system.analyze_attention_patterns(QUESTION, plot=plot)
+    layers = system.language_model.model.config.num_hidden_layers
+    heads = system.language_model.model.config.num_attention_heads
+    mass = torch.tensor(analysis["mass"])
+    assert mass.shape == (layers, heads, 3) and (mass >= 0).all()
+    assert sum(analysis["per_passage"]) == pytest.approx(1.0)
+    for row in analysis["per_layer"]:
+        assert sum(row) == pytest.approx(1.0)
+    assert 0 <= analysis["entropy"] <= 1 and 1 / 3 <= analysis["focus"] <= 1
+    assert 0 <= analysis["coverage"] <= 1 and 0 <= analysis["attention_quality"] <= 1
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_classification_picks_the_likeliest_label(system):
+    result = system.generate_response("Is pass a statement that does nothing?", task_type="classification",
+                                      labels=["yes", "no"])
+    assert result["response"] in ("yes", "no") and set(result["label_scores"]) == {"yes", "no"}
+
+
+def test_save_and_load(system, tmp_path):
+    system.save(tmp_path / "system")
+    loaded = HybridRAGSystem.load(tmp_path / "system", language_model=system.language_model)
+    assert loaded.config == system.config and len(loaded.knowledge_base) == len(system.knowledge_base)
+    assert [h.document.id for h in loaded.retrieve(QUESTION)] == [h.document.id for h in system.retrieve(QUESTION)]
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        HybridRAGSystem.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda s: s.generate_response("   "), ValueError, "question is empty"),
+    (lambda s: s.generate_response(3), TypeError, "question must be a str"),
+    (lambda s: s.generate_response(QUESTION, task_type="poem"), ValueError, "task_type must be one of"),
+    (lambda s: s.generate_response(QUESTION, task_type="classification"), ValueError, "needs labels"),
+    (lambda s: s.generate_response(QUESTION, labels=["a"]), ValueError, "labels apply to"),
+    (lambda s: s.generate_response(QUESTION, method="other"), ValueError, "method must be"),
+    (lambda s: s.generate_response("why " * 9000), ValueError, "past the model's context"),
+])
+def test_bad_input(system, call, error, match):
+    with pytest.raises(error, match=match):
+        call(system)
+
+
+def test_no_knowledge_base_yet():
+    system = create_hybrid_rag_system({"encoder": "hashing-256"})
+    with pytest.raises(ValueError, match="no knowledge base: call create_vectorstore"):
+        system.retrieve(QUESTION)
+    with pytest.raises(ValueError, match="nothing to save"):
+        system.save("anywhere")
