@@ -31,7 +31,8 @@ setup(
     packages=packages + kernel_packages,
     package_dir={"hybridrag.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy"],
-    entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main"]},
+    entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main",
+                                    "hybridrag = hybridrag.cli:main"]},
     extras_require={
         # Triton is a dependency of torch's CUDA wheels; CPU machines need it for the interpreter.
         "triton": ["triton>=3.2"],

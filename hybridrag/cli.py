@@ -1,0 +1,295 @@
+"""Command line of the hybrid RAG system: ask questions over your documents with the offline model.
+
+    hybridrag ask "What does the assert statement raise?" --docs notes/ faq.md
+    hybridrag ask "What does the assert statement raise?" --docs notes/ --save my-system/   # build once, keep it
+    hybridrag ask "How do I leave a loop early?" --system my-system/ --method base_rag --json
+    hybridrag ask "Is this about loops?" --system my-system/ --task classification --labels yes,no
+    hybridrag compare "How do I leave a loop early?" --system my-system/
+    hybridrag analyze "How do I leave a loop early?" --system my-system/ --plot attention.png
+    python -m hybridrag ...                                                                  # the same
+
+--docs takes .txt, .md and .jsonl files and folders of them; --system a folder written by --save (or by
+HybridRAGSystem.save). --config names a JSON/YAML SystemConfig for building from --docs; --encoder,
+--max-new-tokens and --top-k override single fields of it (--encoder hashing-256 skips loading MiniLM: quick, crude
+retrieval). `ask` streams the answer to stdout as it is generated, then lists the passages used and the timings on
+stderr; --json prints one JSON object on stdout instead.
+
+Errors (bad arguments, missing or unreadable files, a prompt too long for the model) print one line
+`hybridrag: error: ...` on stderr and exit with status 2; Ctrl-C exits with 130. Anything else is a bug and shows its
+traceback.
+"""
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+PROG = "hybridrag"
+METHODS = ("hybrid", "base_rag", "direct")
+TASKS = ("qa", "generation", "classification")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line like every other error (status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _common_options():
+    """The options every command shares: the question, where the system comes from, and config overrides."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("question", help="the question (or request, or text to classify)")
+    source = common.add_mutually_exclusive_group(required=True)
+    source.add_argument("--docs", nargs="+", metavar="PATH", help="build from these files and folders "
+                        "(.txt, .md, .jsonl)")
+    source.add_argument("--system", metavar="DIR", help="a system saved with --save")
+    common.add_argument("--config", metavar="FILE", help="a JSON/YAML SystemConfig (with --docs)")
+    common.add_argument("--encoder", help="override the config's encoder: minilm, hashing-<dim> or a model folder "
+                        "(with --docs)")
+    common.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="override generation."
+                        "max_new_tokens")
+    common.add_argument("--top-k", type=_positive_int, metavar="N", help="override retriever.top_k")
+    common.add_argument("--save", metavar="DIR", help="save the system after building (later: --system DIR)")
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return common
+
+
+def _parser():
+    parser = _Parser(prog=PROG, description=__doc__.split("\n")[0], epilog="examples:\n" + __doc__.split("\n\n")[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{ask,compare,analyze}")
+    common = [_common_options()]
+
+    ask = commands.add_parser("ask", parents=common, help="answer a question, streaming the answer")
+    ask.add_argument("--method", choices=METHODS, default="hybrid", help="hybrid (cached passages, default), "
+                     "base_rag (one prompt, full attention) or direct (no documents)")
+    ask.add_argument("--task", choices=TASKS, default="qa", help="default qa")
+    ask.add_argument("--labels", metavar="L1,L2", help="comma-separated labels (with --task classification)")
+
+    commands.add_parser("compare", parents=common, help="answer with each method: answers and speeds side by side")
+
+    analyze = commands.add_parser("analyze", parents=common, help="where the answer's attention went, per passage")
+    analyze.add_argument("--method", choices=METHODS[:2], default="hybrid", help="default hybrid")
+    analyze.add_argument("--plot", metavar="FILE.png", help="also write a heatmap (layers x passages) there")
+    return parser
+
+
+# ---------------------------------------------------------------- checks before anything is loaded
+
+
+def _labels(args):
+    """--labels as a list (None without it); ValueError when it does not fit --task."""
+    labels = getattr(args, "labels", None)
+    task = getattr(args, "task", "qa")
+    if labels is None:
+        if task == "classification":
+            raise ValueError("--task classification needs --labels L1,L2")
+        return None
+    if task != "classification":
+        raise ValueError(f"--labels applies to --task classification only, got --task {task}")
+    labels = [label.strip() for label in labels.split(",")]
+    if len(labels) < 2 or not all(labels):
+        raise ValueError(f"--labels must be two or more non-empty labels separated by commas, got {args.labels!r}")
+    return labels
+
+
+def _check_arguments(args):
+    """ValueError (FileNotFoundError) for arguments that cannot work, before documents or the model are loaded."""
+    if not args.question.strip():
+        raise ValueError("the question is empty: ask something")
+    if args.system is not None and args.config is not None:
+        raise ValueError(f"--config applies to building from --docs; the system at {args.system} has its own "
+                         "config.json")
+    if getattr(args, "plot", None) is not None:
+        _check_plot(args.plot)
+    if args.command == "ask":
+        _labels(args)
+
+
+def _check_plot(plot):
+    """The heatmap is written after the answer: its folder and matplotlib are checked first."""
+    if not Path(plot).parent.is_dir():
+        raise FileNotFoundError(f"--plot {plot}: no such folder {Path(plot).parent}")
+    from ._optional import import_optional
+    try:
+        import_optional("matplotlib", "matplotlib>=3.7", extra="bench")
+    except ImportError as error:
+        raise ValueError(f"--plot needs matplotlib: {error}") from error
+
+
+# ---------------------------------------------------------------- building the system
+
+
+def _config(args, base):
+    """The SystemConfig `base` (None, a path, or a SystemConfig) with the command line's overrides merged in."""
+    from .system import SystemConfig
+
+    values = SystemConfig.from_any(base).to_dict()
+    if args.encoder is not None:
+        values["encoder"] = args.encoder
+    if args.max_new_tokens is not None:
+        values["generation"]["max_new_tokens"] = args.max_new_tokens
+    if args.top_k is not None:
+        values["retriever"]["top_k"] = args.top_k
+    return SystemConfig.from_any(values)
+
+
+def _say(message):
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _load_documents(system, paths):
+    """The documents of `paths`, a progress bar when stderr is a terminal, each warning as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        documents = system.load_documents(paths, progress=None)
+    for warning in caught:
+        _say(f"warning: {' '.join(str(warning.message).split())}")
+    return documents
+
+
+def _build(args):
+    """The HybridRAGSystem of --docs or --system, saved to --save when given."""
+    from .system import HybridRAGSystem, create_hybrid_rag_system
+
+    if args.system is not None:
+        system = HybridRAGSystem.load(args.system)
+        if args.encoder is not None and args.encoder != system.config.encoder:
+            raise ValueError(f"--encoder applies to building from --docs; the system at {args.system} was built "
+                             f"with encoder {system.config.encoder!r}")
+        system.config = _config(args, system.config)
+    else:
+        system = create_hybrid_rag_system(_config(args, args.config))
+        documents = _load_documents(system, args.docs)
+        start = time.perf_counter()
+        knowledge_base = system.create_vectorstore(documents)
+        _say(f"{len(documents)} documents -> {len(knowledge_base)} passages, encoder {system.config.encoder}, "
+             f"in {time.perf_counter() - start:.1f} s")
+    if args.save is not None:
+        system.save(args.save)
+        _say(f"saved the system to {args.save} (ask again with --system {args.save})")
+    return system
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def _ask(system, args, out, err):
+    labels = _labels(args)
+    if args.json:
+        result = system.generate_response(args.question, method=args.method, task_type=args.task, labels=labels)
+        print(json.dumps(result, indent=1), file=out)
+        return
+    streamed = []
+
+    def on_token(piece):
+        streamed.append(piece)
+        out.write(piece)
+        out.flush()
+
+    result = system.generate_response(args.question, method=args.method, task_type=args.task, labels=labels,
+                                      on_token=on_token)
+    if not streamed:  # classification picks a label: nothing streams
+        out.write(result["response"])
+    print(file=out, flush=True)
+    _report(result, err)
+
+
+def _report(result, err):
+    """The passages used and the timings, on `err`."""
+    passages = result["passages"]
+    if passages:
+        print(f"passages ({result['method']}; * cited):", file=err)
+        for rank, passage in enumerate(passages, 1):
+            mass = passage["attention_mass"]
+            mass = "-" if mass is None else f"{mass:.3f}"
+            cited = " *" if passage["id"] in result["citations"] else ""
+            print(f"  {rank}. {passage['id']}  score {passage['score']:.4f}  attention {mass}{cited}", file=err)
+    if "label_scores" in result:
+        scores = ", ".join(f"{label} {score:.3f}" for label, score in result["label_scores"].items())
+        print(f"label scores (mean log-probability): {scores}", file=err)
+    timings = ", ".join(f"{name.replace('_', ' ')} {seconds:.3f} s" for name, seconds in result["timings"].items())
+    print(f"timings: {timings}; {result['tokens_per_second']:.1f} tokens/s; {result['prompt_tokens']} prompt tokens",
+          file=err)
+
+
+def _compare(system, args, out):
+    results = system.compare_methods(args.question)
+    if args.json:
+        print(json.dumps(results, indent=1), file=out)
+        return
+    print(f"{'method':<9} {'answer':<60} {'first token s':>13} {'tokens/s':>9}", file=out)
+    for method, result in results.items():
+        answer = " ".join(result["response"].split())[:60]
+        print(f"{method:<9} {answer:<60} {result['timings']['first_token']:>13.3f} "
+              f"{result['tokens_per_second']:>9.1f}", file=out)
+
+
+def _analyze(system, args, out):
+    if system.config.attn_implementation != "hybridrag":
+        raise ValueError("analyze needs attn_implementation 'hybridrag' (the attention mass comes from the kernels), "
+                         f"the config has {system.config.attn_implementation!r}")
+    analysis = system.analyze_attention_patterns(args.question, method=args.method, plot=args.plot)
+    if args.json:
+        print(json.dumps(analysis, indent=1), file=out)
+        return
+    print(f"answer: {analysis['response']}", file=out)
+    print(f"entropy {analysis['entropy']:.3f}  focus {analysis['focus']:.3f}  coverage {analysis['coverage']:.3f}  "
+          f"attention quality {analysis['attention_quality']:.3f}", file=out)
+    print("share of the answer's attention per passage:", file=out)
+    for identifier, share in zip(analysis["passage_ids"], analysis["per_passage"]):
+        print(f"  {identifier}  {share:.3f}", file=out)
+    if args.plot is not None:
+        print(f"heatmap: {args.plot}", file=out)
+
+
+def run(args, out=None, err=None):
+    """Run the parsed command; output to `out` (default sys.stdout), reports to `err` (default sys.stderr)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    _check_arguments(args)
+    system = _build(args)
+    if args.command == "ask":
+        _ask(system, args, out, err)
+    elif args.command == "compare":
+        _compare(system, args, out)
+    else:
+        _analyze(system, args, out)
+
+
+def error_line(error):
+    """The one line printed for an expected error."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        message = f"{error.strerror}: {error.filename}"
+    else:
+        message = str(error)
+    return f"{PROG}: error: {' '.join(message.split())}"
+
+
+def main(argv=None):
+    """Parse `argv` (default sys.argv[1:]), run, and return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit:  # usage errors (2) and --help (0) as a status, like every other outcome
+        return exit.code
+    try:
+        run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(error_line(error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
