@@ -6,6 +6,7 @@
     hybridrag ask "Is this about loops?" --system my-system/ --task classification --labels yes,no
     hybridrag compare "How do I leave a loop early?" --system my-system/
     hybridrag analyze "How do I leave a loop early?" --system my-system/ --plot attention.png
+    hybridrag experiment questions.jsonl --system my-system/ --out runs/top-k --sweep retriever.top_k=2,4,8
     python -m hybridrag ...                                                                  # the same
 
 --docs takes .txt, .md and .jsonl files and folders of them; --system a folder written by --save (or by
@@ -13,6 +14,12 @@ HybridRAGSystem.save). --config names a JSON/YAML SystemConfig for building from
 --max-new-tokens and --top-k override single fields of it (--encoder hashing-256 skips loading MiniLM: quick, crude
 retrieval). `ask` streams the answer to stdout as it is generated, then lists the passages used and the timings on
 stderr; --json prints one JSON object on stdout instead.
+
+`experiment` takes a JSONL file of {"id", "question", "answers": [gold, ...]} instead of a question and runs
+hybridrag.system.experiments.run_research_experiment: each of --methods (default all three) on each question (the
+first --limit N), for the configuration and for each --sweep FIELD=V1,V2 (a dotted SystemConfig field, one changed
+at a time; values read as JSON when they parse: 8, 0.5, true, null, else as strings). It writes results.json and four
+PNGs into --out, prints the summary table (or the summary JSON with --json) and lists the files on stderr.
 
 Errors (bad arguments, missing or unreadable files, a prompt too long for the model) print one line
 `hybridrag: error: ...` on stderr and exit with status 2; Ctrl-C exits with 130. Anything else is a bug and shows its
@@ -48,10 +55,40 @@ def _positive_int(text):
     return value
 
 
-def _common_options():
-    """The options every command shares: the question, where the system comes from, and config overrides."""
+def _methods(text):
+    """argparse type: a comma-separated list of distinct methods."""
+    methods = [method.strip() for method in text.split(",")]
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise argparse.ArgumentTypeError(f"{text!r} must be distinct methods out of {','.join(METHODS)} separated by "
+                                         f"commas{f', unknown {unknown}' if unknown else ''}")
+    return methods
+
+
+def _sweep_value(text):
+    """A --sweep value: JSON when it parses (8, 0.5, true, null, "x"), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _sweep(text):
+    """argparse type: FIELD=V1,V2,... as (field, [values])."""
+    field, equals, values = text.partition("=")
+    values = [value.strip() for value in values.split(",")]
+    if not equals or not field.strip() or not all(values):
+        raise argparse.ArgumentTypeError(f"{text!r} must be FIELD=V1,V2,... (a dotted config field such as "
+                                         "retriever.top_k, then one or more values separated by commas)")
+    return field.strip(), [_sweep_value(value) for value in values]
+
+
+def _common_options(question=True):
+    """The options every command shares: where the system comes from, config overrides and --json; with `question`
+    the positional question and --save, of the commands that answer one question."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("question", help="the question (or request, or text to classify)")
+    if question:
+        common.add_argument("question", help="the question (or request, or text to classify)")
     source = common.add_mutually_exclusive_group(required=True)
     source.add_argument("--docs", nargs="+", metavar="PATH", help="build from these files and folders "
                         "(.txt, .md, .jsonl)")
@@ -62,7 +99,8 @@ def _common_options():
     common.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="override generation."
                         "max_new_tokens")
     common.add_argument("--top-k", type=_positive_int, metavar="N", help="override retriever.top_k")
-    common.add_argument("--save", metavar="DIR", help="save the system after building (later: --system DIR)")
+    if question:
+        common.add_argument("--save", metavar="DIR", help="save the system after building (later: --system DIR)")
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return common
 
@@ -70,7 +108,7 @@ def _common_options():
 def _parser():
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0], epilog="examples:\n" + __doc__.split("\n\n")[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{ask,compare,analyze}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{ask,compare,analyze,experiment}")
     common = [_common_options()]
 
     ask = commands.add_parser("ask", parents=common, help="answer a question, streaming the answer")
@@ -84,6 +122,18 @@ def _parser():
     analyze = commands.add_parser("analyze", parents=common, help="where the answer's attention went, per passage")
     analyze.add_argument("--method", choices=METHODS[:2], default="hybrid", help="default hybrid")
     analyze.add_argument("--plot", metavar="FILE.png", help="also write a heatmap (layers x passages) there")
+
+    experiment = commands.add_parser("experiment", parents=[_common_options(question=False)], help="score methods and "
+                                     "configurations on a questions file: summary table, results.json and plots")
+    experiment.add_argument("questions", metavar="QUESTIONS.jsonl", help='one {"id", "question", "answers": '
+                            '[gold, ...]} object a line')
+    experiment.add_argument("--out", required=True, metavar="DIR", help="write results.json and the PNGs here")
+    experiment.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2",
+                            help=f"methods to run, out of {','.join(METHODS)} (default all)")
+    experiment.add_argument("--sweep", type=_sweep, action="append", default=[], metavar="FIELD=V1,V2",
+                            help="also run the configuration with FIELD set to each value (repeatable: one field "
+                            "changed at a time), e.g. retriever.top_k=2,8")
+    experiment.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N questions")
     return parser
 
 
@@ -108,7 +158,7 @@ def _labels(args):
 
 def _check_arguments(args):
     """ValueError (FileNotFoundError) for arguments that cannot work, before documents or the model are loaded."""
-    if not args.question.strip():
+    if args.command != "experiment" and not args.question.strip():
         raise ValueError("the question is empty: ask something")
     if args.system is not None and args.config is not None:
         raise ValueError(f"--config applies to building from --docs; the system at {args.system} has its own "
@@ -117,6 +167,11 @@ def _check_arguments(args):
         _check_plot(args.plot)
     if args.command == "ask":
         _labels(args)
+    if args.command == "experiment":
+        fields = [field for field, _ in args.sweep]
+        twice = sorted({field for field in fields if fields.count(field) > 1})
+        if twice:
+            raise ValueError(f"--sweep {twice[0]} given more than once: list all its values in one --sweep")
 
 
 def _check_plot(plot):
@@ -151,29 +206,39 @@ def _say(message):
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _load_documents(system, paths):
+def _load_documents(paths):
     """The documents of `paths`, a progress bar when stderr is a terminal, each warning as one line."""
+    from .system import load_documents
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        documents = system.load_documents(paths, progress=None)
+        documents = load_documents(paths, progress=None)
     for warning in caught:
         _say(f"warning: {' '.join(str(warning.message).split())}")
     return documents
 
 
+def _load_system(args):
+    """The HybridRAGSystem saved at --system, with the command line's overrides in its config."""
+    from .system import HybridRAGSystem
+
+    system = HybridRAGSystem.load(args.system)
+    if args.encoder is not None and args.encoder != system.config.encoder:
+        raise ValueError(f"--encoder applies to building from --docs; the system at {args.system} was built "
+                         f"with encoder {system.config.encoder!r}")
+    system.config = _config(args, system.config)
+    return system
+
+
 def _build(args):
     """The HybridRAGSystem of --docs or --system, saved to --save when given."""
-    from .system import HybridRAGSystem, create_hybrid_rag_system
+    from .system import create_hybrid_rag_system
 
     if args.system is not None:
-        system = HybridRAGSystem.load(args.system)
-        if args.encoder is not None and args.encoder != system.config.encoder:
-            raise ValueError(f"--encoder applies to building from --docs; the system at {args.system} was built "
-                             f"with encoder {system.config.encoder!r}")
-        system.config = _config(args, system.config)
+        system = _load_system(args)
     else:
         system = create_hybrid_rag_system(_config(args, args.config))
-        documents = _load_documents(system, args.docs)
+        documents = _load_documents(args.docs)
         start = time.perf_counter()
         knowledge_base = system.create_vectorstore(documents)
         _say(f"{len(documents)} documents -> {len(knowledge_base)} passages, encoder {system.config.encoder}, "
@@ -256,10 +321,56 @@ def _analyze(system, args, out):
         print(f"heatmap: {args.plot}", file=out)
 
 
+# (header, width, row key, format) of the experiment's summary table
+_EXPERIMENT_COLUMNS = (("exact match", 11, "exact_match", ".3f"), ("contains gold", 13, "contains_gold", ".3f"),
+                       ("token F1", 8, "token_f1", ".3f"), ("success", 7, "success_rate", ".3f"),
+                       ("context quality", 15, "context_quality", ".3f"),
+                       ("attention quality", 17, "attention_quality", ".3f"),
+                       ("first token s", 13, "first_token_s", ".3f"))
+
+
+def _experiment(args, out, err):
+    """run_research_experiment on the questions file, the documents of --docs or the system of --system."""
+    from .system.experiments import expand_sweeps, load_questions, run_research_experiment
+
+    questions = load_questions(args.questions)[:args.limit]
+    sweeps = dict(args.sweep)
+    if args.system is not None:
+        system, config, documents = _load_system(args), None, None
+        expand_sweeps(system.config, sweeps)  # unknown fields and bad values before any answer
+    else:
+        system, config = None, _config(args, args.config)
+        expand_sweeps(config, sweeps)  # before the documents are read
+        documents = _load_documents(args.docs)
+    summary = run_research_experiment(config, questions, out_dir=args.out, methods=args.methods, sweeps=sweeps,
+                                      documents=documents, system=system)
+    if args.json:
+        print(json.dumps(summary, indent=1), file=out)
+    else:
+        _experiment_table(summary, out)
+    print(f"{len(summary['configs'])} configurations x {len(summary['methods'])} methods x {summary['questions']} "
+          f"questions; wrote:", file=err)
+    for path in summary["files"]:
+        print(f"  {path}", file=err)
+
+
+def _experiment_table(summary, out):
+    width = max(len("config"), *(len(row["config"]) for row in summary["rows"]))
+    header = " ".join(f"{name:>{size}}" for name, size, _, _ in _EXPERIMENT_COLUMNS)
+    print(f"{'config':<{width}} {'method':<9} {header}", file=out)
+    for row in summary["rows"]:
+        cells = " ".join(f"{'-' if row[key] is None else format(row[key], spec):>{size}}"
+                         for _, size, key, spec in _EXPERIMENT_COLUMNS)
+        print(f"{row['config']:<{width}} {row['method']:<9} {cells}", file=out)
+
+
 def run(args, out=None, err=None):
     """Run the parsed command; output to `out` (default sys.stdout), reports to `err` (default sys.stderr)."""
     out, err = out or sys.stdout, err or sys.stderr
     _check_arguments(args)
+    if args.command == "experiment":
+        _experiment(args, out, err)
+        return
     system = _build(args)
     if args.command == "ask":
         _ask(system, args, out, err)

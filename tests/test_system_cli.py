@@ -1,6 +1,6 @@
 """The `hybridrag` command line end to end, on the real offline model (SmolLM2-135M-Instruct) and real files: ask
-(streamed text, --json, --save then --system), compare, analyze with a heatmap, and the one-line errors. Short
-answers (--max-new-tokens 8), two passages and the hashing encoder keep it quick."""
+(streamed text, --json, --save then --system), compare, analyze with a heatmap, experiment over a questions file,
+and the one-line errors. Short answers (--max-new-tokens 8), two passages and the hashing encoder keep it quick."""
 import json
 import subprocess
 import sys
@@ -78,6 +78,61 @@ def test_analyze_writes_the_heatmap(docs, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+QUESTIONS = [{"id": "paris", "question": QUESTION, "answers": ["Paris"]},
+             {"id": "nile", "question": "Which is the longest river in Africa?", "answers": ["the Nile"]},
+             {"id": "python", "question": "Who created Python?", "answers": ["Guido van Rossum"]}]
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
+    return path
+
+
+def test_experiment_writes_results_and_plots(docs, questions, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["experiment", str(questions), "--docs", str(docs), "--out", str(out), "--limit", "2",
+                     "--methods", "hybrid,direct", "--sweep", "retriever.top_k=1,2", "--max-new-tokens", "4",
+                     "--encoder", "hashing-256", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["questions"] == 2 and summary["methods"] == ["hybrid", "direct"]
+    assert summary["configs"] == ["base", "retriever.top_k=1", "retriever.top_k=2"]
+    assert [(row["config"], row["method"]) for row in summary["rows"]] == [
+        (config, method) for config in summary["configs"] for method in ("hybrid", "direct")]
+    assert all(row["answers"] == 2 for row in summary["rows"])
+    names = {"results.json", "method_comparison.png", "configuration_comparison.png", "attention_quality.png",
+             "attention_patterns.png"}
+    assert {path.name for path in out.iterdir()} == names
+    assert json.loads((out / "results.json").read_text())["summary"]["rows"] == summary["rows"]
+    assert all(str(out / name) in captured.err for name in names)
+
+
+def test_experiment_errors_are_one_line(docs, questions, tmp_path, capsys):
+    run = ["--docs", str(docs), "--out", str(tmp_path / "run"), "--encoder", "hashing-256"]
+    assert cli.main(["experiment", str(tmp_path / "none.jsonl"), *run]) == 2
+    one_error_line(capsys, "no such questions file", "none.jsonl")
+    assert cli.main(["experiment", str(questions), *run, "--sweep", "retriever.topk=1,2"]) == 2
+    one_error_line(capsys, "unknown field 'retriever.topk'", "retriever.top_k")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_experiment_table(capsys):
+    row = {"exact_match": 0.5, "contains_gold": 1.0, "token_f1": 0.75, "success_rate": 1.0, "context_quality": 0.5,
+           "attention_quality": 0.25, "first_token_s": 0.125}
+    summary = {"rows": [{"config": "base", "method": "hybrid", **row},
+                        {"config": "retriever.top_k=1", "method": "direct", **row, "context_quality": None,
+                         "attention_quality": None}]}
+    cli._experiment_table(summary, sys.stdout)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["config", "method", "exact", "match", "contains", "gold", "token", "F1", "success",
+                                "context", "quality", "attention", "quality", "first", "token", "s"]
+    assert lines[1].split() == ["base", "hybrid", "0.500", "1.000", "0.750", "1.000", "0.500", "0.250", "0.125"]
+    assert lines[2].split() == ["retriever.top_k=1", "direct", "0.500", "1.000", "0.750", "1.000", "-", "-", "0.125"]
+    assert lines[1].index("hybrid") == lines[2].index("direct")
+
+
 class _Answers:
     """A stand-in system with fixed results, to check the text output without running the model."""
 
@@ -148,7 +203,14 @@ def test_labels_need_the_classification_task(docs, capsys):
     (["ask", QUESTION, "--docs", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["ask", QUESTION, "--system", "nowhere", "--config", "c.json"], "--config applies to building from --docs"),
     (["analyze", QUESTION, "--docs", "x", "--plot", "no-such-folder/a.png"], "no such folder no-such-folder"),
-    (["experiment", QUESTION], "invalid choice"),
+    (["explain", QUESTION], "invalid choice"),
+    (["experiment", "q.jsonl", "--docs", "x"], "--out"),
+    (["experiment", "q.jsonl", "--docs", "x", "--out", "o", "--sweep", "retriever.top_k"],
+     "--sweep: 'retriever.top_k' must be FIELD=V1,V2"),
+    (["experiment", "q.jsonl", "--docs", "x", "--out", "o", "--sweep", "retriever.top_k=1,,2"], "--sweep"),
+    (["experiment", "q.jsonl", "--docs", "x", "--out", "o", "--methods", "hybrid,rag"], "unknown ['rag']"),
+    (["experiment", "q.jsonl", "--docs", "x", "--out", "o", "--sweep", "int8=true", "--sweep", "int8=false"],
+     "--sweep int8 given more than once"),
 ])
 def test_usage_errors_are_one_line(arguments, fragment, capsys):
     assert cli.main(arguments) == 2
@@ -175,7 +237,7 @@ def test_interrupt_exits_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
         cli.main(["ask", QUESTION, "--docs", "x"])
 
 
-@pytest.mark.parametrize("command", ["ask", "compare", "analyze"])
+@pytest.mark.parametrize("command", ["ask", "compare", "analyze", "experiment"])
 def test_every_command_has_help(command, capsys):
     assert cli.main([command, "--help"]) == 0
     assert "--docs" in capsys.readouterr().out
@@ -184,6 +246,6 @@ def test_every_command_has_help(command, capsys):
 def test_python_m_hybridrag_help():
     done = subprocess.run([sys.executable, "-m", "hybridrag", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for command in ("ask", "compare", "analyze"):
+    for command in ("ask", "compare", "analyze", "experiment"):
         assert command in done.stdout
-    assert "experiment" not in done.stdout and "hybridrag ask" in done.stdout
+    assert "{ask,compare,analyze,experiment}" in done.stdout and "hybridrag experiment questions.jsonl" in done.stdout
