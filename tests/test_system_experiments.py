@@ -18,7 +18,7 @@ QUESTIONS = [
     {"id": "q3", "question": "Which statement declares a name as global?", "answers": ["global"]},
 ]
 CONFIG = {"encoder": "hashing-256", "retriever": {"top_k": 3}, "generation": {"max_new_tokens": 6},
-          "attention": {"segment_length": 120, "window_overlap": 16}}
+          "attention": {"segment_length": 64, "window_overlap": 8}}
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("method_comparison.png", "configuration_comparison.png", "attention_quality.png", "attention_patterns.png")
 
@@ -104,7 +104,7 @@ def test_the_knowledge_base_is_rebuilt_only_for_its_fields(documents, tmp_path, 
                                       methods=("direct",), progress=False,
                                       sweeps={"attention.window_size": [32], "attention.segment_length": [100]})
     assert summary["configs"] == ["base", "attention.window_size=32", "attention.segment_length=100"]
-    assert builds == [120, 100]
+    assert builds == [64, 100]
 
 
 def test_bad_input(documents, tmp_path):
