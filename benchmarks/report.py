@@ -36,7 +36,8 @@ from .common import (NOT_COUNTED, RESULTS_ROOT, RUNS_ROOT, cpu_count, default_de
                      measure_ceilings, progress, target_checks, write_json)
 
 # register a suite by adding its module name under benchmarks/
-SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality", "retrieval_speed")
+SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality", "retrieval_speed",
+                 "system")
 SUITES = [importlib.import_module(f".{name}", __package__) for name in SUITE_MODULES]
 DEFAULT_LOAD_LIMIT_PCT = 15
 EXIT_CHECK_FAILED, EXIT_NOT_RECORDED = 1, 3

@@ -1,0 +1,150 @@
+"""End to end: the hybrid RAG system on the real SmolLM2-135M-Instruct. Time to first token of "hybrid" (cached
+passages stitched in front of the question, passage store warm) against "base_rag" (the same tokens prefilled as
+one prompt), with 4 and 16 retrieved passages (full run: 4, 16, 64); target: hybrid at most 1/10 of base RAG's
+time at 16 passages.
+
+Corpus: Python's bundled docs (`pydoc_data.topics`) cut into 60-word passages (about 110 model tokens, so 64 fit
+SmolLM2's 8,192 positions), hashing encoder (retrieval quality does not matter here; it counts words). Each case: one hybrid answer that fills the
+passage store (recorded as "uncached"), one base-RAG warm-up, then answers of one token per method in turn, medians
+reported. Also recorded: the store's bytes per passage and the prompt's KV bytes (what base RAG holds).
+
+    python -m benchmarks.system            # this suite alone: benchmarks.report --suite system
+    python -m benchmarks.system --full
+"""
+import statistics
+import sys
+
+import torch
+
+from hybridrag.retrieval import Document
+from hybridrag.system import create_hybrid_rag_system
+
+from .common import LoadMeter, verdict_text
+
+SUITE = "system"
+EXPECTED_S = {"quick": 60, "full": 240}  # on the 2-core AMD EPYC (the 64-passage prompt's prefill dominates)
+TARGET_PASSAGES, TARGET_RATIO = 16, 0.1  # hybrid first token <= 1/10 of base RAG's at 16 passages
+
+QUESTION = "How does a for statement run its loop body over the items of a sequence?"
+PASSAGES = {"quick": (4, 16), "full": (4, 16, 64)}
+REPEATS = {"quick": 2, "full": 3}
+
+
+def build(passages, attn_implementation):
+    config = {"encoder": "hashing-384", "attn_implementation": attn_implementation, "passage_cache_size": 80,
+              "retriever": {"top_k": passages, "mode": "dense"}, "generation": {"max_new_tokens": 1},
+              "attention": {"segment_length": 60, "window_overlap": 0, "max_retrieved_segments": passages}}
+    system = create_hybrid_rag_system(config)
+    from pydoc_data.topics import topics
+    system.create_vectorstore([Document(name, text, name) for name, text in sorted(topics.items())])
+    return system
+
+
+def first_token(system, method):
+    result = system.generate_response(QUESTION, method=method, measure_attention=False)
+    return result["timings"]["first_token"], result["prompt_tokens"]
+
+
+def run_case(passages, repeats, attn_implementation):
+    system = build(passages, attn_implementation)
+    meter = LoadMeter().start()
+    uncached, prompt_tokens = first_token(system, "hybrid")  # encodes the prefix and every passage
+    first_token(system, "base_rag")  # warm-up
+    times = {"hybrid": [], "base_rag": []}
+    for _ in range(repeats):
+        for method in times:
+            times[method].append(first_token(system, method)[0])
+    load = meter.stop()
+    store = system.passages.stats()
+    per_token = store["bytes"] / max(sum(p.length for p in system.passages._table.values()), 1)
+    hybrid, base = statistics.median(times["hybrid"]), statistics.median(times["base_rag"])
+    return {"passages": passages, "prompt_tokens": prompt_tokens, "attn_implementation": attn_implementation,
+            "hybrid_first_token_s": hybrid, "base_rag_first_token_s": base, "speedup": base / hybrid,
+            "hybrid_uncached_first_token_s": uncached, "hybrid_s": times["hybrid"], "base_rag_s": times["base_rag"],
+            "store_bytes_per_passage": store["bytes"] / max(store["passages"], 1),
+            "prompt_kv_bytes": int(per_token * prompt_tokens), "store": store, "other_load": load}
+
+
+def _target(row):
+    if row["passages"] != TARGET_PASSAGES:
+        return None
+    ratio = row["hybrid_first_token_s"] / row["base_rag_first_token_s"]
+    return {"ratio": "hybrid / base RAG first token", "value": ratio, "limit": TARGET_RATIO,
+            "met": bool(ratio <= TARGET_RATIO)}
+
+
+def bench_dtype(device):
+    return torch.float32
+
+
+def check(device):
+    """The answer the timings rest on: hybrid and base RAG see the same passages and prompt tokens and answer."""
+    system = build(4, "hybridrag")
+    hybrid = system.generate_response(QUESTION, method="hybrid", measure_attention=False)
+    base = system.generate_response(QUESTION, method="base_rag", measure_attention=False)
+    same = [p["id"] for p in hybrid["passages"]] == [p["id"] for p in base["passages"]]
+    return [{"check": "same passages and prompt tokens", "value": f"{hybrid['prompt_tokens']} tokens",
+             "passed": same and hybrid["prompt_tokens"] == base["prompt_tokens"]},
+            {"check": "both answer", "value": f"{hybrid['response']!r} / {base['response']!r}",
+             "passed": hybrid["success"] and base["success"]}]
+
+
+def benchmark(device, quick=False, ceilings=None, log=print):
+    mode = "quick" if quick else "full"
+    rows = []
+    for passages in PASSAGES[mode]:
+        log(f"[{SUITE}] {passages} passages ...")
+        row = run_case(passages, REPEATS[mode], "hybridrag")
+        row["target"] = _target(row)
+        rows.append(row)
+    return rows
+
+
+def plot(rows, ceilings, env, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 3.4))
+    passages = [r["passages"] for r in rows]
+    for key, label in (("base_rag_first_token_s", "base RAG"), ("hybrid_uncached_first_token_s",
+                                                                 "hybrid, passages not cached"),
+                       ("hybrid_first_token_s", "hybrid, passages cached")):
+        axis.plot(passages, [r[key] for r in rows], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(passages, [str(p) for p in passages])
+    axis.set_xlabel("retrieved passages (60 words each)")
+    axis.set_ylabel("time to first token, s")
+    axis.grid(True, alpha=0.3)
+    axis.set_title(f"SmolLM2-135M time to first token ({env['device']})", fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _target_text(target):
+    if target is None:
+        return "-"
+    return f"{target['value']:.3f} (target <= {target['limit']} {verdict_text(target)})"
+
+
+CHECK_COLUMNS = [("check", lambda r: r["check"]), ("value", lambda r: r["value"]),
+                 ("passed", lambda r: str(r["passed"]))]
+BENCH_COLUMNS = [("passages", lambda r: str(r["passages"])), ("prompt tokens", lambda r: f"{r['prompt_tokens']:,}"),
+                 ("base RAG s", lambda r: f"{r['base_rag_first_token_s']:.3f}"),
+                 ("hybrid cached s", lambda r: f"{r['hybrid_first_token_s']:.3f}"),
+                 ("hybrid uncached s", lambda r: f"{r['hybrid_uncached_first_token_s']:.2f}"),
+                 ("speedup", lambda r: f"{r['speedup']:.1f}x"),
+                 ("passage KV MiB", lambda r: f"{r['store_bytes_per_passage'] / 2**20:.1f}"),
+                 ("prompt KV MiB", lambda r: f"{r['prompt_kv_bytes'] / 2**20:.0f}"),
+                 ("target", lambda r: _target_text(r["target"]))]
+
+
+if __name__ == "__main__":
+    from .report import main
+
+    raise SystemExit(main(["--suite", SUITE, *sys.argv[1:]]))
