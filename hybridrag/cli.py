@@ -32,27 +32,14 @@ import time
 import warnings
 from pathlib import Path
 
+from ._argparse import one_line_parser, positive_int
+
 PROG = "hybridrag"
 METHODS = ("hybrid", "base_rag", "direct")
 TASKS = ("qa", "generation", "classification")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors in one line like every other error (status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text):
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
+_Parser = one_line_parser(f"{PROG}: ")  # usage errors in one line like every other error (status 2)
 
 
 def _methods(text):
@@ -96,9 +83,9 @@ def _common_options(question=True):
     common.add_argument("--config", metavar="FILE", help="a JSON/YAML SystemConfig (with --docs)")
     common.add_argument("--encoder", help="override the config's encoder: minilm, hashing-<dim> or a model folder "
                         "(with --docs)")
-    common.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="override generation."
+    common.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="override generation."
                         "max_new_tokens")
-    common.add_argument("--top-k", type=_positive_int, metavar="N", help="override retriever.top_k")
+    common.add_argument("--top-k", type=positive_int, metavar="N", help="override retriever.top_k")
     if question:
         common.add_argument("--save", metavar="DIR", help="save the system after building (later: --system DIR)")
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -133,7 +120,7 @@ def _parser():
     experiment.add_argument("--sweep", type=_sweep, action="append", default=[], metavar="FIELD=V1,V2",
                             help="also run the configuration with FIELD set to each value (repeatable: one field "
                             "changed at a time), e.g. retriever.top_k=2,8")
-    experiment.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N questions")
+    experiment.add_argument("--limit", type=positive_int, metavar="N", help="only the first N questions")
     return parser
 
 

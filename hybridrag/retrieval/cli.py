@@ -10,11 +10,11 @@ Errors print one line to stderr and exit with status 2: bad arguments, unreadabl
 cannot be written (a file in the way, no permission, a read-only filesystem, a full disk). Anything else is a bug
 and shows its traceback.
 """
-import argparse
 import errno
 import json
 import sys
 
+from .._argparse import one_line_parser, positive_int
 from .documents import load_jsonl
 from .encoder import DEFAULT_MODEL_NAME, DenseEncoder, HashingEncoder
 from .knowledge_base import MODES, KnowledgeBase
@@ -41,22 +41,7 @@ _OS_HINTS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors in one line like every other error (status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text):
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
+_Parser = one_line_parser("")  # usage errors in one line like every other error (status 2)
 
 
 def _parser():
