@@ -19,9 +19,15 @@ def split_finite(x):
     return x.masked_fill(bad, 0.0), bad
 
 
+def _seen(visible):
+    """A bool visibility from a bool mask or an additive 0 / -inf bias (the CPU paths' form)."""
+    return visible if visible.dtype == torch.bool else visible == 0
+
+
 def poison_scores(scores, visible, q_bad, k_bad):
-    """scores (..., M, N) with NaN where `visible` (bool, broadcastable) and the row's query (q_bad (..., M, D)) or
-    the key (k_bad (..., N, D)) holds a non-finite entry; either mask may be None."""
+    """scores (..., M, N) with NaN where `visible` (bool, or an additive 0 / -inf bias; broadcastable) and the row's
+    query (q_bad (..., M, D)) or the key (k_bad (..., N, D)) holds a non-finite entry; either mask may be None.
+    `visible` is read only when there is a non-finite entry."""
     hit = None
     if q_bad is not None:
         hit = q_bad.any(-1)[..., :, None]
@@ -30,15 +36,15 @@ def poison_scores(scores, visible, q_bad, k_bad):
         hit = key_hit if hit is None else hit | key_hit
     if hit is None:
         return scores
-    return scores.masked_fill(hit & visible, float("nan"))
+    return scores.masked_fill(hit & _seen(visible), float("nan"))
 
 
 def poison_output(out, visible, v_bad):
-    """out (..., M, D) with NaN in column d of each row that sees (visible (..., M, N) bool) a value whose entry d is
-    non-finite (v_bad (..., N, D), or None)."""
+    """out (..., M, D) with NaN in column d of each row that sees (visible (..., M, N), bool or an additive bias) a
+    value whose entry d is non-finite (v_bad (..., N, D), or None)."""
     if v_bad is None:
         return out
-    hit = (visible.to(torch.float32) @ v_bad.to(torch.float32)) > 0
+    hit = (_seen(visible).to(torch.float32) @ v_bad.to(torch.float32)) > 0
     return out.masked_fill(hit, float("nan"))
 
 

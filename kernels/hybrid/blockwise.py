@@ -116,14 +116,14 @@ def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries
         q_tile, q_bad = split_finite(ops.rows(q, tile.rows))
         bias = ops.bias(tile)
         scores = torch.baddbmm(bias, q_tile, keys.transpose(1, 2), alpha=scale)
-        scores = poison_scores(scores, bias == 0, q_bad, k_bad)
+        scores = poison_scores(scores, bias, q_bad, k_bad)
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max.masked_fill_(torch.isinf(row_max), 0.0)  # rows that see nothing keep weights 0
         weights = scores.sub_(row_max).exp_()
         total = weights.sum(dim=-1, keepdim=True)
         if out is not None:
             values, v_bad = split_finite(ops.keys(v, ops.memory_v, tile))
-            o_tile = poison_output(torch.bmm(weights, values), bias == 0, v_bad)
+            o_tile = poison_output(torch.bmm(weights, values), bias, v_bad)
             o_tile.div_(total.clamp(min=torch.finfo(torch.float32).tiny))
             out[:, :, tile.rows] = ops.ungroup(o_tile).to(q.dtype)
         lse[:, :, tile.rows] = ops.ungroup(row_max + torch.log(total)).squeeze(-1)

@@ -66,12 +66,12 @@ def sliding_window_fwd_blockwise(q, k, v, left, right, scale, block=CPU_BLOCK):
         v_blk, v_bad = split_finite(v[:, :, keys].float().flatten(0, 1))
         q_blk, q_bad = split_finite(_grouped_rows(q, kv_heads, rows))
         scores = torch.baddbmm(bias, q_blk, k_blk.transpose(1, 2), alpha=scale)
-        scores = poison_scores(scores, bias == 0, q_bad, k_bad)
+        scores = poison_scores(scores, bias, q_bad, k_bad)
         row_max = scores.amax(dim=-1, keepdim=True)
         row_max.masked_fill_(torch.isinf(row_max), 0.0)  # rows that see nothing in this block keep weights 0
         weights = scores.sub_(row_max).exp_()
         total = weights.sum(dim=-1, keepdim=True)
-        o_blk = poison_output(torch.bmm(weights, v_blk), bias == 0, v_bad).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
+        o_blk = poison_output(torch.bmm(weights, v_blk), bias, v_bad).div_(total.clamp(min=torch.finfo(torch.float32).tiny))
         out[:, :, rows] = _ungroup_rows(o_blk, batch, heads, rows, dim)
         lse[:, :, rows] = (row_max + torch.log(total)).reshape(batch, heads, row_hi - row_lo)
     return out, lse
