@@ -16,17 +16,9 @@ import sys
 
 from .._argparse import one_line_parser, positive_int
 from .documents import load_jsonl
-from .encoder import DEFAULT_MODEL_NAME, DenseEncoder, HashingEncoder
+from .encoder import make_encoder
 from .knowledge_base import MODES, KnowledgeBase
 from .vector_index import KINDS
-
-
-def make_encoder(spec):
-    if spec in (None, "minilm", DEFAULT_MODEL_NAME):
-        return DenseEncoder()
-    if spec.startswith("hashing-") and spec[len("hashing-"):].isdigit():
-        return HashingEncoder(int(spec[len("hashing-"):]))
-    return DenseEncoder(spec)
 
 
 # What to do about an OSError, by errno; the line names the path it failed on.

@@ -193,6 +193,16 @@ class LazyEncoder:
         return f"LazyEncoder(name={self.name!r}, dimension={self.dimension}, {state})"
 
 
+def make_encoder(spec):
+    """The encoder a spec names: None or "minilm" (the bundled all-MiniLM-L6-v2), "hashing-<dim>", or a local
+    sentence-transformers folder (the command lines' --encoder, SystemConfig.encoder)."""
+    if spec in (None, "minilm", DEFAULT_MODEL_NAME):
+        return DenseEncoder()
+    if spec.startswith("hashing-") and spec[len("hashing-"):].isdigit():
+        return HashingEncoder(int(spec[len("hashing-"):]))
+    return DenseEncoder(spec)
+
+
 def encoder_from_manifest(name, dimension):
     """The encoder a knowledge base names, where it can be rebuilt without the caller's help (the bundled MiniLM
     as a LazyEncoder, loaded on first use)."""

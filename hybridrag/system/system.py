@@ -21,7 +21,7 @@ import torch
 
 from ..integrations.transformers import capture_attention_mass
 from ..retrieval import KnowledgeBase
-from ..retrieval.cli import make_encoder
+from ..retrieval.encoder import make_encoder
 from ..retrieval.prompting import escape_boundaries
 from .config import SystemConfig
 from .generation import GenerationStats, stream_generate
@@ -54,9 +54,14 @@ class PromptParts:
     def full(self):
         return torch.cat([self.prefix, *self.passages, self.suffix], dim=1)
 
+    @property
+    def length(self):
+        """T, the prompt's tokens."""
+        return sum(p.shape[1] for p in (self.prefix, *self.passages, self.suffix))
+
     def segments(self):
         """(1, T) passage index of each prompt position, -1 outside passages."""
-        ids = [torch.full((p.shape[1],), -1) for p in (self.prefix,)]
+        ids = [torch.full((self.prefix.shape[1],), -1)]
         ids += [torch.full((p.shape[1],), i) for i, p in enumerate(self.passages)]
         ids.append(torch.full((self.suffix.shape[1],), -1))
         return torch.cat(ids)[None]
@@ -179,10 +184,10 @@ class HybridRAGSystem:
             parts = self.prompt_parts(question, documents, task_type)
         if task_type == "classification":
             return self._classify(question, parts, hits, labels, method, timings), None
+        self._check_budget(parts)  # before any passage is encoded
         start = time.perf_counter()
         input_ids, cache = self._prefill_inputs(parts, method)
         timings["passages"] = time.perf_counter() - start
-        self._check_budget(parts)
         stats = GenerationStats()
         text, record = self._generate(parts, input_ids, cache, stats, measure_attention and bool(hits), on_token)
         timings.update(prefill=timings["passages"] + stats.prefill_s, first_token=timings["passages"]
@@ -206,10 +211,10 @@ class HybridRAGSystem:
             raise ValueError(f"labels apply to task_type='classification' only, got task_type={task_type!r}")
 
     def _check_budget(self, parts):
-        total = parts.full().shape[1] + self.config.generation.max_new_tokens
+        total = parts.length + self.config.generation.max_new_tokens
         limit = self.language_model.context_length
         if total > limit:
-            raise ValueError(f"the prompt ({parts.full().shape[1]} tokens) and max_new_tokens "
+            raise ValueError(f"the prompt ({parts.length} tokens) and max_new_tokens "
                              f"({self.config.generation.max_new_tokens}) need {total} positions, past the model's "
                              f"context of {limit}: retrieve fewer passages (retriever.top_k) or shorter ones "
                              "(attention.segment_length)")
@@ -227,7 +232,7 @@ class HybridRAGSystem:
     def _generate(self, parts, input_ids, cache, stats, measure, on_token):
         """(answer text, the AttentionMassRecord of the answer rows or None)."""
         lm, g = self.language_model, self.config.generation
-        prompt_length = parts.full().shape[1]
+        prompt_length = parts.length
         context = None
         if measure and lm.attn_implementation == "hybridrag":
             total = prompt_length + g.max_new_tokens
@@ -261,7 +266,7 @@ class HybridRAGSystem:
             scores.append(float(steps.gather(1, label_ids[0, :, None]).mean()))
         best = max(range(len(labels)), key=scores.__getitem__)
         timings.update(prefill=time.perf_counter() - start, first_token=time.perf_counter() - start, decode=0.0)
-        stats = GenerationStats(prompt_tokens=parts.full().shape[1])
+        stats = GenerationStats(prompt_tokens=parts.length)
         result = self._result(labels[best], hits, None, timings, stats, method, parts)
         result["label_scores"] = dict(zip(labels, scores))
         return result
@@ -272,7 +277,7 @@ class HybridRAGSystem:
         return {"response": text, "passages": passages, "citations": _citations(passages), "success": bool(text),
                 "timings": {name: round(value, 6) for name, value in timings.items()},
                 "tokens_per_second": stats.tokens_per_second, "method": method,
-                "prompt_tokens": parts.full().shape[1]}
+                "prompt_tokens": parts.length}
 
     def compare_methods(self, question, task_type="qa", **options):
         """{"hybrid": r, "base_rag": r, "direct": r}: generate_response with each method on `question`."""
