@@ -4,9 +4,10 @@ one prompt), with 4 and 16 retrieved passages (full run: 4, 16, 64); target: hyb
 time at 16 passages.
 
 Corpus: Python's bundled docs (`pydoc_data.topics`) cut into 60-word passages (about 110 model tokens, so 64 fit
-SmolLM2's 8,192 positions), hashing encoder (retrieval quality does not matter here; it counts words). Each case: one hybrid answer that fills the
-passage store (recorded as "uncached"), one base-RAG warm-up, then answers of one token per method in turn, medians
-reported. Also recorded: the store's bytes per passage and the prompt's KV bytes (what base RAG holds).
+SmolLM2's 8,192 positions), hashing encoder (retrieval quality does not matter here; it counts words). Each case:
+one hybrid answer that fills the passage store (recorded as "uncached"), one base-RAG warm-up, then answers of one
+token per method in turn, medians reported. One more case at 16 passages keeps the store in int8. Also recorded:
+the store's bytes per passage and per token, and the prompt's KV bytes (what base RAG holds at answer time).
 
     python -m benchmarks.system            # this suite alone: benchmarks.report --suite system
     python -m benchmarks.system --full
@@ -22,7 +23,7 @@ from hybridrag.system import create_hybrid_rag_system
 from .common import LoadMeter, verdict_text
 
 SUITE = "system"
-EXPECTED_S = {"quick": 60, "full": 240}  # on the 2-core AMD EPYC (the 64-passage prompt's prefill dominates)
+EXPECTED_S = {"quick": 80, "full": 270}  # on the 2-core AMD EPYC (the 64-passage prompt's prefill dominates)
 TARGET_PASSAGES, TARGET_RATIO = 16, 0.1  # hybrid first token <= 1/10 of base RAG's at 16 passages
 
 QUESTION = "How does a for statement run its loop body over the items of a sequence?"
@@ -30,8 +31,9 @@ PASSAGES = {"quick": (4, 16), "full": (4, 16, 64)}
 REPEATS = {"quick": 2, "full": 3}
 
 
-def build(passages, attn_implementation):
+def build(passages, attn_implementation, storage="model"):
     config = {"encoder": "hashing-384", "attn_implementation": attn_implementation, "passage_cache_size": 80,
+              "passage_cache_storage": storage,
               "retriever": {"top_k": passages, "mode": "dense"}, "generation": {"max_new_tokens": 1},
               "attention": {"segment_length": 60, "window_overlap": 0, "max_retrieved_segments": passages}}
     system = create_hybrid_rag_system(config)
@@ -45,8 +47,8 @@ def first_token(system, method):
     return result["timings"]["first_token"], result["prompt_tokens"]
 
 
-def run_case(passages, repeats, attn_implementation):
-    system = build(passages, attn_implementation)
+def run_case(passages, repeats, attn_implementation, storage="model"):
+    system = build(passages, attn_implementation, storage)
     meter = LoadMeter().start()
     uncached, prompt_tokens = first_token(system, "hybrid")  # encodes the prefix and every passage
     first_token(system, "base_rag")  # warm-up
@@ -56,17 +58,21 @@ def run_case(passages, repeats, attn_implementation):
             times[method].append(first_token(system, method)[0])
     load = meter.stop()
     store = system.passages.stats()
-    per_token = store["bytes"] / max(sum(p.length for p in system.passages._table.values()), 1)
     hybrid, base = statistics.median(times["hybrid"]), statistics.median(times["base_rag"])
-    return {"passages": passages, "prompt_tokens": prompt_tokens, "attn_implementation": attn_implementation,
+    element = torch.finfo(system.language_model.dtype).bits // 8
+    config = system.language_model.model.config
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    return {"passages": passages, "storage": storage, "prompt_tokens": prompt_tokens,
+            "attn_implementation": attn_implementation,
             "hybrid_first_token_s": hybrid, "base_rag_first_token_s": base, "speedup": base / hybrid,
             "hybrid_uncached_first_token_s": uncached, "hybrid_s": times["hybrid"], "base_rag_s": times["base_rag"],
             "store_bytes_per_passage": store["bytes"] / max(store["passages"], 1),
-            "prompt_kv_bytes": int(per_token * prompt_tokens), "store": store, "other_load": load}
+            "store_bytes_per_token": store["bytes"] / max(system.passages.tokens, 1),
+            "prompt_kv_bytes": kv_per_token * prompt_tokens, "store": store, "other_load": load}
 
 
 def _target(row):
-    if row["passages"] != TARGET_PASSAGES:
+    if row["passages"] != TARGET_PASSAGES or row["storage"] != "model":
         return None
     ratio = row["hybrid_first_token_s"] / row["base_rag_first_token_s"]
     return {"ratio": "hybrid / base RAG first token", "value": ratio, "limit": TARGET_RATIO,
@@ -97,6 +103,8 @@ def benchmark(device, quick=False, ceilings=None, log=print):
         row = run_case(passages, REPEATS[mode], "hybridrag")
         row["target"] = _target(row)
         rows.append(row)
+    log(f"[{SUITE}] {TARGET_PASSAGES} passages, int8 passage store ...")
+    rows.append({**run_case(TARGET_PASSAGES, REPEATS[mode], "hybridrag", "int8"), "target": None})
     return rows
 
 
@@ -107,11 +115,16 @@ def plot(rows, ceilings, env, path):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 3.4))
-    passages = [r["passages"] for r in rows]
+    rows_model = [r for r in rows if r.get("storage", "model") == "model"]
+    passages = [r["passages"] for r in rows_model]
     for key, label in (("base_rag_first_token_s", "base RAG"), ("hybrid_uncached_first_token_s",
                                                                  "hybrid, passages not cached"),
                        ("hybrid_first_token_s", "hybrid, passages cached")):
-        axis.plot(passages, [r[key] for r in rows], marker="o", label=label)
+        axis.plot(passages, [r[key] for r in rows_model], marker="o", label=label)
+    for row in rows:
+        if row.get("storage", "model") != "model":
+            axis.plot([row["passages"]], [row["hybrid_first_token_s"]], marker="x", linestyle="none",
+                      label=f"hybrid, {row['storage']} passage store")
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xticks(passages, [str(p) for p in passages])
@@ -134,7 +147,8 @@ def _target_text(target):
 
 CHECK_COLUMNS = [("check", lambda r: r["check"]), ("value", lambda r: r["value"]),
                  ("passed", lambda r: str(r["passed"]))]
-BENCH_COLUMNS = [("passages", lambda r: str(r["passages"])), ("prompt tokens", lambda r: f"{r['prompt_tokens']:,}"),
+BENCH_COLUMNS = [("passages", lambda r: str(r["passages"])), ("store", lambda r: r.get("storage", "model")),
+                 ("prompt tokens", lambda r: f"{r['prompt_tokens']:,}"),
                  ("base RAG s", lambda r: f"{r['base_rag_first_token_s']:.3f}"),
                  ("hybrid cached s", lambda r: f"{r['hybrid_first_token_s']:.3f}"),
                  ("hybrid uncached s", lambda r: f"{r['hybrid_uncached_first_token_s']:.2f}"),

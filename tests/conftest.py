@@ -28,3 +28,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random 2-layer Llama (4 heads, 2 kv heads, head dim 16, vocabulary 97) on attn_implementation="hybridrag"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridrag.integrations.transformers import register
+
+    register()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="hybridrag")
+    return LlamaForCausalLM(config).eval()

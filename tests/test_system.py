@@ -78,12 +78,62 @@ def test_classification_picks_the_likeliest_label(system):
 
 
 def test_save_and_load(system, tmp_path):
+    system.generate_response(QUESTION, measure_attention=False)  # the store holds this question's passages
     system.save(tmp_path / "system")
     loaded = HybridRAGSystem.load(tmp_path / "system", language_model=system.language_model)
     assert loaded.config == system.config and len(loaded.knowledge_base) == len(system.knowledge_base)
     assert [h.document.id for h in loaded.retrieve(QUESTION)] == [h.document.id for h in system.retrieve(QUESTION)]
+    assert len(loaded.passages) == len(system.passages) and loaded.passages.nbytes == system.passages.nbytes
+    answer = loaded.generate_response(QUESTION, measure_attention=False)
+    assert loaded.passages.misses == 0 and answer["response"] == system.generate_response(QUESTION)["response"]
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         HybridRAGSystem.load(tmp_path / "nothing")
+
+
+def _sibling(system, **config):
+    """A system with `config` over the fixture's knowledge base and model."""
+    base = {"encoder": "hashing-256", "retriever": {"top_k": 3}, "generation": {"max_new_tokens": 8},
+            "attention": {"segment_length": 120, "window_overlap": 16}}
+    other = create_hybrid_rag_system({**base, **config}, language_model=system.language_model)
+    other.knowledge_base = system.knowledge_base
+    return other
+
+
+def test_precomputed_passages_fill_the_store_up_to_its_bound(system, caplog):
+    other = _sibling(system, passage_cache_size=6)
+    with caplog.at_level("WARNING"):
+        assert other.precompute_passages(progress=False) == 5  # and the prefix: 6
+    assert len(other.passages) == 6 and other.passages.evictions == 0
+    assert f"5 of {len(system.knowledge_base)} passages encoded" in caplog.text
+
+
+def test_an_int8_store_answers_from_a_quarter_of_the_bytes(system):
+    other = _sibling(system, passage_cache_storage="int8")
+    system.generate_response(QUESTION, measure_attention=False)
+    result = other.generate_response(QUESTION, measure_attention=False)
+    per_token = [store.nbytes / store.tokens for store in (other.passages, system.passages)]
+    assert result["success"] and per_token[0] < 0.3 * per_token[1]
+
+
+def test_attention_feedback_moves_the_weights_and_is_saved(system, tmp_path):
+    other = _sibling(system, attention_feedback=True)
+    result = other.generate_response(QUESTION)
+    ids = [p["id"] for p in result["passages"]]
+    weights = other.weights.weight(ids)
+    assert len(other.weights) == 3 and (weights != 1.0).any()
+    assert weights[ids.index(result["citations"][0])] > 1.0  # the most attended passage gains
+    other.save(tmp_path / "fed")
+    loaded = HybridRAGSystem.load(tmp_path / "fed", language_model=system.language_model)
+    assert (loaded.weights.weight(ids) == weights).all()
+
+
+def test_dropping_unattended_passages_answers_from_the_rest(system):
+    other = _sibling(system, drop_unattended=0.99)
+    result = other.generate_response(QUESTION)
+    kept, dropped = [p["id"] for p in result["passages"]], [d["id"] for d in result["dropped"]]
+    assert kept and len(kept) + len(dropped) == 3 and not set(kept) & set(dropped)
+    assert all(d["share"] < 0.99 / 3 for d in result["dropped"])
+    assert result["prompt_tokens"] < system.generate_response(QUESTION)["prompt_tokens"] or not dropped
 
 
 @pytest.mark.parametrize("call, error, match", [

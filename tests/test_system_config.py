@@ -61,6 +61,14 @@ SYSTEM_BAD = [
     ("index_kind", "annoy", r"index_kind must be one of 'auto', 'flat', 'ivf', 'hnsw', got 'annoy'"),
     ("passage_cache", "yes", r"passage_cache must be True or False, got 'yes'"),
     ("passage_cache_size", 0, r"passage_cache_size must be an int >= 1, got 0"),
+    ("passage_cache_bytes", 0, r"passage_cache_bytes must be an int >= 1 or None, got 0"),
+    ("passage_cache_storage", "fp8", r"passage_cache_storage must be one of 'model', 'float16', 'bfloat16', "
+                                     r"'int8', got 'fp8'"),
+    ("passage_cache_policy", "fifo", r"passage_cache_policy must be one of 'lru', 'lfu', 'importance', got 'fifo'"),
+    ("precompute_passages", 1, r"precompute_passages must be True or False, got 1"),
+    ("attention_feedback", "no", r"attention_feedback must be True or False, got 'no'"),
+    ("drop_unattended", 1.0, r"drop_unattended must be None or a share in \(0, 1\), got 1.0"),
+    ("drop_unattended", True, r"drop_unattended must be None or a share in \(0, 1\), got True"),
     ("device", "gpu", r"device must be 'cpu', 'cuda' or 'cuda:<n>', got 'gpu'"),
     ("model_path", "/no/such/model", r"model_path must be None .* got '/no/such/model', which is not a folder"),
     ("model_path", 3, r"model_path must be None or a path \(str\), got 3"),
@@ -102,7 +110,10 @@ def test_defaults():
     assert (config.model_path, config.cache_dir, config.attn_implementation, config.int8) == (None, None,
                                                                                            "hybridrag", False)
     assert (config.encoder, config.index_kind, config.passage_cache, config.passage_cache_size, config.device) == \
-        ("minilm", "auto", True, 32, "cpu")
+        ("minilm", "auto", True, 256, "cpu")
+    assert (config.passage_cache_bytes, config.passage_cache_storage, config.passage_cache_policy,
+            config.precompute_passages, config.attention_feedback, config.drop_unattended) == \
+        (2 ** 30, "model", "lru", False, False, None)
 
 
 def test_accepted_edge_values(tmp_path):
@@ -113,7 +124,8 @@ def test_accepted_edge_values(tmp_path):
     assert isinstance(generation.temperature, float) and isinstance(generation.top_p, float)
     config = SystemConfig(encoder="hashing-64", device="cuda:1", model_path=tmp_path, cache_dir=tmp_path / "c",
                           attn_implementation="eager", int8=True, index_kind="hnsw", passage_cache=False,
-                          passage_cache_size=1)
+                          passage_cache_size=1, passage_cache_bytes=None, passage_cache_storage="int8",
+                          passage_cache_policy="importance", attention_feedback=True, drop_unattended=0.5)
     assert config.model_path == str(tmp_path) and config.cache_dir == str(tmp_path / "c")
     assert SystemConfig(encoder=str(tmp_path)).encoder == str(tmp_path)
     assert SystemConfig(encoder=tmp_path).encoder == str(tmp_path)
@@ -262,3 +274,8 @@ def test_package_exports_the_config_classes():
     assert system.SystemConfig is SystemConfig and system.AttentionConfig is AttentionConfig
     assert system.RetrieverConfig is RetrieverConfig and system.GenerationConfig is GenerationConfig
     assert Path(system.__file__).parent.joinpath("config.py").is_file()
+
+
+def test_precomputing_passages_needs_the_passage_cache():
+    with pytest.raises(ValueError, match="precompute_passages=True needs passage_cache=True"):
+        SystemConfig(precompute_passages=True, passage_cache=False)

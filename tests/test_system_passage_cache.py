@@ -1,27 +1,22 @@
 """Passage KV caches (hybridrag.system.passage_cache) on a tiny random Llama: re-rotated keys equal a passage run at
 its offset, the stitched cache answers like one prompt whose passages do not see each other, the passage pattern
-is the hybrid kernels' pattern, and the store is bounded."""
+is the hybrid kernels' pattern."""
 import copy
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaForCausalLM  # noqa: E402
 
-from hybridrag.integrations.transformers import SETTINGS_ATTR, register  # noqa: E402
-from hybridrag.system.passage_cache import (PassageKVStore, cache_argument, check_rotary, encode_passage,  # noqa: E402
-                                            passage_pattern, shift_keys, stitch)
+from hybridrag.integrations.transformers import SETTINGS_ATTR  # noqa: E402
+from hybridrag.system.passage_cache import (cache_argument, check_rotary, encode_passage, passage_pattern,  # noqa: E402
+                                            shift_keys, stitch)
 
 
 @pytest.fixture(scope="module")
-def model():
-    register()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation="hybridrag")
-    return LlamaForCausalLM(config).eval()
+def model(tiny_llama):
+    return tiny_llama
 
 
 def _ids(length, seed):
@@ -104,17 +99,21 @@ def test_a_windowed_passage_with_sinks_matches_the_hybrid_op_pattern(model):
     assert not torch.allclose(base.values[1][:, :, 8:12], other.values[1][:, :, 8:12], atol=1e-4)  # they see 8
 
 
-def test_the_store_reuses_and_evicts_least_recently_used(model):
-    store = PassageKVStore(2)
-    a, b, c = _ids(7, 7), _ids(8, 8), _ids(9, 9)
-    pattern = (-1, 0, None)
-    first = store.get(model, a, pattern)
-    assert store.get(model, a, pattern) is first and store.hits == 1
-    store.get(model, b, pattern)
-    store.get(model, a, pattern)  # a is now the most recent
-    store.get(model, c, pattern)  # evicts b
-    assert len(store) == 2 and store.evictions == 1
-    store.get(model, b, pattern)
-    assert store.misses == 4 and store.stats()["bytes"] > 0
-    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
-        PassageKVStore(0)
+def test_a_passage_encoded_after_the_prefix_is_the_tail_of_prefix_and_passage_in_one_run(model):
+    """Each passage sees the prefix as if it came right after it (positions P .. P + L - 1, as APE's shared prefix);
+    stitched, its keys move to its offset in the prompt."""
+    prefix, first, second = _ids(5, 12), _ids(17, 13), _ids(11, 14)
+    head = encode_passage(model, prefix)
+    parts = [head, encode_passage(model, first, head), encode_passage(model, second, head)]
+    assert [p.start for p in parts] == [0, 5, 5] and [p.length for p in parts] == [5, 17, 11]
+    together = encode_passage(model, torch.cat([prefix, second], dim=1))
+    cache = stitch(parts, check_rotary(model))
+    for layer in range(2):
+        torch.testing.assert_close(parts[2].keys[layer], together.keys[layer][:, :, 5:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts[2].values[layer], together.values[layer][:, :, 5:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.layers[layer].keys[:, :, 22:],
+                                   shift_keys(parts[2].keys[layer], 17, check_rotary(model)), rtol=0, atol=0)
+        torch.testing.assert_close(cache.layers[layer].keys[:, :, :22],
+                                   torch.cat([head.keys[layer], parts[1].keys[layer]], dim=2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prefix must start at position 0"):
+        encode_passage(model, second, parts[1])

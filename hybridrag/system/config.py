@@ -206,9 +206,21 @@ class SystemConfig:
     encoder: "minilm" (bundled all-MiniLM-L6-v2), "hashing-<dim>" (dim >= 2) or a local sentence-transformers
         folder (it must exist).
     index_kind: "auto", "flat", "ivf" or "hnsw".
-    passage_cache: keep each passage's KV cache; passage_cache_size passages at most (>= 1, default 32), least
-        recently used evicted beyond. A 200-token passage of SmolLM2-135M in float32 holds about 9 MiB of keys and
-        values (hybridrag.system.passage_cache).
+    passage_cache: keep each passage's KV cache (hybridrag.system.passage_store) for the "hybrid" method; without
+        it every hybrid answer encodes its passages again.
+    passage_cache_size: the most passages the store holds (>= 1, default 256).
+    passage_cache_bytes: the most bytes of keys and values it holds (>= 1; default 1 GiB; None = no byte bound).
+        A 200-token passage of SmolLM2-135M holds 9 MiB in float32, 2.4 MiB as int8.
+    passage_cache_storage: "model" (as computed), "float16", "bfloat16" or "int8" (per-row scales; ~0.27x float32).
+    passage_cache_policy: the eviction policy past either bound, "lru", "lfu" or "importance" (importance: the
+        attention share answers gave the passage, so the passages answers use stay).
+    precompute_passages: create_vectorstore also encodes the knowledge base's passages into the store, in document
+        order, until a bound is reached (a progress bar; the count left out is logged).
+    attention_feedback: after each hybrid or base_rag answer, the passages' attention shares go through a
+        FeedbackExtractor into a WeightUpdater whose weights re-rank later retrievals (saved with the system).
+    drop_unattended: None, or a share s in (0, 1): the hybrid method first runs the question over all retrieved
+        passages, drops those whose attention share from the question's last row is below s / k, and answers from
+        the rest (the attention-guided second step; one extra question prefill).
     device: "cpu", "cuda" or "cuda:<n>".
     """
 
@@ -222,7 +234,13 @@ class SystemConfig:
     encoder: str = "minilm"
     index_kind: str = "auto"
     passage_cache: bool = True
-    passage_cache_size: int = 32
+    passage_cache_size: int = 256
+    passage_cache_bytes: int | None = 2 ** 30
+    passage_cache_storage: str = "model"
+    passage_cache_policy: str = "lru"
+    precompute_passages: bool = False
+    attention_feedback: bool = False
+    drop_unattended: float | None = None
     device: str = "cpu"
 
     def __post_init__(self):
@@ -243,6 +261,16 @@ class SystemConfig:
         _check_choice("index_kind", self.index_kind, ("auto", "flat", "ivf", "hnsw"))
         _check_bool("passage_cache", self.passage_cache)
         _check_int("passage_cache_size", self.passage_cache_size, 1)
+        _check_int("passage_cache_bytes", self.passage_cache_bytes, 1, allow=(None,))
+        _check_choice("passage_cache_storage", self.passage_cache_storage, ("model", "float16", "bfloat16", "int8"))
+        _check_choice("passage_cache_policy", self.passage_cache_policy, ("lru", "lfu", "importance"))
+        _check_bool("precompute_passages", self.precompute_passages)
+        _check_bool("attention_feedback", self.attention_feedback)
+        if self.drop_unattended is not None and not (_is_number(self.drop_unattended)
+                                                     and 0 < self.drop_unattended < 1):
+            raise ValueError(f"drop_unattended must be None or a share in (0, 1), got {self.drop_unattended!r}")
+        if self.precompute_passages and not self.passage_cache:
+            raise ValueError("precompute_passages=True needs passage_cache=True (there is no store to fill)")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}")
 

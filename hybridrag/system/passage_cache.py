@@ -1,23 +1,22 @@
-"""Passage KV caches: each retrieved passage's keys and values computed once, on its own, and stitched in front of a
-question at answer time (the TurboRAG idea, with the hybrid pattern inside each passage).
+"""Passage KV caches: each retrieved passage's keys and values computed once, after the prompt's shared prefix, and
+stitched in front of a question at answer time (the TurboRAG idea, with APE's shared prefix and the hybrid pattern
+inside each passage).
 
 Retrieved passages barely attend to each other, so the prompt's attention is close to block-diagonal: a passage's
-KV cache does not depend on the passages around it. `encode_passage` runs a passage alone at positions 0 .. L - 1
-under the hybrid pattern (a sliding window, the first tokens as sinks, optional landmarks); `stitch` lays the
-cached passages end to end and re-rotates each one's keys by its offset (RoPE composes: R(p + o) = R(o) R(p)), so
-the question rows that follow see every passage at the position it holds in the prompt, as StreamingLLM re-rotates
-its cache. Only the question and answer rows are computed at answer time: prefill work falls from the whole
-prompt to the question.
+KV cache does not depend on the passages around it. `encode_passage` runs a passage after the prefix's cache (or
+alone) under the hybrid pattern (a sliding window, the first tokens as sinks, optional landmarks): it attends to the
+prefix and to itself, at positions P .. P + L - 1, and keeps its own rows. Encoded after the prefix, each passage
+shares the prompt's attention sink (its first tokens) instead of growing one of its own at position 0, which a
+question over k passages would otherwise see k times. `stitch` lays the cached parts end to end and re-rotates
+each one's keys from where it was encoded to its offset (RoPE composes: R(p + o) = R(o) R(p)), so the question rows
+that follow see every passage at the position it holds in the prompt, as StreamingLLM re-rotates its cache. Only
+the question and answer rows are computed at answer time: prefill work falls from the whole prompt to the question.
 
 Memory: a passage of L tokens holds 2 x layers x Hkv x L x D elements in the model's dtype (SmolLM2-135M, float32:
-30 layers x 3 kv heads x 64 x 2 x 4 bytes = 46 KiB a token); the store keeps at most `capacity` passages.
+30 layers x 3 kv heads x 64 x 2 x 4 bytes = 46 KiB a token); the store (passage_store) bounds how many are kept.
 """
 import contextlib
-import hashlib
 import inspect
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +27,12 @@ from ..integrations.transformers import SETTINGS_ATTR, HybridAttentionSettings, 
 
 @dataclass
 class PassageKV:
-    """One passage's cache: keys and values per layer, each (1, Hkv, L, D), keys rotated for positions 0 .. L - 1."""
+    """One passage's cache: keys and values per layer, each (1, Hkv, L, D), keys rotated for positions start ..
+    start + L - 1 (start: the length of the prefix it was encoded after)."""
 
     keys: list
     values: list
+    start: int = 0
 
     @property
     def length(self):
@@ -69,12 +70,18 @@ def cache_argument(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def encode_passage(model, token_ids):
-    """PassageKV of token_ids (1, L) run alone (positions 0 .. L - 1) through `model`. Memory: the cache."""
-    cache = DynamicCache()
+def encode_passage(model, token_ids, prefix=None):
+    """PassageKV of token_ids (1, L) run through `model` alone (positions 0 .. L - 1) or after `prefix` (a PassageKV
+    starting at 0: the passage attends to it, sits at positions P .. P + L - 1, and keeps only its own rows).
+    Memory: the prefix's cache and the passage's."""
+    if prefix is not None and prefix.start != 0:
+        raise ValueError(f"prefix must start at position 0, got start={prefix.start}")
+    cache = DynamicCache() if prefix is None else DynamicCache(ddp_cache_data=list(zip(prefix.keys, prefix.values)))
+    start = 0 if prefix is None else prefix.length
     with torch.no_grad():
         model(input_ids=token_ids, use_cache=True, **{cache_argument(model): cache})
-    return PassageKV([layer.keys.clone() for layer in cache.layers], [layer.values.clone() for layer in cache.layers])
+    return PassageKV([layer.keys[:, :, start:].clone() for layer in cache.layers],
+                     [layer.values[:, :, start:].clone() for layer in cache.layers], start)
 
 
 def _rotate_half(x):
@@ -113,66 +120,7 @@ def stitch(parts, rotary):
         total += part.length
     layers = []
     for layer in range(len(parts[0].keys)):
-        keys = torch.cat([shift_keys(p.keys[layer], o, rotary) for p, o in zip(parts, offsets)], dim=2)
+        keys = torch.cat([shift_keys(p.keys[layer], o - p.start, rotary) for p, o in zip(parts, offsets)], dim=2)
         values = torch.cat([p.values[layer] for p in parts], dim=2)
         layers.append((keys, values))
     return DynamicCache(ddp_cache_data=layers)
-
-
-class PassageKVStore:
-    """A bounded store of PassageKVs for one model and pattern, least recently used evicted past `capacity`.
-
-    Keys: a digest of the token ids, so a passage is computed once whatever document or question brings it.
-    Thread-safe (one lock around the table; encoding runs outside it). `hits`, `misses`, `evictions` count.
-    """
-
-    def __init__(self, capacity):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        self.capacity = capacity
-        self._table = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
-        self.encode_seconds = 0.0
-
-    def __len__(self):
-        return len(self._table)
-
-    @property
-    def nbytes(self):
-        with self._lock:
-            return sum(part.nbytes for part in self._table.values())
-
-    @staticmethod
-    def key(token_ids):
-        return hashlib.sha256(token_ids.cpu().numpy().tobytes()).hexdigest()
-
-    def get(self, model, token_ids, pattern):
-        """The PassageKV of token_ids (1, L), encoded under `pattern` (passage_pattern's arguments) if not stored."""
-        key = self.key(token_ids)
-        with self._lock:
-            part = self._table.get(key)
-            if part is not None:
-                self._table.move_to_end(key)
-                self.hits += 1
-                return part
-            self.misses += 1
-        start = time.perf_counter()
-        with passage_pattern(model, *pattern):
-            part = encode_passage(model, token_ids)
-        with self._lock:
-            self.encode_seconds += time.perf_counter() - start
-            self._table[key] = part
-            self._table.move_to_end(key)
-            while len(self._table) > self.capacity:
-                self._table.popitem(last=False)
-                self.evictions += 1
-        return part
-
-    def clear(self):
-        with self._lock:
-            self._table.clear()
-
-    def stats(self):
-        return {"passages": len(self), "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
-                "evictions": self.evictions, "encode_seconds": round(self.encode_seconds, 4)}

@@ -2,32 +2,39 @@
 
 Three methods, one prompt layout (`PromptParts`: the chat template's opening and instruction, one block per
 passage, the question and the assistant's turn), token for token the same in each:
-- "hybrid": each passage's KV cache is computed once on its own under the passage pattern (AttentionConfig: a
-  sliding window, the first tokens as sinks, optional landmarks), kept in a bounded store, and stitched in front of
-  the question with its keys re-rotated to the passage's offset (`passage_cache`); only the question and the answer
-  run at answer time, attending to every passage.
+- "hybrid": the prefix is encoded once and each passage's KV cache once, after the prefix, under the passage
+  pattern (AttentionConfig: a sliding window, the first tokens as sinks, optional landmarks), kept in the passage
+  store (`passage_store`: bounded, MemoryManager eviction, optionally int8, saved with the system), and stitched
+  after the prefix with its keys re-rotated to the passage's offset (`passage_cache`); only the question and the
+  answer run at answer time, attending to every passage. Optional second step (drop_unattended): the question's
+  attention picks the passages the answer is generated from.
 - "base_rag": the same tokens as one prompt with full causal attention (plain RAG).
 - "direct": the question alone.
 With attn_implementation="hybridrag" the answer rows' attention mass per passage is recorded on the way
-(`capture_attention_mass`: no T x T matrix).
+(`capture_attention_mass`: no T x T matrix), and with attention_feedback it moves the WeightUpdater's retrieval
+weights (FeedbackExtractor.from_scores).
 """
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..integrations.transformers import capture_attention_mass
 from ..retrieval import KnowledgeBase
 from ..retrieval.encoder import make_encoder
 from ..retrieval.prompting import escape_boundaries
+from ..retention.feedback import FeedbackExtractor, WeightUpdater
 from .config import SystemConfig
 from .generation import GenerationStats, stream_generate
 from .loading import load_documents
 from .model import load_language_model
-from .passage_cache import PassageKVStore, cache_argument, check_rotary, stitch
+from .passage_cache import cache_argument, check_rotary, stitch
+from .passage_store import PassageKVStore, fingerprint
 
 TASKS = {
     "qa": "Answer the question using the documents. Reply with a short answer only.",
@@ -40,6 +47,7 @@ DIRECT = {
     "classification": "Classify the text. Reply with one of the labels only.",
 }
 _MARKER = "\u0000PASSAGES\u0000"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,14 +86,17 @@ class HybridRAGSystem:
     """Documents in a KnowledgeBase (MiniLM + FAISS + BM25), answers from the language model (SmolLM2-135M-Instruct
     unless `config.model_path` names another), the three methods of the module docstring.
 
-    Memory: the model, the knowledge base, and the passage store (at most config.passage_cache_size passages; see
-    passage_cache for the bytes a token)."""
+    Memory: the model, the knowledge base, and the passage store (at most config.passage_cache_size passages and
+    passage_cache_bytes bytes; passage_cache gives the bytes a token)."""
 
     def __init__(self, config=None, *, language_model=None):
         self.config = SystemConfig.from_any(config)
         self._language_model = language_model
         self.knowledge_base = None
-        self.passages = PassageKVStore(self.config.passage_cache_size)
+        c = self.config
+        self.passages = PassageKVStore(c.passage_cache_size, max_bytes=c.passage_cache_bytes,
+                                       storage=c.passage_cache_storage, policy=c.passage_cache_policy)
+        self.weights = WeightUpdater() if c.attention_feedback else None
 
     def __repr__(self):
         kb = "none" if self.knowledge_base is None else f"{len(self.knowledge_base)} documents"
@@ -118,15 +129,56 @@ class HybridRAGSystem:
         self.knowledge_base = KnowledgeBase.build(documents, encoder, chunk_tokens=c.attention.segment_length,
                                                   overlap=c.attention.window_overlap, index_kind=c.index_kind)
         self.passages.clear()
+        if self.weights is not None:
+            self.weights = WeightUpdater()
+        if c.precompute_passages:
+            self.precompute_passages()
         return self.knowledge_base
 
+    def precompute_passages(self, task_type="qa", progress=True):
+        """Encode the knowledge base's passages (in document order) into the passage store for `task_type`'s
+        prompt, until the store's passage or byte bound is reached. Returns the number encoded; those left out
+        are logged. Time: one passage prefill each (a 200-token passage of SmolLM2-135M: ~0.4 s on 2 CPU cores)."""
+        if self.knowledge_base is None:
+            raise ValueError("no knowledge base: call create_vectorstore(documents) first")
+        if not self.config.passage_cache:
+            raise ValueError("passage_cache=False: there is no passage store to fill")
+        documents = self.knowledge_base.documents
+        prefix = self.prompt_parts("?", [], task_type).prefix
+        done = 0
+        for document in tqdm(documents, desc="passage KV caches", unit="passage", disable=not progress):
+            if not self._fits(self._tokens(passage_block(document))):
+                break
+            self._cached_parts(prefix, [self._tokens(passage_block(document))])
+            done += 1
+        if done < len(documents):
+            log.warning("precompute_passages: %d of %d passages encoded; the store's bound (passage_cache_size=%d, "
+                        "passage_cache_bytes=%s) left out %d, encoded when first retrieved", done, len(documents),
+                        self.passages.capacity, self.passages.max_bytes, len(documents) - done)
+        return done
+
+    def _fits(self, ids):
+        """True when the passage ids (1, L) fits the store without evicting (the bytes a token of those stored)."""
+        store = self.passages
+        if len(store) >= store.capacity:
+            return False
+        if store.max_bytes is None or not len(store):
+            return True
+        return store.nbytes + store.nbytes / store.tokens * ids.shape[1] <= store.max_bytes
+
     def retrieve(self, question, k=None):
-        """The top k (default retriever.top_k, at most attention.max_retrieved_segments) SearchResults."""
+        """The top k (default retriever.top_k, at most attention.max_retrieved_segments) SearchResults; with
+        attention_feedback, the num_candidates best re-ranked by the WeightUpdater's weights first."""
         if self.knowledge_base is None:
             raise ValueError("no knowledge base: call create_vectorstore(documents) (or HybridRAGSystem.load) first")
         r = self.config.retriever
         k = min(k or r.top_k, self.config.attention.max_retrieved_segments)
-        return self.knowledge_base.search(question, k, r.mode, candidates=r.num_candidates)
+        if self.weights is None or not len(self.weights):
+            return self.knowledge_base.search(question, k, r.mode, candidates=r.num_candidates)
+        hits = self.knowledge_base.search(question, max(k, r.num_candidates), r.mode, candidates=r.num_candidates)
+        by_id = {hit.document.id: hit for hit in hits}
+        ids, _ = self.weights.apply(list(by_id), [hit.score for hit in hits])
+        return [by_id[key] for key in ids[:k]]
 
     # ---------------------------------------------------------------- prompts
 
@@ -161,8 +213,9 @@ class HybridRAGSystem:
         Returns a dict: response, passages [{id, text, score, attention_mass}], citations (ids of the passages
         that got at least their uniform share 1 / k of the passage mass, most attended first; [] without mass),
         success (a non-empty answer), timings {retrieve, passages, prefill, first_token, decode} in seconds
-        (first_token counts from the start of prompt processing: passages + prefill), tokens_per_second, method,
-        prompt_tokens.
+        (first_token counts from the start of prompt processing: passages + prefill; passages includes the
+        drop_unattended step), tokens_per_second, method, prompt_tokens; with drop_unattended, hybrid answers also
+        carry dropped [{id, share}] (passages holds the kept ones).
         """
         method = method or ("hybrid" if use_hybrid else "base_rag")
         return self._respond(question, method, task_type, labels, measure_attention, on_token)[0]
@@ -186,13 +239,55 @@ class HybridRAGSystem:
             return self._classify(question, parts, hits, labels, method, timings), None
         self._check_budget(parts)  # before any passage is encoded
         start = time.perf_counter()
+        dropped = []
+        if method == "hybrid" and self.config.drop_unattended is not None and len(hits) > 1:
+            hits, dropped = self._drop_unattended(parts, hits)
+            parts = self.prompt_parts(question, [hit.document for hit in hits], task_type)
         input_ids, cache = self._prefill_inputs(parts, method)
         timings["passages"] = time.perf_counter() - start
         stats = GenerationStats()
         text, record = self._generate(parts, input_ids, cache, stats, measure_attention and bool(hits), on_token)
         timings.update(prefill=timings["passages"] + stats.prefill_s, first_token=timings["passages"]
                        + stats.first_token_s, decode=stats.decode_s)
-        return self._result(text, hits, _passage_mass(record), timings, stats, method, parts), record
+        masses = _passage_mass(record)
+        if masses is not None and len(hits) > 1:
+            self._learn_from_attention(parts, hits, masses)
+        result = self._result(text, hits, masses, timings, stats, method, parts)
+        if method == "hybrid" and self.config.drop_unattended is not None:
+            result["dropped"] = dropped
+        return result, record
+
+    def _drop_unattended(self, parts, hits):
+        """(kept hits, dropped [{id, share}]): the question's last row runs over every stitched passage, and the
+        passages whose attention share is below drop_unattended / k are dropped (the most attended always stays)."""
+        lm = self.language_model
+        if lm.attn_implementation != "hybridrag":
+            raise ValueError("drop_unattended needs attn_implementation='hybridrag' (the shares come from the "
+                             f"kernels), got {lm.attn_implementation!r}")
+        input_ids, cache = self._prefill_inputs(parts, "hybrid")
+        rows = torch.zeros(1, parts.length, dtype=torch.bool)
+        rows[:, -1] = True
+        device = self.config.device
+        with torch.no_grad(), capture_attention_mass(lm.model, parts.segments().to(device), rows.to(device),
+                                                     num_segments=len(hits)) as record:
+            lm.model(input_ids=input_ids, use_cache=True, **{cache_argument(lm.model): cache})
+        share = _passage_mass(record)
+        share = share / share.sum().clamp(min=1e-30)
+        limit = self.config.drop_unattended / len(hits)
+        keep = [i for i in range(len(hits)) if share[i] >= limit or i == int(share.argmax())]
+        dropped = [{"id": hits[i].document.id, "share": float(share[i])} for i in range(len(hits)) if i not in keep]
+        return [hits[i] for i in keep], dropped
+
+    def _learn_from_attention(self, parts, hits, masses):
+        """Attention feedback: the WeightUpdater (attention_feedback) and the store's importance (policy
+        "importance") take each passage's share of the answer's attention."""
+        share = (masses / masses.sum().clamp(min=1e-30)).tolist()
+        if self.weights is not None:
+            feedback = FeedbackExtractor().from_scores(masses.numpy())
+            self.weights.update([hit.document.id for hit in hits], feedback)
+        if self.config.passage_cache and self.passages.policy == "importance":
+            for ids, value in zip(parts.passages, share):
+                self.passages.reward(self.passages.key(ids, self._pattern, parts.prefix), value)
 
     def _check_question(self, question, method, task_type, labels):
         if not isinstance(question, str):
@@ -221,13 +316,24 @@ class HybridRAGSystem:
 
     def _prefill_inputs(self, parts, method):
         """(input_ids the model still has to run, the cache before them or None)."""
-        if method != "hybrid" or not parts.passages or not self.config.passage_cache:
+        if method != "hybrid" or not parts.passages:
             return parts.full(), None
-        model = self.language_model.model
+        cached = self._cached_parts(parts.prefix, parts.passages)
+        return parts.suffix, stitch(cached, check_rotary(self.language_model.model))
+
+    @property
+    def _pattern(self):
+        """passage_pattern's arguments from config.attention."""
         a = self.config.attention
-        pattern = (a.window_size, a.num_landmark_tokens, a.landmark_stride)
-        cached = [self.passages.get(model, ids, pattern) for ids in [parts.prefix, *parts.passages]]
-        return parts.suffix, stitch(cached, check_rotary(model))
+        return a.window_size, a.num_landmark_tokens, a.landmark_stride
+
+    def _cached_parts(self, prefix, passages):
+        """[PassageKV of the prefix, then of each passage encoded after it], from the store (or encoded afresh
+        with passage_cache=False)."""
+        model, pattern = self.language_model.model, self._pattern
+        store = self.passages if self.config.passage_cache else PassageKVStore(len(passages) + 1)
+        head = store.get(model, prefix, pattern)
+        return [head] + [store.get(model, ids, pattern, head, prefix) for ids in passages]
 
     def _generate(self, parts, input_ids, cache, stats, measure, on_token):
         """(answer text, the AttentionMassRecord of the answer rows or None)."""
@@ -327,26 +433,41 @@ class HybridRAGSystem:
     # ---------------------------------------------------------------- persistence
 
     def save(self, path):
-        """Write config.json and the knowledge base (kb/) into folder `path`. The passage store is not written: it is
-        recomputed on demand (its size is bounded, its contents depend only on the model and the passages)."""
+        """Write config.json, the knowledge base (kb/), the passage store (passages/, when it holds any: the KV
+        caches for this model, reloaded by `load` when the model matches) and the attention-feedback weights
+        (weights.json) into folder `path`."""
         if self.knowledge_base is None:
             raise ValueError("nothing to save: call create_vectorstore(documents) first")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.knowledge_base.save(path / "kb")
-        temporary = path / ".config.json.tmp"
-        temporary.write_text(json.dumps(self.config.to_dict(), indent=1), encoding="utf-8")
-        temporary.replace(path / "config.json")
+        if len(self.passages):
+            self.passages.save(path / "passages", fingerprint(self.language_model))
+        if self.weights is not None:
+            _write_text(path / "weights.json", json.dumps(self.weights.state_dict()))
+        _write_text(path / "config.json", json.dumps(self.config.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path, *, language_model=None):
-        """A system written by `save` (FileNotFoundError naming what is missing)."""
+        """A system written by `save` (FileNotFoundError naming what is missing). A saved passage store is read
+        back, which loads the language model: it must be the model the caches were computed with (ValueError
+        otherwise)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no hybridrag system at {path} (missing config.json)")
         system = cls(SystemConfig.from_any(path / "config.json"), language_model=language_model)
         system.knowledge_base = KnowledgeBase.load(path / "kb", make_encoder(system.config.encoder))
+        if system.weights is not None and (path / "weights.json").is_file():
+            system.weights.load_state_dict(json.loads((path / "weights.json").read_text(encoding="utf-8")))
+        if system.config.passage_cache and (path / "passages" / "index.json").is_file():
+            system.passages.load(path / "passages", fingerprint(system.language_model))
         return system
+
+
+def _write_text(path, text):
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
 
 
 def _support(answer, passage):
