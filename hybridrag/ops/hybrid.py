@@ -5,6 +5,7 @@ import torch
 
 from hybridrag.kernels.hybrid import (attention_mass_reference, hybrid_attention_reference,
                                       hybrid_attention_weights_reference)
+from hybridrag.kernels.hybrid.plain_causal import plain_causal_sdpa
 from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
 
 from .backend import resolve_backend
@@ -13,6 +14,12 @@ from .packed import packed_attention
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
                          check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens,
                          check_per_position, check_row_mask, check_scale, check_tensor, unit_last_strides)
+
+
+# The "cpu" backend runs the plain causal pattern (no landmarks, memory tokens or hidden keys) of float32 inputs
+# through torch's scaled_dot_product_attention when no gradient is taken (kernels/hybrid/plain_causal.py); False
+# sends every call through the tiled path (tests compare the two).
+PLAIN_CAUSAL_FAST_PATH = True
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,24 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
         pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, None, key_mask, tk=longest)
         out, lse = packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences, backend)
     else:
+        if not return_lse and _runs_plain_causal(q, k, v, landmarks, memory_k, causal, kv_start, key_mask, backend):
+            check_flag("global_queries", global_queries)  # what _pattern checks of the arguments that are not None
+            out = plain_causal_sdpa(q, k, v, resolve_window(window, causal)[0], check_scale(scale, q.shape[-1]))
+            if out is not None:  # None: a non-finite entry, which the tiled path keeps to the rows that see it
+                return out
         pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
         out, lse = _attention(q, k, v, memory_k, memory_v, pattern, backend)
     return (out, lse) if return_lse else out
+
+
+def _runs_plain_causal(q, k, v, landmarks, memory_k, causal, kv_start, key_mask, backend):
+    """Whether the call is the plain causal pattern that plain_causal_sdpa computes as the tiled path does: CPU
+    backend, float32, causal=True, no landmarks, memory tokens, kv_start or key_mask, Tq <= Tk, no gradient taken,
+    not compiling (the finiteness test reads values)."""
+    return (PLAIN_CAUSAL_FAST_PATH and backend == "cpu" and causal is True and landmarks is None and memory_k is None
+            and kv_start is None and key_mask is None and q.dtype == torch.float32 and q.shape[2] <= k.shape[2]
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_compiling())
 
 
 def hybrid_attention_weights(q, k, v, window, *, landmarks=None, global_queries=True, memory_k=None, memory_v=None,

@@ -1,0 +1,66 @@
+"""The plain causal pattern (a causal window, no landmarks, no memory tokens, no hidden keys) on CPU through
+torch's `scaled_dot_product_attention`: what a decoder's decode step and prefill run when nothing hybrid is set.
+
+The results of the tiled CPU path (`blockwise`), from torch's fused CPU kernel:
+- queries aligned to the end of the keys (row i at position i + Tk - Tq); every row sees at least its own key, so
+  no row is empty;
+- grouped-query heads without expanding K/V: a single query row per head is folded into its kv head's rows
+  ((B, H, 1, D) -> (B, Hkv, G, D), every key visible to each), otherwise sdpa's `enable_gqa`;
+- keys that no row's window reaches are cut off before the call (a decode step with a window reads only the
+  window).
+
+NaN and inf: sdpa lets a non-finite key or value reach rows that must not see it and turns an inf value into inf
+rather than NaN (kernels/nonfinite.py). So these functions return None, and the caller takes the tiled path, when q
+or the keys and values the call reads hold a non-finite entry. The tests are sums: a float sum is finite only when
+every entry is (a partial sum holding an inf or NaN stays non-finite; a sum of finite entries that overflows also
+says "not finite", and the tiled path then runs, which is right either way). A decode step checks its values
+without a pass of its own: one more query row of zeros sees every key with weight exactly 1 / Tk, so its output,
+the mean of the values, is finite only when every value is.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns import UNBOUNDED
+
+
+def _finite_sum(*tensors):
+    """Whether the sum of each tensor is finite (the float64 total of float32 sums cannot overflow)."""
+    return math.isfinite(sum(t.sum().item() for t in tensors))
+
+
+def plain_causal_sdpa(q, k, v, left, scale):
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) float32 with Tq <= Tk, causal, window left (-1 = unbounded) -> o (B, H,
+    Tq, D), or None when an entry the call reads is not finite (or a sum overflows)."""
+    batch, heads, tq, dim = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    lo = 0 if left == UNBOUNDED else max(tk - tq - left, 0)  # the first key the first row's window reaches
+    if lo:
+        k, v = k[:, :, lo:], v[:, :, lo:]
+    if tq == 1:
+        return _one_row(q, k, v, scale, batch, kv_heads, group, dim)
+    if not _finite_sum(q, k, v):
+        return None
+    if tq == tk and left == UNBOUNDED:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    position = torch.arange(tk - tq, tk, device=q.device)[:, None]
+    key = torch.arange(lo, tk, device=q.device)[None, :]
+    visible = key <= position
+    if left != UNBOUNDED:
+        visible &= key >= position - left
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
+
+
+def _one_row(q, k, v, scale, batch, kv_heads, group, dim):
+    """One query row per head, every key of k/v visible: the G heads of a kv head as G rows, and a row of zeros
+    after them whose output (the mean of the values) is finite only when every value is."""
+    if not _finite_sum(q, k):
+        return None
+    rows = q.reshape(batch, kv_heads, group, dim)
+    rows = torch.cat([rows, rows.new_zeros(batch, kv_heads, 1, dim)], dim=2)  # (B, Hkv, G + 1, D)
+    out = F.scaled_dot_product_attention(rows, k, v, scale=scale)
+    if not math.isfinite(out.sum().item()):  # a non-finite value (or an overflow, which the tiled path also meets)
+        return None
+    return out[:, :, :group].reshape(batch, kv_heads * group, 1, dim)
