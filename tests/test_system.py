@@ -136,6 +136,31 @@ def test_dropping_unattended_passages_answers_from_the_rest(system):
     assert result["prompt_tokens"] < system.generate_response(QUESTION)["prompt_tokens"] or not dropped
 
 
+def test_a_neural_retriever_re_scores_the_candidates(system):
+    from hybridrag.retrieval.neural import NeuralRetriever
+
+    kb = system.knowledge_base
+    dense = create_hybrid_rag_system({"encoder": "hashing-256", "retriever": {"top_k": 3, "mode": "dense"}},
+                                     neural_retriever=NeuralRetriever(256))  # identity towers: the encoder's cosine
+    dense.knowledge_base = kb
+    hits = dense.retrieve(QUESTION)
+    plain = kb.search(QUESTION, 3, "dense")
+    assert [h.document.id for h in hits] == [h.document.id for h in plain]
+    assert [h.score for h in hits] == pytest.approx([h.score / 0.05 for h in plain], rel=1e-4)
+
+    candidates = kb.search(QUESTION, 50, "hybrid")
+    target = candidates[-1].document.id  # the weakest candidate, made the best by the query tower
+    retriever = NeuralRetriever(256)
+    with torch.no_grad():
+        question = torch.from_numpy(kb.encoder.encode([QUESTION]))[0]
+        retriever.query_tower.weight.copy_(torch.outer(torch.from_numpy(kb.embeddings_for([target]))[0], question))
+    steered = _sibling(system)
+    steered.neural_retriever = retriever
+    assert steered.retrieve(QUESTION)[0].document.id == target
+    with pytest.raises(TypeError, match="neural_retriever must be None or a NeuralRetriever in features mode"):
+        create_hybrid_rag_system(neural_retriever=NeuralRetriever(vocab_size=10))
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda s: s.generate_response("   "), ValueError, "question is empty"),
     (lambda s: s.generate_response(3), TypeError, "question must be a str"),

@@ -89,10 +89,11 @@ class HybridRAGSystem:
     Memory: the model, the knowledge base, and the passage store (at most config.passage_cache_size passages and
     passage_cache_bytes bytes; passage_cache gives the bytes a token)."""
 
-    def __init__(self, config=None, *, language_model=None):
+    def __init__(self, config=None, *, language_model=None, neural_retriever=None):
         self.config = SystemConfig.from_any(config)
         self._language_model = language_model
         self.knowledge_base = None
+        self.neural_retriever = _check_neural_retriever(neural_retriever)
         c = self.config
         self.passages = PassageKVStore(c.passage_cache_size, max_bytes=c.passage_cache_bytes,
                                        storage=c.passage_cache_storage, policy=c.passage_cache_policy)
@@ -167,18 +168,35 @@ class HybridRAGSystem:
         return store.nbytes + store.nbytes / store.tokens * ids.shape[1] <= store.max_bytes
 
     def retrieve(self, question, k=None):
-        """The top k (default retriever.top_k, at most attention.max_retrieved_segments) SearchResults; with
-        attention_feedback, the num_candidates best re-ranked by the WeightUpdater's weights first."""
+        """The top k (default retriever.top_k, at most attention.max_retrieved_segments) SearchResults.
+
+        With a neural_retriever (a features-mode hybridrag.retrieval.NeuralRetriever over the encoder's vectors,
+        e.g. trained end to end), the mode's num_candidates best are re-scored by its towers (cosine / temperature
+        of the encoded question and the stored passage vectors); with attention_feedback, they are then re-ranked
+        by the WeightUpdater's weights."""
         if self.knowledge_base is None:
             raise ValueError("no knowledge base: call create_vectorstore(documents) (or HybridRAGSystem.load) first")
         r = self.config.retriever
         k = min(k or r.top_k, self.config.attention.max_retrieved_segments)
+        rerank = None if self.neural_retriever is None else self._neural_scores
         if self.weights is None or not len(self.weights):
-            return self.knowledge_base.search(question, k, r.mode, candidates=r.num_candidates)
-        hits = self.knowledge_base.search(question, max(k, r.num_candidates), r.mode, candidates=r.num_candidates)
+            return self.knowledge_base.search(question, k, r.mode, candidates=r.num_candidates, rerank=rerank)
+        hits = self.knowledge_base.search(question, max(k, r.num_candidates), r.mode, candidates=r.num_candidates,
+                                          rerank=rerank)
         by_id = {hit.document.id: hit for hit in hits}
         ids, _ = self.weights.apply(list(by_id), [hit.score for hit in hits])
         return [by_id[key] for key in ids[:k]]
+
+    def _neural_scores(self, question, documents):
+        """The neural retriever's scores (n,) of `documents` for `question`, from the stored passage vectors."""
+        kb, retriever = self.knowledge_base, self.neural_retriever
+        if retriever.input_dim != kb.encoder.dimension:
+            raise ValueError(f"the neural retriever takes {retriever.input_dim}-dim features but the encoder gives "
+                             f"{kb.encoder.dimension}: train it over this encoder's vectors")
+        query = torch.from_numpy(kb.encoder.encode([question]))
+        passages = torch.from_numpy(kb.embeddings_for([document.id for document in documents]))
+        with torch.no_grad():
+            return retriever.similarity(query, passages)[0].double().numpy()
 
     # ---------------------------------------------------------------- prompts
 
@@ -448,14 +466,15 @@ class HybridRAGSystem:
         _write_text(path / "config.json", json.dumps(self.config.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path, *, language_model=None):
+    def load(cls, path, *, language_model=None, neural_retriever=None):
         """A system written by `save` (FileNotFoundError naming what is missing). A saved passage store is read
         back, which loads the language model: it must be the model the caches were computed with (ValueError
         otherwise)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no hybridrag system at {path} (missing config.json)")
-        system = cls(SystemConfig.from_any(path / "config.json"), language_model=language_model)
+        system = cls(SystemConfig.from_any(path / "config.json"), language_model=language_model,
+                     neural_retriever=neural_retriever)
         system.knowledge_base = KnowledgeBase.load(path / "kb", make_encoder(system.config.encoder))
         if system.weights is not None and (path / "weights.json").is_file():
             system.weights.load_state_dict(json.loads((path / "weights.json").read_text(encoding="utf-8")))
@@ -524,6 +543,16 @@ def _citations(passages):
     return [p["id"] for p in cited]
 
 
-def create_hybrid_rag_system(config=None, *, language_model=None):
-    """A HybridRAGSystem from config: None (defaults), a dict, a path to JSON/YAML, or a SystemConfig."""
-    return HybridRAGSystem(config, language_model=language_model)
+def _check_neural_retriever(retriever):
+    from ..retrieval.neural import NeuralRetriever
+
+    if retriever is not None and (not isinstance(retriever, NeuralRetriever) or retriever.mode != "features"):
+        raise TypeError(f"neural_retriever must be None or a NeuralRetriever in features mode (input_dim = the "
+                        f"encoder's dimension), got {retriever!r}")
+    return retriever
+
+
+def create_hybrid_rag_system(config=None, *, language_model=None, neural_retriever=None):
+    """A HybridRAGSystem from config: None (defaults), a dict, a path to JSON/YAML, or a SystemConfig; optionally
+    a trained NeuralRetriever (features mode) that re-scores retrieval's candidates."""
+    return HybridRAGSystem(config, language_model=language_model, neural_retriever=neural_retriever)
