@@ -34,6 +34,7 @@ from transformers.masking_utils import (AttentionMaskInterface, bidirectional_ma
                                         causal_mask_function)
 
 from ..ops import hybrid_attention, hybrid_attention_weights  # noqa: E402
+from ..ops.hybrid import plain_causal_attention  # noqa: E402
 from .capture import AttentionMassRecord, active_capture, capture_attention_mass  # noqa: E402
 
 MIN_TRANSFORMERS = "5.4"  # the mask interface passes q_length/q_offset (5.3 and earlier pass cache_position)
@@ -204,6 +205,17 @@ def _attention_with_weights(query, key, value, key_mask, window, pattern, tk):
     return out.transpose(1, 2).contiguous(), weights
 
 
+def _plain_module(module):
+    """Whether the module has no hybridrag settings (read from its __dict__, where setattr puts them: getattr of a
+    missing name costs an nn.Module a raised AttributeError)."""
+    return module.__dict__.get(SETTINGS_ATTR) is None and getattr(type(module), SETTINGS_ATTR, None) is None
+
+
+def _too_many_queries(query, key):
+    raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
+                     "be the last Tq of the keys")
+
+
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """The function transformers calls for attn_implementation="hybridrag".
@@ -220,8 +232,17 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
         output_attentions=True.
     """
     _check_supported(module, dropout, softcap, is_causal, s_aux, kwargs)
+    compiling = torch.compiler.is_compiling()
+    capture = None if compiling else active_capture()  # dynamo cannot read a ContextVar
+    if not compiling and attention_mask is None and capture is None and _plain_module(module) \
+            and kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None \
+            and not kwargs.get("output_attentions") and query.shape[2] <= key.shape[2]:
+        # A model without hybrid settings, padding or packing: the plain causal call, in as few calls as it takes
+        # (a decode step pays for each). None: not a call it runs; the general path below computes it.
+        out = plain_causal_attention(query, key, value, _window(sliding_window, None), scaling)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     window, pattern = _pattern(module, key, sliding_window, scaling)
-    capture = None if torch.compiler.is_compiling() else active_capture()  # dynamo cannot read a ContextVar
     offsets = _packed_offsets(attention_mask, kwargs, query)
     if offsets is not None:
         for wanted, name in ((kwargs.get("output_attentions"), "output_attentions=True"),
@@ -232,8 +253,7 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
     tk = key.shape[2]
     key, value, key_mask = _keys_and_mask(attention_mask, key, value)
     if query.shape[2] > key.shape[2]:
-        raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
-                         "be the last Tq of the keys")
+        _too_many_queries(query, key)
     if capture is not None:
         capture.add(module, query, key, window, key_mask=key_mask,
                     **{name: arg for name, arg in pattern.items() if name != "memory_v"})

@@ -8,17 +8,18 @@ from hybridrag.kernels.hybrid import (attention_mass_reference, hybrid_attention
 from hybridrag.kernels.hybrid.plain_causal import plain_causal_sdpa
 from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
 
-from .backend import resolve_backend
+from .backend import default_backend, resolve_backend
 from .library import backend_functions, hybrid_attention_fwd
 from .packed import packed_attention
-from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_cu_seqlens, check_flag,
-                         check_interpreter_dtype, check_key_mask, check_kv_start, check_memory_tokens,
-                         check_per_position, check_row_mask, check_scale, check_tensor, unit_last_strides)
+from .validation import (ATTENTION_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, REFERENCE_DTYPES, check_attention_inputs,
+                         check_cu_seqlens, check_flag, check_interpreter_dtype, check_key_mask, check_kv_start,
+                         check_memory_tokens, check_per_position, check_row_mask, check_scale, check_tensor,
+                         unit_last_strides)
 
 
 # The "cpu" backend runs the plain causal pattern (no landmarks, memory tokens or hidden keys) of float32 inputs
-# through torch's scaled_dot_product_attention when no gradient is taken (kernels/hybrid/plain_causal.py); False
-# sends every call through the tiled path (tests compare the two).
+# through torch's scaled_dot_product_attention when no gradient is taken (plain_causal_attention below,
+# kernels/hybrid/plain_causal.py); False sends every call through the tiled path (tests compare the two).
 PLAIN_CAUSAL_FAST_PATH = True
 
 
@@ -91,6 +92,12 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
     the gathered landmark and memory keys/values (B, Hkv, L + M, D), and O(B x H x Tq) float32 in the backward;
     never a Tq x Tk matrix (only the "reference" backend builds one).
     """
+    if (causal is True and return_lse is False and landmarks is None and memory_k is None and memory_v is None
+            and kv_start is None and key_mask is None and cu_seqlens_q is None and cu_seqlens_k is None
+            and global_queries.__class__ is bool):
+        out = plain_causal_attention(q, k, v, window, scale, backend)
+        if out is not None:  # None: not this case, or a non-finite entry, which the tiled path keeps to its rows
+            return out
     check_tensor("q", q)
     check_flag("return_lse", return_lse)
     backend = resolve_backend(backend, q.device)
@@ -106,24 +113,44 @@ def hybrid_attention(q, k, v, window, *, landmarks=None, global_queries=True, me
         pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, None, key_mask, tk=longest)
         out, lse = packed_attention(q, k, v, memory_k, memory_v, pattern, landmarks, sequences, backend)
     else:
-        if not return_lse and _runs_plain_causal(q, k, v, landmarks, memory_k, causal, kv_start, key_mask, backend):
-            check_flag("global_queries", global_queries)  # what _pattern checks of the arguments that are not None
-            out = plain_causal_sdpa(q, k, v, resolve_window(window, causal)[0], check_scale(scale, q.shape[-1]))
-            if out is not None:  # None: a non-finite entry, which the tiled path keeps to the rows that see it
-                return out
         pattern = _pattern(q, k, window, landmarks, global_queries, causal, scale, kv_start, key_mask)
         out, lse = _attention(q, k, v, memory_k, memory_v, pattern, backend)
     return (out, lse) if return_lse else out
 
 
-def _runs_plain_causal(q, k, v, landmarks, memory_k, causal, kv_start, key_mask, backend):
-    """Whether the call is the plain causal pattern that plain_causal_sdpa computes as the tiled path does: CPU
-    backend, float32, causal=True, no landmarks, memory tokens, kv_start or key_mask, Tq <= Tk, no gradient taken,
-    not compiling (the finiteness test reads values)."""
-    return (PLAIN_CAUSAL_FAST_PATH and backend == "cpu" and causal is True and landmarks is None and memory_k is None
-            and kv_start is None and key_mask is None and q.dtype == torch.float32 and q.shape[2] <= k.shape[2]
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling())
+def plain_causal_attention(q, k, v, window, scale=None, backend="auto"):
+    """hybrid_attention(q, k, v, window, scale=scale, backend=backend) with every other argument at its default,
+    when that call is one that plain_causal_sdpa computes and that every check of hybrid_attention accepts: CPU
+    backend, float32 q/k/v on the CPU, 4-D shapes that fit, head_dim in range, 1 <= Tq <= Tk, an int window, a
+    valid scale, no gradient taken, not compiling (the finiteness test reads values), finite entries. Otherwise
+    None: hybrid_attention's full path then runs (raising what it raises). One function of plain checks, since a
+    decode step pays for every call it makes; the transformers integration calls it first."""
+    if not PLAIN_CAUSAL_FAST_PATH or torch.compiler.is_compiling():
+        return None
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dtype is torch.float32 and k.dtype is torch.float32 and v.dtype is torch.float32
+            and q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    if backend != "cpu" and not (backend == "auto" and default_backend() in ("auto", "cpu")):
+        return None
+    shape, kv_shape = q.shape, k.shape
+    if len(shape) != 4 or len(kv_shape) != 4 or v.shape != kv_shape:
+        return None
+    batch, heads, tq, dim = shape
+    kv_heads, tk = kv_shape[1], kv_shape[2]
+    if not (kv_shape[0] == batch and kv_shape[3] == dim and MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM and kv_heads > 0
+            and heads % kv_heads == 0 and 1 <= tq <= tk):
+        return None
+    if window.__class__ is not int or not (window == -1 or window >= 1):
+        return None
+    if scale is None:
+        scale = dim ** -0.5
+    elif scale.__class__ not in (float, int) or not 0 < scale < float("inf"):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    left = -1 if window == -1 or window > 2**31 else window - 1  # resolve_window's band of an int window
+    return plain_causal_sdpa(q, k, v, left, float(scale))
 
 
 def hybrid_attention_weights(q, k, v, window, *, landmarks=None, global_queries=True, memory_k=None, memory_v=None,

@@ -35,32 +35,29 @@ def plain_causal_sdpa(q, k, v, left, scale):
     Tq, D), or None when an entry the call reads is not finite (or a sum overflows)."""
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     lo = 0 if left == UNBOUNDED else max(tk - tq - left, 0)  # the first key the first row's window reaches
     if lo:
         k, v = k[:, :, lo:], v[:, :, lo:]
     if tq == 1:
-        return _one_row(q, k, v, scale, batch, kv_heads, group, dim)
+        # One query row per head, every key left visible: the G heads of a kv head are G rows, and a row of zeros
+        # after them outputs the mean of the values, finite only when every value is. Written out in one function:
+        # a decode step pays for every call.
+        group = heads // kv_heads
+        if not math.isfinite(q.sum().item() + k.sum().item()):
+            return None
+        rows = torch.constant_pad_nd(q.reshape(batch, kv_heads, group, dim), (0, 0, 0, 1))  # (B, Hkv, G + 1, D)
+        out = F.scaled_dot_product_attention(rows, k, v, scale=scale)
+        if not math.isfinite(out.sum().item()):  # a non-finite value (or an overflow, which the tiled path also meets)
+            return None
+        return out[:, :, :group].reshape(batch, heads, 1, dim)
     if not _finite_sum(q, k, v):
         return None
+    gqa = heads != kv_heads
     if tq == tk and left == UNBOUNDED:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     position = torch.arange(tk - tq, tk, device=q.device)[:, None]
     key = torch.arange(lo, tk, device=q.device)[None, :]
     visible = key <= position
     if left != UNBOUNDED:
         visible &= key >= position - left
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
-
-
-def _one_row(q, k, v, scale, batch, kv_heads, group, dim):
-    """One query row per head, every key of k/v visible: the G heads of a kv head as G rows, and a row of zeros
-    after them whose output (the mean of the values) is finite only when every value is."""
-    if not _finite_sum(q, k):
-        return None
-    rows = q.reshape(batch, kv_heads, group, dim)
-    rows = torch.cat([rows, rows.new_zeros(batch, kv_heads, 1, dim)], dim=2)  # (B, Hkv, G + 1, D)
-    out = F.scaled_dot_product_attention(rows, k, v, scale=scale)
-    if not math.isfinite(out.sum().item()):  # a non-finite value (or an overflow, which the tiled path also meets)
-        return None
-    return out[:, :, :group].reshape(batch, kv_heads * group, 1, dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
