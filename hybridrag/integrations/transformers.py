@@ -14,7 +14,9 @@ of the keys; static caches are cut to the written keys), training, `torch.compil
 static-cache decoding, and `output_attentions=True` (through the dense reference, with its O(T^2) memory, up to
 `OUTPUT_ATTENTIONS_LIMIT` bytes). Anything else the kernels cannot do exactly is refused with a ValueError that
 names it: logit softcapping, attention dropout in training, attention sinks (`s_aux`), custom 4-D masks, other mask
-patterns (chunked attention, bidirectional blocks), paged caches and non-causal modules.
+patterns (chunked attention, bidirectional blocks), paged caches and non-causal modules. On CPU, a float32 model
+without hybrid settings, padding or packing runs its prefill and decode steps through torch's sdpa
+(`hybridrag.ops.hybrid.plain_causal_attention`: the tiled path's results and NaN/inf semantics).
 
 Needs transformers >= 5.4 (the mask interface with `q_length`/`q_offset`; tested with 5.4.0, 5.23.0 and 5.24.0).
 """
@@ -211,11 +213,6 @@ def _plain_module(module):
     return module.__dict__.get(SETTINGS_ATTR) is None and getattr(type(module), SETTINGS_ATTR, None) is None
 
 
-def _too_many_queries(query, key):
-    raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
-                     "be the last Tq of the keys")
-
-
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """The function transformers calls for attn_implementation="hybridrag".
@@ -253,7 +250,8 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout=
     tk = key.shape[2]
     key, value, key_mask = _keys_and_mask(attention_mask, key, value)
     if query.shape[2] > key.shape[2]:
-        _too_many_queries(query, key)
+        raise ValueError(f"query has {query.shape[2]} positions but there are only {key.shape[2]} keys; queries must "
+                         "be the last Tq of the keys")
     if capture is not None:
         capture.add(module, query, key, window, key_mask=key_mask,
                     **{name: arg for name, arg in pattern.items() if name != "memory_v"})
