@@ -37,7 +37,7 @@ from .common import (NOT_COUNTED, RESULTS_ROOT, RUNS_ROOT, cpu_count, default_de
 
 # register a suite by adding its module name under benchmarks/
 SUITE_MODULES = ("sliding_window", "hybrid", "int8_matmul", "streaming", "retrieval_quality", "retrieval_speed",
-                 "system")
+                 "system", "model_decode")
 SUITES = [importlib.import_module(f".{name}", __package__) for name in SUITE_MODULES]
 DEFAULT_LOAD_LIMIT_PCT = 15
 EXIT_CHECK_FAILED, EXIT_NOT_RECORDED = 1, 3
