@@ -281,3 +281,16 @@ def test_output_attentions_and_capture_still_work_on_the_fast_path_model():
     torch.testing.assert_close(captured, plain)
     assert len(record) == 2 and record[0].shape == (1, 4, 3)
     torch.testing.assert_close(record[0].sum(-1), torch.ones(1, 4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tq, tk, window", [(300, 300, 16), (200, 300, -1)])
+def test_many_rows_that_would_need_a_mask_take_the_tiled_path(tq, tk, window, count_tiled):
+    """Past MASKED_ROWS query rows a windowed or cached prefill would need a (Tq, Tk) mask: the tiled path runs."""
+    from hybridrag.kernels.hybrid.plain_causal import MASKED_ROWS
+
+    assert tq > MASKED_ROWS
+    q, k, v = _inputs(1, 4, 2, tq, tk, 40)
+    expected = _tiled(q, k, v, window)
+    count_tiled.clear()
+    torch.testing.assert_close(hr.hybrid_attention(q, k, v, window), expected, rtol=1e-5, atol=1e-5)
+    assert count_tiled == [1]

@@ -30,6 +30,7 @@ from ..patterns import UNBOUNDED
 # near 0 for any finite key below 1e30 or so (every key weighted about 1 / Tk, so a non-finite value makes the
 # output non-finite), and +inf or NaN in one of the two rows for a key with a non-finite entry (NaN output).
 _EPS = 1e-30
+MASKED_ROWS = 128  # the most query rows a call with a cache before them or a window runs here (a 128 x Tk mask)
 _PROBES = torch.tensor([_EPS, -_EPS])[:, None]
 
 
@@ -40,7 +41,9 @@ def _finite_sum(*tensors):
 
 def plain_causal_sdpa(q, k, v, left, scale):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) float32 with Tq <= Tk, causal, window left (-1 = unbounded) -> o (B, H,
-    Tq, D), or None when an entry the call reads is not finite (or a sum overflows)."""
+    Tq, D), or None when an entry the call reads is not finite (or a sum overflows), or when the call would need a
+    mask of more than MASKED_ROWS x Tk (Tq > MASKED_ROWS with a cache before the queries or a window): the tiled
+    path then runs. Memory: sdpa's, plus at most a MASKED_ROWS x Tk bool mask."""
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     lo = 0 if left == UNBOUNDED else max(tk - tq - left, 0)  # the first key the first row's window reaches
@@ -58,10 +61,13 @@ def plain_causal_sdpa(q, k, v, left, scale):
         if not math.isfinite(out[:, :, group:].sum().item()):  # a non-finite key or value (or an overflow)
             return None
         return out[:, :, :group].reshape(batch, heads, 1, dim)
+    square = tq == tk and left == UNBOUNDED
+    if not square and tq > MASKED_ROWS:  # the band below is a (Tq, Tk) bool mask: a few rows only
+        return None
     if not _finite_sum(q, k, v):
         return None
     gqa = heads != kv_heads
-    if tq == tk and left == UNBOUNDED:
+    if square:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     position = torch.arange(tk - tq, tk, device=q.device)[:, None]
     key = torch.arange(lo, tk, device=q.device)[None, :]
