@@ -13,10 +13,11 @@ NaN and inf: sdpa lets a non-finite key or value reach rows that must not see it
 rather than NaN (kernels/nonfinite.py). So these functions return None, and the caller takes the tiled path, when q
 or the keys and values the call reads hold a non-finite entry. The tests are sums: a float sum is finite only when
 every entry is (a partial sum holding an inf or NaN stays non-finite; a sum of finite entries that overflows also
-says "not finite", and the tiled path then runs, which is right either way). A decode step checks its keys and
-values without a pass of their own (a separate reduction over the cache costs a parallel region per layer, which a
-loaded machine makes slow): two more query rows (+-1e-30 in every entry) weight every key about 1 / Tk, so their
-outputs are finite only when every value is, and one of them scores a key holding a non-finite entry +inf or NaN.
+says "not finite", and the tiled path then runs, which is right either way). A decode step sums q and its keys, and
+checks its values without a pass of their own: one more query row of zeros weights every key exactly 1 / Tk, so its
+output (the mean of the values) is finite only when every value is. (Checking the keys through two probe rows of
++-1e-30 instead, with no sum over them, measured 0.92x / 0.89x sdpa's decode tokens/s at 1k / 4k on 2 idle cores;
+the sum, 0.98x / 0.99x.)
 """
 import math
 
@@ -26,12 +27,7 @@ import torch.nn.functional as F
 from ..patterns import UNBOUNDED
 
 
-# A decode step's two probe rows, +EPS and -EPS in every entry: their scores +-EPS * scale * (the key's sum) are
-# near 0 for any finite key below 1e30 or so (every key weighted about 1 / Tk, so a non-finite value makes the
-# output non-finite), and +inf or NaN in one of the two rows for a key with a non-finite entry (NaN output).
-_EPS = 1e-30
 MASKED_ROWS = 128  # the most query rows a call with a cache before them or a window runs here (a 128 x Tk mask)
-_PROBES = torch.tensor([_EPS, -_EPS])[:, None]
 
 
 def _finite_sum(*tensors):
@@ -54,11 +50,11 @@ def plain_causal_sdpa(q, k, v, left, scale):
         # after them outputs the mean of the values, finite only when every value is. Written out in one function:
         # a decode step pays for every call.
         group = heads // kv_heads
-        if not math.isfinite(q.sum().item()):
+        if not math.isfinite(q.sum().item() + k.sum().item()):
             return None
-        rows = torch.cat([q.reshape(batch, kv_heads, group, dim), _PROBES.expand(batch, kv_heads, 2, dim)], dim=2)
-        out = F.scaled_dot_product_attention(rows, k, v, scale=scale)  # (B, Hkv, G + 2, D)
-        if not math.isfinite(out[:, :, group:].sum().item()):  # a non-finite key or value (or an overflow)
+        rows = torch.constant_pad_nd(q.reshape(batch, kv_heads, group, dim), (0, 0, 0, 1))  # (B, Hkv, G + 1, D)
+        out = F.scaled_dot_product_attention(rows, k, v, scale=scale)
+        if not math.isfinite(out[:, :, group:].sum().item()):  # a non-finite value (or an overflow)
             return None
         return out[:, :, :group].reshape(batch, heads, 1, dim)
     square = tq == tk and left == UNBOUNDED
