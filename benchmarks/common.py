@@ -443,6 +443,18 @@ def verdict_text(check):
     return "MISSED" if verdict == "missed" else verdict
 
 
+def target_text(target, relation):
+    """A target's table cell: "-" without one, else "<value> (target <relation> <limit> <verdict>)"."""
+    if target is None:
+        return "-"
+    return f"{target['value']:.3f} (target {relation} {target['limit']} {verdict_text(target)})"
+
+
+# the correctness table of a suite whose check() returns [{"check", "value", "passed"}]
+CHECK_COLUMNS = [("check", lambda r: r["check"]), ("value", lambda r: r["value"]),
+                 ("passed", lambda r: str(r["passed"]))]
+
+
 def load_column(row):
     """The table's load column: other processes' share of the CPU (the larger of the row's and the row its ratio
     rests on), "*" when the row is flagged; the same width either way, so that the column lines up."""

@@ -20,7 +20,7 @@ import torch
 from hybridrag.retrieval import Document
 from hybridrag.system import create_hybrid_rag_system
 
-from .common import LoadMeter, verdict_text
+from .common import CHECK_COLUMNS, LoadMeter, target_text  # noqa: F401 (CHECK_COLUMNS: report reads it)
 
 SUITE = "system"
 EXPECTED_S = {"quick": 80, "full": 270}  # on the 2-core AMD EPYC (the 64-passage prompt's prefill dominates)
@@ -139,14 +139,6 @@ def plot(rows, ceilings, env, path):
     return path
 
 
-def _target_text(target):
-    if target is None:
-        return "-"
-    return f"{target['value']:.3f} (target <= {target['limit']} {verdict_text(target)})"
-
-
-CHECK_COLUMNS = [("check", lambda r: r["check"]), ("value", lambda r: r["value"]),
-                 ("passed", lambda r: str(r["passed"]))]
 BENCH_COLUMNS = [("passages", lambda r: str(r["passages"])), ("store", lambda r: r.get("storage", "model")),
                  ("prompt tokens", lambda r: f"{r['prompt_tokens']:,}"),
                  ("base RAG s", lambda r: f"{r['base_rag_first_token_s']:.3f}"),
@@ -155,7 +147,7 @@ BENCH_COLUMNS = [("passages", lambda r: str(r["passages"])), ("store", lambda r:
                  ("speedup", lambda r: f"{r['speedup']:.1f}x"),
                  ("passage KV MiB", lambda r: f"{r['store_bytes_per_passage'] / 2**20:.1f}"),
                  ("prompt KV MiB", lambda r: f"{r['prompt_kv_bytes'] / 2**20:.0f}"),
-                 ("target", lambda r: _target_text(r["target"]))]
+                 ("target", lambda r: target_text(r["target"], "<="))]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 from hybridrag.kernels.hybrid import (attention_mass_reference, hybrid_attention_reference,
                                       hybrid_attention_weights_reference)
 from hybridrag.kernels.hybrid.plain_causal import plain_causal_sdpa
-from hybridrag.kernels.patterns import resolve_landmarks, resolve_window
+from hybridrag.kernels.patterns import UNBOUNDED, resolve_landmarks, resolve_window
 
 from .backend import default_backend, resolve_backend
 from .library import backend_functions, hybrid_attention_fwd
@@ -141,6 +141,12 @@ def plain_causal_attention(q, k, v, window, scale=None, backend="auto"):
     if not (kv_shape[0] == batch and kv_shape[3] == dim and MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM and kv_heads > 0
             and heads % kv_heads == 0 and 1 <= tq <= tk):
         return None
+    if window.__class__ is tuple:  # (left, right): the same band as the int spelling, so the same call
+        try:
+            left, right = resolve_window(window, True)
+        except (TypeError, ValueError):
+            return None  # the full path raises what it raises
+        window = None if right != 0 else (-1 if left == UNBOUNDED else left + 1)
     if window.__class__ is not int or not (window == -1 or window >= 1):
         return None
     if scale is None:

@@ -42,6 +42,8 @@ def plain_causal_sdpa(q, k, v, left, scale):
     path then runs. Memory: sdpa's, plus at most a MASKED_ROWS x Tk bool mask."""
     batch, heads, tq, dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
+    if left >= tk - 1:  # the window reaches every key of every row: the same call as unbounded, bit for bit
+        left = UNBOUNDED
     lo = 0 if left == UNBOUNDED else max(tk - tq - left, 0)  # the first key the first row's window reaches
     if lo:
         k, v = k[:, :, lo:], v[:, :, lo:]
