@@ -155,11 +155,12 @@ class PassageKVStore:
         with passage_pattern(model, *pattern):
             part = encode_passage(model, token_ids, prefix)
         self.encode_seconds += time.perf_counter() - start
-        self.put(key, part)
-        return part
+        entry = self.put(key, part)
+        # a compressed store answers a miss with what its hits will give (the first answer equals the later ones)
+        return part if self.storage == "model" else _unpack(entry.tensors, entry.layers, entry.start, entry.dtype)
 
     def put(self, key, part, importance=1.0):
-        """Store PassageKV `part` under `key`, evicting as the bounds require."""
+        """Store PassageKV `part` under `key`, evicting as the bounds require; returns the stored entry."""
         entry = _Entry(_pack(part, self.storage), len(part.keys), part.start, part.keys[0].dtype)
         if self.max_bytes is not None and entry.nbytes > self.max_bytes:
             raise ValueError(f"a passage of {part.length} tokens needs {entry.nbytes} bytes, more than the store's "
@@ -175,6 +176,7 @@ class PassageKVStore:
             self._memory.add(key, _ONE, importance=importance)
             self._entries[key] = entry
             self._bytes += entry.nbytes
+        return entry
 
     def _evict(self, key):
         self._bytes -= self._entries.pop(key).nbytes
