@@ -146,8 +146,11 @@ def plain_causal_attention(q, k, v, window, scale=None, backend="auto"):
             left, right = resolve_window(window, True)
         except (TypeError, ValueError):
             return None  # the full path raises what it raises
-        window = None if right != 0 else (-1 if left == UNBOUNDED else left + 1)
-    if window.__class__ is not int or not (window == -1 or window >= 1):
+        if right != 0:
+            return None
+    elif window.__class__ is int and (window == -1 or window >= 1):
+        left = UNBOUNDED if window == -1 or window > 2**31 else window - 1  # resolve_window's band of an int
+    else:
         return None
     if scale is None:
         scale = dim ** -0.5
@@ -155,7 +158,6 @@ def plain_causal_attention(q, k, v, window, scale=None, backend="auto"):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    left = -1 if window == -1 or window > 2**31 else window - 1  # resolve_window's band of an int window
     return plain_causal_sdpa(q, k, v, left, float(scale))
 
 
