@@ -102,6 +102,13 @@ NON_FINITE = [
     (SHAPES[1], 5, "k", (0, 1, 3, 2), NAN),       # key 3 is outside the last 5 of 15: no row sees it
     (SHAPES[1], 5, "v", (1, 0, 0, 2), INF),       # value 0: likewise
     (SHAPES[1], 5, "k", (0, 1, 12, 2), NAN),      # inside the window
+    (SHAPES[0], -1, "k", (0, 1, 0, 7), NAN),      # a decode step over a single key (sdpa ignores its score)
+    (SHAPES[0], -1, "k", (0, 2, 0, 0), -INF),
+    (SHAPES[0], -1, "v", (0, 0, 0, 3), INF),
+    (SHAPES[2], -1, "k", (0, 1, 62, 39), INF),    # decode steps: the newest key, the oldest, a value in a window
+    (SHAPES[3], -1, "k", (1, 3, 0, 0), -INF),
+    (SHAPES[3], 16, "v", (0, 2, 50, 5), NAN),
+    (SHAPES[1], 1, "k", (1, 0, 14, 3), NAN),      # a window of one key: a single key again
     (SHAPES[5], -1, "k", (0, 1, 40, 0), NAN),     # only rows 40.. see key 40
     (SHAPES[5], -1, "v", (1, 0, 50, 7), INF),
     (SHAPES[5], -1, "q", (1, 3, 20, 9), INF),

@@ -13,11 +13,12 @@ NaN and inf: sdpa lets a non-finite key or value reach rows that must not see it
 rather than NaN (kernels/nonfinite.py). So these functions return None, and the caller takes the tiled path, when q
 or the keys and values the call reads hold a non-finite entry. The tests are sums: a float sum is finite only when
 every entry is (a partial sum holding an inf or NaN stays non-finite; a sum of finite entries that overflows also
-says "not finite", and the tiled path then runs, which is right either way). A decode step sums q and its keys, and
-checks its values without a pass of their own: one more query row of zeros weights every key exactly 1 / Tk, so its
-output (the mean of the values) is finite only when every value is. (Checking the keys through two probe rows of
-+-1e-30 instead, with no sum over them, measured 0.92x / 0.89x sdpa's decode tokens/s at 1k / 4k on 2 idle cores;
-the sum, 0.98x / 0.99x.)
+says "not finite", and the tiled path then runs, which is right either way). A decode step reads its keys and values
+once only, in sdpa: one more query row of zeros scores every key 0 * k, NaN for a non-finite key, and otherwise
+weights every key exactly 1 / Tk, so its output (the mean of the values) is finite only when every key and value
+is. The one exception is a single key (sdpa then returns its value whatever the score), which is summed. (Summing
+the keys of every step instead measured 0.98x / 0.99x sdpa's decode tokens/s at 1k / 4k on 2 idle cores; probe rows
+of +-1e-30, 0.92x / 0.89x.)
 """
 import math
 
@@ -49,14 +50,13 @@ def plain_causal_sdpa(q, k, v, left, scale):
         k, v = k[:, :, lo:], v[:, :, lo:]
     if tq == 1:
         # One query row per head, every key left visible: the G heads of a kv head are G rows, and a row of zeros
-        # after them outputs the mean of the values, finite only when every value is. Written out in one function:
+        # after them is finite only when every key and value is (module docstring). Written out in one function:
         # a decode step pays for every call.
         group = heads // kv_heads
-        if not math.isfinite(q.sum().item() + k.sum().item()):
-            return None
         rows = torch.constant_pad_nd(q.reshape(batch, kv_heads, group, dim), (0, 0, 0, 1))  # (B, Hkv, G + 1, D)
         out = F.scaled_dot_product_attention(rows, k, v, scale=scale)
-        if not math.isfinite(out[:, :, group:].sum().item()):  # a non-finite value (or an overflow)
+        check = q.sum() + out.sum() if k.shape[2] > 1 else q.sum() + out.sum() + k.sum()
+        if not math.isfinite(check.item()):  # a non-finite entry (or an overflow): the tiled path's semantics
             return None
         return out[:, :, :group].reshape(batch, heads, 1, dim)
     square = tq == tk and left == UNBOUNDED
