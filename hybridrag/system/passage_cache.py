@@ -38,6 +38,10 @@ class PassageKV:
     def length(self):
         return self.keys[0].shape[2]
 
+    def head(self, n):
+        """The PassageKV of the passage's first n tokens (causal: their rows do not depend on the later ones)."""
+        return PassageKV([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values], self.start)
+
     @property
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -89,14 +93,21 @@ def _rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
+def _rotation(rotary, shifts, like):
+    """(cos, sin), each (1, 1, L, D) in like's dtype, that re-rotate keys by `shifts` (L,) positions."""
+    cos, sin = rotary(like, shifts[None].to(like.device))  # (1, L, D)
+    return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
+
+
+def _rotate(keys, cos, sin):
+    return keys * cos + _rotate_half(keys) * sin
+
+
 def shift_keys(keys, offset, rotary):
     """keys (1, Hkv, L, D) rotated for positions p, re-rotated for positions p + offset (RoPE: R(p + o) = R(o) R(p))."""
     if offset == 0:
         return keys
-    positions = torch.full((1, keys.shape[2]), offset, dtype=torch.long, device=keys.device)
-    cos, sin = rotary(keys, positions)  # (1, L, D)
-    cos, sin = cos[:, None].to(keys.dtype), sin[:, None].to(keys.dtype)
-    return keys * cos + _rotate_half(keys) * sin
+    return _rotate(keys, *_rotation(rotary, torch.full((keys.shape[2],), offset, dtype=torch.long), keys))
 
 
 def check_rotary(model):
@@ -112,15 +123,19 @@ def check_rotary(model):
 
 
 def stitch(parts, rotary):
-    """A DynamicCache holding the PassageKVs `parts` end to end, each re-rotated to its offset. Memory: one copy of
-    every part's keys and values."""
-    offsets, total = [], 0
+    """A DynamicCache holding the PassageKVs `parts` end to end, each re-rotated to its offset (one rotation for
+    every layer: the shifts are the same in each). Memory: one copy of every part's keys and values, and the
+    rotation's cos and sin (T x D each)."""
+    shifts, total = [], 0
     for part in parts:
-        offsets.append(total)
+        shifts.append(torch.full((part.length,), total - part.start, dtype=torch.long))
         total += part.length
+    shifts = torch.cat(shifts)
+    rotation = _rotation(rotary, shifts, parts[0].keys[0]) if bool(shifts.any()) else None
     layers = []
     for layer in range(len(parts[0].keys)):
-        keys = torch.cat([shift_keys(p.keys[layer], o - p.start, rotary) for p, o in zip(parts, offsets)], dim=2)
-        values = torch.cat([p.values[layer] for p in parts], dim=2)
-        layers.append((keys, values))
+        keys = torch.cat([p.keys[layer] for p in parts], dim=2)
+        if rotation is not None:
+            keys = _rotate(keys, *rotation)
+        layers.append((keys, torch.cat([p.values[layer] for p in parts], dim=2)))
     return DynamicCache(ddp_cache_data=layers)
