@@ -99,6 +99,24 @@ def _sibling(system, **config):
     return other
 
 
+def test_the_last_passages_last_tokens_run_with_the_question(system):
+    """recompute_tokens: the stitched cache stops that many tokens before the end of the last passage, and those
+    tokens run with the suffix. A whole single passage recomputed is base RAG's prompt in two calls: the same
+    answer."""
+    parts = system.prompt_parts(QUESTION, [hit.document for hit in system.retrieve(QUESTION)])
+    n = system.config.recompute_tokens
+    input_ids, cache = system._prefill_inputs(parts, "hybrid")
+    assert 0 < n < parts.passages[-1].shape[1]
+    assert torch.equal(input_ids, torch.cat([parts.passages[-1][:, -n:], parts.suffix], dim=1))
+    assert cache.get_seq_length() == parts.length - input_ids.shape[1]
+    whole = _sibling(system, recompute_tokens=10 ** 6, retriever={"top_k": 1})
+    hybrid, base = (whole.generate_response(QUESTION, method=m, measure_attention=False) for m in ("hybrid",
+                                                                                                   "base_rag"))
+    assert hybrid["response"] == base["response"] and hybrid["prompt_tokens"] == base["prompt_tokens"]
+    none = _sibling(system, recompute_tokens=0)
+    assert torch.equal(none._prefill_inputs(parts, "hybrid")[0], parts.suffix)
+
+
 def test_precomputed_passages_fill_the_store_up_to_its_bound(system, caplog):
     other = _sibling(system, passage_cache_size=6)
     with caplog.at_level("WARNING"):

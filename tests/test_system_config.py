@@ -67,6 +67,8 @@ SYSTEM_BAD = [
     ("passage_cache_policy", "fifo", r"passage_cache_policy must be one of 'lru', 'lfu', 'importance', got 'fifo'"),
     ("precompute_passages", 1, r"precompute_passages must be True or False, got 1"),
     ("attention_feedback", "no", r"attention_feedback must be True or False, got 'no'"),
+    ("recompute_tokens", -1, r"recompute_tokens must be an int >= 0, got -1"),
+    ("recompute_tokens", 2.5, r"recompute_tokens must be an int >= 0, got 2.5"),
     ("drop_unattended", 1.0, r"drop_unattended must be None or a share in \(0, 1\), got 1.0"),
     ("drop_unattended", True, r"drop_unattended must be None or a share in \(0, 1\), got True"),
     ("device", "gpu", r"device must be 'cpu', 'cuda' or 'cuda:<n>', got 'gpu'"),
@@ -112,8 +114,8 @@ def test_defaults():
     assert (config.encoder, config.index_kind, config.passage_cache, config.passage_cache_size, config.device) == \
         ("minilm", "auto", True, 256, "cpu")
     assert (config.passage_cache_bytes, config.passage_cache_storage, config.passage_cache_policy,
-            config.precompute_passages, config.attention_feedback, config.drop_unattended) == \
-        (2 ** 30, "model", "lru", False, False, None)
+            config.precompute_passages, config.attention_feedback, config.recompute_tokens, config.drop_unattended) == \
+        (2 ** 30, "model", "lru", False, False, 48, None)
 
 
 def test_accepted_edge_values(tmp_path):
@@ -125,7 +127,8 @@ def test_accepted_edge_values(tmp_path):
     config = SystemConfig(encoder="hashing-64", device="cuda:1", model_path=tmp_path, cache_dir=tmp_path / "c",
                           attn_implementation="eager", int8=True, index_kind="hnsw", passage_cache=False,
                           passage_cache_size=1, passage_cache_bytes=None, passage_cache_storage="int8",
-                          passage_cache_policy="importance", attention_feedback=True, drop_unattended=0.5)
+                          passage_cache_policy="importance", attention_feedback=True, drop_unattended=0.5,
+                          recompute_tokens=0)
     assert config.model_path == str(tmp_path) and config.cache_dir == str(tmp_path / "c")
     assert SystemConfig(encoder=str(tmp_path)).encoder == str(tmp_path)
     assert SystemConfig(encoder=tmp_path).encoder == str(tmp_path)

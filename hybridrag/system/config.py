@@ -218,6 +218,10 @@ class SystemConfig:
         order, until a bound is reached (a progress bar; the count left out is logged).
     attention_feedback: after each hybrid or base_rag answer, the passages' attention shares go through a
         FeedbackExtractor into a WeightUpdater whose weights re-rank later retrievals (saved with the system).
+    recompute_tokens: the hybrid method runs the last n tokens of its last passage with the question (at most
+        that passage's length; 0 = none) instead of taking them from the store. Cached passages never saw each
+        other; the recomputed rows, next to the question, attend to every passage before them as base RAG's do
+        (CacheBlend recomputes a few tokens for the same reason). Each recomputed token costs first-token time.
     drop_unattended: None, or a share s in (0, 1): the hybrid method first runs the question over all retrieved
         passages, drops those whose attention share from the question's last row is below s / k, and answers from
         the rest (the attention-guided second step; one extra question prefill).
@@ -240,6 +244,7 @@ class SystemConfig:
     passage_cache_policy: str = "lru"
     precompute_passages: bool = False
     attention_feedback: bool = False
+    recompute_tokens: int = 48
     drop_unattended: float | None = None
     device: str = "cpu"
 
@@ -266,6 +271,7 @@ class SystemConfig:
         _check_choice("passage_cache_policy", self.passage_cache_policy, ("lru", "lfu", "importance"))
         _check_bool("precompute_passages", self.precompute_passages)
         _check_bool("attention_feedback", self.attention_feedback)
+        _check_int("recompute_tokens", self.recompute_tokens, 0)
         if self.drop_unattended is not None and not (_is_number(self.drop_unattended)
                                                      and 0 < self.drop_unattended < 1):
             raise ValueError(f"drop_unattended must be None or a share in (0, 1), got {self.drop_unattended!r}")

@@ -333,11 +333,18 @@ class HybridRAGSystem:
                              "(attention.segment_length)")
 
     def _prefill_inputs(self, parts, method):
-        """(input_ids the model still has to run, the cache before them or None)."""
+        """(input_ids the model still has to run, the cache before them or None). Hybrid: the stitched cache of
+        the prefix and the passages but the last passage's last recompute_tokens, which run with the suffix."""
         if method != "hybrid" or not parts.passages:
             return parts.full(), None
         cached = self._cached_parts(parts.prefix, parts.passages)
-        return parts.suffix, stitch(cached, check_rotary(self.language_model.model))
+        last = parts.passages[-1]
+        recompute = min(self.config.recompute_tokens, last.shape[1])
+        if recompute:
+            kept = last.shape[1] - recompute
+            cached[-1:] = [cached[-1].head(kept)] if kept else []
+        input_ids = torch.cat([last[:, last.shape[1] - recompute:], parts.suffix], dim=1)
+        return input_ids, stitch(cached, check_rotary(self.language_model.model))
 
     @property
     def _pattern(self):
