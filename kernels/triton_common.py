@@ -1,10 +1,10 @@
 """What the Triton attention kernels share: the band's block ranges, the backward's delta kernel, block configs and
 host-side checks. Scores are kept in base 2: s2 = q.k * scale * log2(e)."""
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .targets import gpu_target
 
 LOG2E = 1.4426950408889634
 
@@ -95,31 +95,39 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, strid
     tl.store(DELTA + row, delta, mask=offs_m < Tq)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _block_d(dim):
     return max(16, triton.next_power_of_2(dim))
 
 
-def _fwd_config(dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+# Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 at D <= 128, by target and head dim: the largest
+# blocks that compile without register spills (python -m benchmarks.compile_report, triton 3.9). A head dim that
+# is not a power of two pads BLOCK_D and masks every load, which costs registers: narrower key blocks there.
+_FWD_CONFIGS = {
+    90: {"d64": (128, 64, 8, 3), "padded": (128, 32, 8, 3), "d128": (128, 64, 8, 3)},
+    80: {"d64": (128, 32, 8, 3), "padded": (128, 32, 8, 3), "d128": (64, 64, 4, 3)},
+}
 
-    GPU choices follow the shapes that Triton's fused-attention tutorial runs on Hopper; they are a starting point,
-    not yet tuned on this kernel. The interpreter gets blocks of 32, large enough to run fast and small enough to
-    exercise several band blocks at test sizes."""
-    if _interpreting():
+
+def _fwd_config(dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, for the target it compiles for
+    (kernels.targets.gpu_target: sm_90 and later take the Hopper table, earlier GPUs the A100 one).
+
+    fp16/bf16 at D <= 128 take _FWD_CONFIGS; D > 128 and float32 a narrow config (not yet tuned). The interpreter
+    gets blocks of 32, large enough to run fast and small enough to exercise several band blocks at test sizes."""
+    target = gpu_target()
+    if target is None:
         return 32, 32, 4, 1
-    wide = dim > 128 or dtype == torch.float32
-    if wide:
+    if dim > 128 or dtype == torch.float32:
         return 64, 32, 4, 2
-    return 128, 64, 4 if dim <= 64 else 8, 3
+    table = _FWD_CONFIGS[90 if target.arch >= 90 else 80]
+    if dim > 64 and dim != 128:
+        return table["padded"]
+    return table["d64" if dim <= 64 else "d128"]
 
 
 def _bwd_config(dim, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dq and dk/dv kernels."""
-    if _interpreting():
+    if gpu_target() is None:
         return 32, 32, 4, 1
     if dim > 128 or dtype == torch.float32:
         return 32, 32, 4, 1

@@ -21,8 +21,9 @@ import torch
 import triton
 
 from ..patterns import global_query_rows
+from ..targets import gpu_target
 from ..triton_common import (LOG2E, _band, _block_d, _bwd_config, _bwd_delta_kernel, _check_row_offsets, _dot_precision,
-                             _fwd_config, _interpreting)
+                             _fwd_config)
 from .triton_backward import _dkdv_extra_kernel, _dkdv_kernel, _dq_kernel
 from .triton_forward import _fwd_kernel
 from .triton_mass import _key_mass_kernel, _landmark_mass_kernel
@@ -34,10 +35,10 @@ def _global_splits(row_blocks, programs_per_split, tk, block_n, device):
     """How many key splits the G global rows use: enough programs to fill the GPU twice over, each split at least
     four key blocks. The interpreter takes three-block splits so tests at small T cross split boundaries."""
     key_blocks = triton.cdiv(tk, block_n)
-    if _interpreting() or device.type != "cuda":
+    target = gpu_target(device)
+    if target is None:
         return triton.cdiv(key_blocks, 3)
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(target, max(row_blocks * programs_per_split, 1))
+    wanted = triton.cdiv(2 * target.sm_count, max(row_blocks * programs_per_split, 1))
     return max(1, min(wanted, triton.cdiv(key_blocks, 4)))
 
 

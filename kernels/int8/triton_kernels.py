@@ -63,7 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import _dot_precision, _interpreting
+from ..targets import gpu_target
+from ..triton_common import _dot_precision
 
 EPILOGUE, PER_TILE, IN_REGISTERS = 0, 1, 2  # SCALE_MODE: where the weight scale is applied
 _RINT_MAGIC = 12582912.0  # 1.5 * 2^23
@@ -249,17 +250,13 @@ def _splitk_reduce_kernel(PART, SCALE, A_SCALE, BIAS, OUT, M, C, SPLITS,
 # ---------------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _use_splitk(m, n, k, device):
     """Decode shapes (at most one 16-row block) are bandwidth bound: split the reduction to fill the GPU."""
     return m <= 16
 
 
 def _tiled_config(m, n, k, dtype, device):
-    if _interpreting() or device.type != "cuda":
+    if gpu_target(device) is None:
         return Config(16, 32, 16, 2, 1, 4, 1)  # several blocks each way at test sizes
     block_m = 64 if m <= 64 else 128
     if dtype == torch.int8:
@@ -272,13 +269,13 @@ def _tiled_config(m, n, k, dtype, device):
 def _splitk_config(m, n, k, dtype, device):
     """One 16-row block (tl.dot's minimum), narrow column blocks, and enough reduction splits that column blocks x
     splits is about twice the SM count, each split at least four reduction tiles."""
-    if _interpreting() or device.type != "cuda":
+    target = gpu_target(device)
+    if target is None:
         return Config(16, 16, 16, 1, triton.cdiv(triton.cdiv(k, 16), 2), 4, 1)  # two tiles per split
     block_r = {torch.int8: 256, torch.float32: 64}.get(dtype, 128)
     block_c = 64
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, block_c)
-    wanted = triton.cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                         tiles)
+    wanted = triton.cdiv(2 * target.sm_count, tiles)
     splits = max(1, min(wanted, triton.cdiv(k, 4 * block_r)))
     return Config(16, block_c, block_r, 1, splits, 4, 3 if dtype == torch.float32 else 4)
 
@@ -356,7 +353,7 @@ def _gemm(a, data, transposed, scale, group_size, bias, a_scale, acc_fp16, out_d
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if partial:
-        block_m, block_c = 16, (16 if _interpreting() else 128)
+        block_m, block_c = 16, (16 if gpu_target(a.device) is None else 128)
         _splitk_reduce_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
             target, scale, a_scale_arg, bias_arg, out, m, c, splits,
             *target.stride(), stride_sc, stride_bias, *out.stride(),
@@ -374,7 +371,7 @@ def quantize_activations_triton(x):
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return data, scale
-    block_k = 64 if _interpreting() else min(max(triton.next_power_of_2(k), 128), 2048)
+    block_k = 64 if gpu_target(x.device) is None else min(max(triton.next_power_of_2(k), 128), 2048)
     _quantize_rows_kernel[(m,)](x, data, scale, k, x.stride(0), x.stride(1), data.stride(0), BLOCK_K=block_k,
                                 num_warps=4 if block_k <= 1024 else 8)
     return data, scale

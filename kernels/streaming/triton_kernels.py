@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ..hybrid.triton_kernels import _merge_splits
-from ..triton_common import (LOG2E, _block_d, _check_row_offsets, _dot_precision, _fwd_config, _interpreting,
+from ..targets import gpu_target
+from ..triton_common import (LOG2E, _block_d, _check_row_offsets, _dot_precision, _fwd_config,
                              _online_softmax_step, _softmax_result)
 
 
@@ -165,7 +166,7 @@ def _config(dim, dtype, split):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Prefill takes the hybrid forward's config; decode takes 16 packed
     rows and wide key blocks (a starting point, not tuned on a GPU). The interpreter takes blocks of 16, so that test
     sizes cross block, wrap and split boundaries."""
-    if _interpreting():
+    if gpu_target() is None:
         return 16, 16, 4, 1
     if not split:
         return _fwd_config(dim, dtype)
@@ -177,10 +178,10 @@ def _config(dim, dtype, split):
 def _splits(key_blocks, programs, device):
     """How many key splits: about two waves of programs, each split at least four key blocks (two in the
     interpreter, so tests see several splits)."""
-    if _interpreting() or device.type != "cuda":
+    target = gpu_target(device)
+    if target is None:
         return max(1, triton.cdiv(key_blocks, 2))
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(target, max(programs, 1)), key_blocks // 4))
+    return max(1, min(triton.cdiv(2 * target.sm_count, max(programs, 1)), key_blocks // 4))
 
 
 def _unit_last(t):
