@@ -6,8 +6,8 @@ passage, the question and the assistant's turn), token for token the same in eac
   pattern (AttentionConfig: a sliding window, the first tokens as sinks, optional landmarks), kept in the passage
   store (`passage_store`: bounded, MemoryManager eviction, optionally int8, saved with the system), and stitched
   after the prefix with its keys re-rotated to the passage's offset (`passage_cache`); at answer time only the
-  question, the answer and the last passage's last recompute_tokens run, attending to every passage. Optional second step (drop_unattended): the question's
-  attention picks the passages the answer is generated from.
+  question, the answer and the last passage's last recompute_tokens run, attending to every passage. Optional
+  second step (drop_unattended): the question's attention picks the passages the answer is generated from.
 - "base_rag": the same tokens as one prompt with full causal attention (plain RAG).
 - "direct": the question alone.
 With attn_implementation="hybridrag" the answer rows' attention mass per passage is recorded on the way

@@ -56,7 +56,6 @@ BLOCK_C elements.
 Extra memory: the output; W8A8 also an int8 copy of x and M float32 scales; split-K also the (splits, M, C) float32
 or int32 workspace.
 """
-import functools
 from collections import namedtuple
 
 import torch
@@ -249,7 +248,6 @@ def _splitk_reduce_kernel(PART, SCALE, A_SCALE, BIAS, OUT, M, C, SPLITS,
 # W8A8). GPU choices are a starting point from Triton's matmul tutorial shapes, not yet tuned on these kernels.
 # ---------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def _use_splitk(m, n, k, device):
     """Decode shapes (at most one 16-row block) are bandwidth bound: split the reduction to fill the GPU."""
     return m <= 16
