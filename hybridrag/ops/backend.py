@@ -1,6 +1,8 @@
 """Backend choice shared by every op: "auto" | "triton" | "cpu" | "reference"."""
 import os
 
+from hybridrag.kernels.targets import interpreting
+
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
@@ -20,10 +22,6 @@ def default_backend():
 default_backend.cache_clear = _DEFAULT_BACKEND.clear  # read the variable again on the next use (tests)
 
 
-def triton_interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(backend, device):
     """Return the concrete backend ("triton", "cpu" or "reference") for tensors on `device`.
 
@@ -35,7 +33,7 @@ def resolve_backend(backend, device):
         backend = default_backend()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; use backend='cpu' for CPU "
                          "tensors, or set TRITON_INTERPRET=1 before importing triton to run the kernels interpreted")
     if backend == "cpu" and device.type != "cpu":

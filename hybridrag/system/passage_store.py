@@ -80,6 +80,10 @@ class _Entry:
         self.tensors, self.layers, self.start, self.dtype = tensors, layers, start, dtype
         self.nbytes = _nbytes(tensors)
 
+    def part(self):
+        """The stored PassageKV, in the model's dtype."""
+        return _unpack(self.tensors, self.layers, self.start, self.dtype)
+
 
 class PassageKVStore:
     """A bounded store of passage KV caches for one model (module docstring).
@@ -149,7 +153,7 @@ class PassageKVStore:
             if entry is not None:
                 self._memory.get(key)
                 self.hits += 1
-                return _unpack(entry.tensors, entry.layers, entry.start, entry.dtype)
+                return entry.part()
             self.misses += 1
         start = time.perf_counter()
         with passage_pattern(model, *pattern):
@@ -157,7 +161,7 @@ class PassageKVStore:
         self.encode_seconds += time.perf_counter() - start
         entry = self.put(key, part)
         # a compressed store answers a miss with what its hits will give (the first answer equals the later ones)
-        return part if self.storage == "model" else _unpack(entry.tensors, entry.layers, entry.start, entry.dtype)
+        return part if self.storage == "model" else entry.part()
 
     def put(self, key, part, importance=1.0):
         """Store PassageKV `part` under `key`, evicting as the bounds require; returns the stored entry."""
