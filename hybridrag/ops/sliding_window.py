@@ -1,46 +1,11 @@
-"""`sliding_window_attention`: validation, backend choice and the autograd wrapper around the kernels."""
-import torch
-
+"""`sliding_window_attention`: validation and backend choice in front of the `hybridrag::sliding_window_fwd` op."""
 from hybridrag.kernels.patterns import resolve_window
-from hybridrag.kernels.sliding_window import (sliding_window_attention_reference, sliding_window_bwd_blockwise,
-                                              sliding_window_fwd_blockwise)
+from hybridrag.kernels.sliding_window import sliding_window_attention_reference
 
 from .backend import resolve_backend
+from .library_window import sliding_window_fwd
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_flag,
                          check_interpreter_dtype, check_scale, check_tensor, unit_last_stride)
-
-
-def _triton_functions():
-    # Imported on first use: CPU-only installs need not have Triton.
-    from hybridrag.kernels.sliding_window.triton_kernels import sliding_window_bwd_triton, sliding_window_fwd_triton
-    return sliding_window_fwd_triton, sliding_window_bwd_triton
-
-
-def _backend_functions(backend):
-    if backend == "triton":
-        return _triton_functions()
-    return sliding_window_fwd_blockwise, sliding_window_bwd_blockwise
-
-
-class SlidingWindowAttentionFunction(torch.autograd.Function):
-    """Differentiable (o, lse) from a backend's forward and backward; gradients flow through lse too."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, left, right, scale, backend):
-        forward_fn, backward_fn = _backend_functions(backend)
-        out, lse = forward_fn(q, k, v, left, right, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.band, ctx.scale, ctx.backward_fn = (left, right), scale, backward_fn
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else unit_last_stride(grad_out)
-        grad_lse = None if grad_lse is None else grad_lse.contiguous()
-        dq, dk, dv = ctx.backward_fn(q, k, v, out, lse, grad_out, grad_lse, *ctx.band, ctx.scale)
-        return dq, dk, dv, None, None, None, None
 
 
 def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return_lse=False, key_mask=None,
@@ -84,5 +49,5 @@ def sliding_window_attention(q, k, v, window, *, causal=True, scale=None, return
         out, lse = sliding_window_attention_reference(q, k, v, left, right, scale)
     else:
         q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-        out, lse = SlidingWindowAttentionFunction.apply(q, k, v, left, right, scale, backend)
+        out, lse = sliding_window_fwd(q, k, v, left, right, scale, backend)
     return (out, lse) if return_lse else out
