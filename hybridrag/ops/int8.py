@@ -4,11 +4,11 @@ import weakref
 import torch
 from torch import nn
 
-from hybridrag.kernels.int8 import (MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_cpu, int8_matmul_grad_input_cpu,
-                                    int8_matmul_reference, quantize_weight)
-from hybridrag.kernels.int8.cpu import w8a16_route
+from hybridrag.kernels.int8 import MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_reference, quantize_weight
+from hybridrag.kernels.int8.cpu import SMALL_M, w8a16_route
 
 from .backend import resolve_backend
+from .library_int8 import backend_functions, int8_matmul_fwd
 from .validation import check_interpreter_dtype, check_tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -231,31 +231,6 @@ def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
                              "float32")
 
 
-def _triton_functions():
-    # Imported on first use: CPU-only installs need not have Triton.
-    from hybridrag.kernels.int8 import triton_kernels
-    return triton_kernels.int8_matmul_triton, triton_kernels.int8_matmul_grad_input_triton
-
-
-def _without_autocast(fn):
-    """The CPU functions run their matmuls in the dtypes they chose; autocast must not recast them."""
-    def call(*args):
-        if not torch.is_autocast_enabled("cpu"):
-            return fn(*args)
-        with torch.autocast("cpu", enabled=False):
-            return fn(*args)
-    return call
-
-
-def _backend_functions(backend):
-    if backend == "triton":
-        return _triton_functions()
-    return (_without_autocast(lambda x, data, scale, group_size, bias, activations, accumulate:
-                              int8_matmul_cpu(x, data, scale, group_size, bias, activations)),
-            _without_autocast(lambda grad_out, data, scale, group_size, accumulate:
-                              int8_matmul_grad_input_cpu(grad_out, data, scale, group_size)))
-
-
 def cpu_route(x, qweight, activations="fp"):
     """Which CPU computation `int8_matmul(x, qweight, activations=..., backend="cpu")` runs for x (M, K):
     "int_mm" (W8A8), or the W8A16 route of `hybridrag.kernels.int8.cpu.w8a16_route` ("int8pack", "bf16" or
@@ -268,36 +243,27 @@ def cpu_route(x, qweight, activations="fp"):
     return "cached" if qweight.cpu_cache is not None and route != "int8pack" else route
 
 
+def _takes_cache(x, qweight, activations):
+    """Whether x (M, K) on a qweight with a cpu_cache takes the "cached" route (`cpu_route`). Under torch.compile the
+    address of qweight.data, which int8pack needs 32-byte aligned, cannot be read: the layouts int8pack takes go to
+    the op, which checks the address when it runs (a misaligned weight, which quantize_int8 never makes, then takes
+    "fp32" there where eager takes "cached")."""
+    if not torch.compiler.is_compiling():
+        return cpu_route(x, qweight, activations) == "cached"
+    packable = (x.dtype == torch.bfloat16 and x.shape[0] <= SMALL_M and qweight.group_size is None
+                and qweight.in_features % 16 == 0 and qweight.data.is_contiguous())
+    return activations == "fp" and not packable
+
+
 def _cached_matmul(x, qweight, bias):
     """x (M, K) @ the cached dense weight .T + bias, in the cache's dtype (x and bias converted exactly), autograd to
-    x and bias."""
-    dense = qweight.cached_dense()
+    x and bias. Under torch.compile the graph dequantizes the weight each call instead (the same values; a graph
+    keeps no Python-side cache)."""
+    dtype = CPU_CACHES[qweight.cpu_cache]
+    dense = qweight.dequantize(dtype) if torch.compiler.is_compiling() else qweight.cached_dense()
     with torch.autocast("cpu", enabled=False):
         out = nn.functional.linear(x.to(dense.dtype), dense, None if bias is None else bias.to(dense.dtype))
     return out.to(x.dtype)
-
-
-class Int8MatmulFunction(torch.autograd.Function):
-    """y = x @ dequant(W).T + bias; gradients to x (through the int8 weight, straight through the activation
-    quantization for W8A8) and to bias, never to the weight."""
-
-    @staticmethod
-    def forward(ctx, x, data, scale, bias, group_size, activations, accumulate, backend):
-        forward_fn, grad_input_fn = _backend_functions(backend)
-        ctx.save_for_backward(data, scale)
-        ctx.group_size, ctx.accumulate, ctx.grad_input_fn = group_size, accumulate, grad_input_fn
-        ctx.has_bias = bias is not None
-        return forward_fn(x, data, scale, group_size, bias, activations, accumulate)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        data, scale = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.grad_input_fn(grad_out.contiguous(), data, scale, ctx.group_size, ctx.accumulate)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
-        return grad_x, None, None, grad_bias, None, None, None, None
 
 
 def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", backend="auto"):
@@ -340,15 +306,17 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
     _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend)
     leading = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if backend == "reference":
         out = int8_matmul_reference(x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations)
-    elif backend == "cpu" and cpu_route(x2d, qweight, activations) == "cached":
+    elif backend == "cpu" and qweight.cpu_cache is not None and _takes_cache(x2d, qweight, activations):
         out = _cached_matmul(x2d, qweight, bias)
-    elif not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
-        # Nothing to differentiate: the forward without the autograd.Function's overhead (tens of microseconds).
-        out = _backend_functions(backend)[0](x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations,
-                                             accumulate)
+    elif not needs_grad and not torch.compiler.is_compiling():
+        # Nothing to differentiate: the forward without the op's dispatch and autograd overhead (tens of
+        # microseconds); torch.compile takes the op, which it can trace.
+        out = backend_functions(backend)[0](x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations,
+                                            accumulate)
     else:
-        out = Int8MatmulFunction.apply(x2d, qweight.data, qweight.scale, bias, qweight.group_size, activations,
-                                       accumulate, backend)
+        out = int8_matmul_fwd(x2d, qweight.data, qweight.scale, bias, qweight.group_size, activations, accumulate,
+                              backend)
     return out.reshape(*leading, qweight.out_features)
