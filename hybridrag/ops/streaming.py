@@ -1,9 +1,10 @@
 """`StreamingKVCache` and `streaming_attention`: attention over an endless stream in constant memory."""
 import torch
 
-from hybridrag.kernels.streaming import streaming_attention_blockwise, streaming_attention_reference
+from hybridrag.kernels.streaming import streaming_attention_reference
 
 from .backend import resolve_backend
+from .library_streaming import streaming_attention_op
 from .validation import (ATTENTION_DTYPES, REFERENCE_DTYPES, check_attention_inputs, check_int, check_interpreter_dtype,
                          check_scale, check_tensor)
 
@@ -85,12 +86,6 @@ class StreamingKVCache:
         self.length += chunk
 
 
-def _triton_function():
-    # Imported on first use: CPU-only installs need not have Triton.
-    from hybridrag.kernels.streaming.triton_kernels import streaming_attention_triton
-    return streaming_attention_triton
-
-
 def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
     """Attend a chunk of queries to the stream so far and the chunk itself, then append the chunk to the cache.
 
@@ -123,9 +118,7 @@ def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
     state = (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, cache.length, cache.sinks, cache.window, scale)
     if backend == "reference":
         out = streaming_attention_reference(q, k, v, *state)
-    elif backend == "triton":
-        out = _triton_function()(q, k, v, *state)
     else:
-        out = streaming_attention_blockwise(q, k, v, *state)
-    cache.append(k, v)
+        out = streaming_attention_op(q, k, v, *state, backend)
+    cache.append(k, v)  # outside the op, which is functional: torch.compile sees the in-place copies
     return out
