@@ -12,7 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 # every way the ops reach a kernel: the custom op, the backend table (attention_mass, packed sequences), references
 KERNELS = ((hybrid_module, "hybrid_attention_fwd"), (hybrid_module, "backend_functions"),
            (hybrid_module, "hybrid_attention_reference"), (hybrid_module, "attention_mass_reference"),
-           (packed_module, "backend_functions"), (packed_module, "hybrid_attention_reference"))
+           (packed_module, "packed_hybrid_attention_fwd"), (packed_module, "hybrid_attention_reference"))
 
 
 @pytest.fixture(autouse=True)
