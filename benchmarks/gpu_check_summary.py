@@ -17,7 +17,12 @@ from pathlib import Path
 
 from .common import format_table, target_checks, verdict_text
 
-LINES_PER_SUITE = 14  # the rest of a suite's rows are in its JSON
+LINES_PER_SUITE = 12  # the rest of a suite's rows are in its JSON
+WIDTH = 150           # the screen must fit the device tool's 12,000-character output tail
+
+
+def clip(text, width=WIDTH):
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def num(value):
@@ -93,19 +98,19 @@ def peer_lines(payload):
     for (label, mode), group in _groups(payload["rows"]).items():
         for row in group:
             if row.get("status", "ok") != "ok":
-                missing.setdefault(row["peer"], f"{row['status']}: {str(row.get('reason'))[:60]}")
+                missing.setdefault(row["peer"], f"{row['status']}: {str(row.get('reason'))[:40]}")
         for ours in _primaries(group):
             if ours.get("ms") is None:
                 continue
             peers = [f"{row['peer']} {row['speedup_vs_peer']:.2f}x" for row in group
                      if row.get("speedup_vs_peer") is not None and (row.get("vs") or "ours") == ours["peer"]]
             name = "" if ours["peer"] == "ours" else f" {ours['peer']}"
-            lines.append(f"  {label} {mode or ''}{name}: {num(ours['ms'])} ms, {rate_text(ours)}"
-                         + (f" | {', '.join(peers)}" if peers else ""))
+            lines.append(clip(f"  {label} {mode or ''}{name}: {num(ours['ms'])} ms, {rate_text(ours)}"
+                              + (f" | {', '.join(peers)}" if peers else "")))
     if len(lines) > LINES_PER_SUITE:
         lines = lines[:LINES_PER_SUITE] + [f"  ... {len(lines) - LINES_PER_SUITE} more in {payload['path']}"]
     if missing:
-        lines.append("  not measured: " + "; ".join(f"{peer} ({why})" for peer, why in missing.items()))
+        lines.append(clip("  not measured: " + "; ".join(f"{peer} ({why})" for peer, why in missing.items())))
     return lines
 
 
@@ -127,9 +132,9 @@ def target_lines(runs):
             other = len(checks) - met - len(missed)
             text = f"  {suite:15s} {name}: met {met}, MISSED {len(missed)}" + (f", other {other}" if other else "")
             if missed:
-                text += " -- " + "; ".join(f"{where} {num(value)}" for where, value in missed[:3]) + \
-                        (" ..." if len(missed) > 3 else "")
-            lines.append(text)
+                text += " -- " + "; ".join(f"{where} {num(value)}" for where, value in missed[:2]) + \
+                        (" ..." if len(missed) > 2 else "")
+            lines.append(clip(text))
     return lines or ["  no targets with a limit in these runs"]
 
 
@@ -151,15 +156,15 @@ def suite_table(runs):
     text = report.summary(results, torch.device(env.get("device_type", "cpu")), env, Path(first["path"]).parent,
                           first.get("load_limit") or report.DEFAULT_LOAD_LIMIT_PCT / 100,
                           sum(r.duration_s for r in results), False)
-    return [line for line in text.splitlines() if not line.startswith("files:")] + ceiling_lines(runs)
+    return [clip(line) for line in text.splitlines() if not line.startswith("files:")] + ceiling_lines(runs)
 
 
 def ceiling_lines(runs):
     """Each suite's measured ceilings on one line (report.ceilings_text, in each suite's log, says how)."""
     measured = [f"{suite} {num(c['matmul_tflops'])} / {num(c['copy_gbps'])} / {num(c.get('int8_tops'))}"
                 for suite, c in ((s, p.get("ceilings")) for s, p in runs.items()) if c]
-    return ["ceilings measured per suite (dense matmul TFLOP/s / copy GB/s / int8 TOPS): " + "; ".join(measured)] \
-        if measured else []
+    return [clip("ceilings measured per suite (dense matmul TFLOP/s / copy GB/s / int8 TOPS): " + "; ".join(measured),
+                 2 * WIDTH)] if measured else []
 
 
 def bench_lines(folders):
