@@ -1,4 +1,5 @@
-"""Public ops: validation, backend choice and autograd wrappers over `hybridrag.kernels`."""
+"""Public ops: validation and backend choice in front of torch.library custom ops (`library*.py`: fake
+implementations, autograd formulas) over `hybridrag.kernels`."""
 from .hybrid import attention_mass, hybrid_attention, hybrid_attention_weights
 from .int8 import QuantizedWeight, int8_matmul, quantize_int8
 from .sliding_window import sliding_window_attention

@@ -312,8 +312,8 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
     elif backend == "cpu" and qweight.cpu_cache is not None and _takes_cache(x2d, qweight, activations):
         out = _cached_matmul(x2d, qweight, bias)
     elif not needs_grad and not torch.compiler.is_compiling():
-        # Nothing to differentiate: the forward without the op's dispatch and autograd overhead (tens of
-        # microseconds); torch.compile takes the op, which it can trace.
+        # Nothing to differentiate: the backend's forward without the op's dispatch; compiled code takes the op,
+        # which torch.compile sees as one node with a fake implementation.
         out = backend_functions(backend)[0](x2d, qweight.data, qweight.scale, qweight.group_size, bias, activations,
                                             accumulate)
     else:
