@@ -1,13 +1,14 @@
 """A short autotune sweep of the main Triton kernels' block configs on the GPU at hand: the best config per (kernel,
 head dim, dtype) next to the current table entry, for a human to paste into kernels/triton_common.py's
-_FWD_CONFIGS (and _bwd_config, kernels/int8/triton_kernels.py's _tiled_config).
+_FWD_CONFIGS and _BWD_CONFIGS (and kernels/int8/triton_kernels.py's _tiled_config).
 
     python -m benchmarks.autotune_sweep                          # on a GPU: about 90 s, a table and a JSON file
     python -m benchmarks.autotune_sweep --budget-s 60 --kernels window_fwd,int8_tiled
     python -m benchmarks.autotune_sweep --dry-run                # anywhere: the plan, then one tiny config per
                                                                  # kernel under TRITON_INTERPRET=1
 
-Kernels: window_fwd and window_bwd (sliding-window forward and backward, D 64 and 128, fp16 and bf16), hybrid_fwd
+Kernels: window_fwd, window_dq and window_dkdv (the sliding-window forward, and the backward timed whole with the
+config of its dq or its dk/dv kernel swept; D 64 and 128, fp16 and bf16), hybrid_fwd
 (window + landmarks + global rows, D 64 and 128, bf16) and int8_tiled (W8A16 per-channel weight, the tiled launch
 at M = N = K = 4096, fp16 and bf16). A config is (BLOCK_M, BLOCK_N, num_warps, num_stages), for int8_tiled
 Config(block_m, block_c, block_r, group_m, splits, num_warps, num_stages).
@@ -28,6 +29,7 @@ output; 2 for bad arguments or no CUDA device without --dry-run.
 """
 import argparse
 import contextlib
+import importlib
 import math
 import multiprocessing
 import os
@@ -41,10 +43,12 @@ import torch
 
 from .common import RUNS_ROOT, device_slug, environment, format_table, log, write_json
 
-KERNELS = ("window_fwd", "window_bwd", "hybrid_fwd", "int8_tiled")
+KERNELS = ("window_fwd", "window_dq", "window_dkdv", "hybrid_fwd", "int8_tiled")
+BACKWARD = {"window_dq": "dq", "window_dkdv": "dkdv"}  # the backward kernel whose config each sweeps
 PATCH_TARGETS = {  # where each launcher looks its config function up
     "window_fwd": "hybridrag.kernels.hybrid.triton_kernels._fwd_config",
-    "window_bwd": "hybridrag.kernels.hybrid.triton_kernels._bwd_config",
+    "window_dq": "hybridrag.kernels.hybrid.triton_kernels._bwd_config",
+    "window_dkdv": "hybridrag.kernels.hybrid.triton_kernels._bwd_config",
     "hybrid_fwd": "hybridrag.kernels.hybrid.triton_kernels._fwd_config",
     "int8_tiled": "hybridrag.kernels.int8.triton_kernels._tiled_config",
 }
@@ -53,14 +57,17 @@ ATTENTION_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64,
 CANDIDATES = {
     "window_fwd": ATTENTION_CANDIDATES,
     "hybrid_fwd": ATTENTION_CANDIDATES,
-    "window_bwd": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                   (64, 64, 4, 3), (32, 32, 4, 1)],
+    "window_dq": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 1),
+                  (64, 64, 4, 3), (128, 32, 8, 2)],
+    "window_dkdv": [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 128, 8, 2), (64, 64, 4, 2),
+                    (32, 64, 4, 1), (64, 128, 8, 2)],
     "int8_tiled": [(128, 128, 64, 8, 1, 8, 4), (128, 128, 64, 8, 1, 4, 4), (128, 256, 64, 8, 1, 8, 3),
                    (64, 128, 64, 8, 1, 4, 4), (128, 128, 128, 8, 1, 8, 3), (128, 64, 64, 8, 1, 4, 4),
                    (256, 128, 64, 8, 1, 8, 3), (128, 128, 32, 8, 1, 4, 5)],
 }
 # a small config that differs from the interpreter's default, per kernel: the dry run's proof that patching works
-TINY_CANDIDATE = {"window_fwd": (16, 32, 4, 1), "window_bwd": (32, 16, 4, 1), "hybrid_fwd": (32, 16, 4, 1),
+TINY_CANDIDATE = {"window_fwd": (16, 32, 4, 1), "window_dq": (32, 16, 4, 1), "window_dkdv": (16, 32, 4, 1),
+                  "hybrid_fwd": (32, 16, 4, 1),
                   "int8_tiled": (32, 16, 16, 1, 1, 4, 1)}
 SHAPES = {  # GPU problem sizes: each call runs for about a millisecond on an H100
     "attention": {"batch": 1, "heads": 32, "kv_heads": 8, "seqlen": 8192, "window": 2048, "landmark_stride": 64},
@@ -98,7 +105,7 @@ class Problem:
 def problems(kernels=KERNELS):
     out = []
     for kernel in kernels:
-        if kernel in ("window_fwd", "window_bwd"):
+        if kernel == "window_fwd" or kernel in BACKWARD:
             out += [Problem(kernel, d, dt) for d in (64, 128) for dt in ("float16", "bfloat16")]
         elif kernel == "hybrid_fwd":
             out += [Problem(kernel, d, "bfloat16") for d in (64, 128)]
@@ -127,17 +134,18 @@ def current_config(problem, shapes=SHAPES, device=None):
     if problem.kernel == "int8_tiled":
         s = shapes["int8"]
         return tuple(i8._tiled_config(s["m"], s["n"], s["k"], problem.torch_dtype, device or torch.device("cpu")))
-    pick = triton_common._bwd_config if problem.kernel == "window_bwd" else triton_common._fwd_config
-    return tuple(pick(problem.dim, problem.torch_dtype))
+    if problem.kernel in BACKWARD:
+        return tuple(triton_common._bwd_config(problem.dim, problem.torch_dtype, BACKWARD[problem.kernel]))
+    return tuple(triton_common._fwd_config(problem.dim, problem.torch_dtype))
 
 
 def table_entry(problem, arch):
     """Where a human changes the problem's config."""
     if problem.kernel == "int8_tiled":
         return f"int8 _tiled_config (sm_{arch}, M > 64)"
-    if problem.kernel == "window_bwd":
-        return f"_bwd_config (D {'<= 64' if problem.dim <= 64 else problem.dim})"
     key = "d64" if problem.dim <= 64 else ("d128" if problem.dim == 128 else "padded")
+    if problem.kernel in BACKWARD:
+        return f'_BWD_CONFIGS[{90 if arch >= 90 else 80}]["{BACKWARD[problem.kernel]}"]["{key}"]'
     return f'_FWD_CONFIGS[{90 if arch >= 90 else 80}]["{key}"]'
 
 
@@ -161,7 +169,12 @@ def patched(kernel, config):
     else:
         chosen = tuple(config)
 
+    module, name = PATCH_TARGETS[kernel].rsplit(".", 1)
+    original = getattr(importlib.import_module(module), name)
+
     def config_function(*args):
+        if kernel in BACKWARD and args[2] != BACKWARD[kernel]:
+            return original(*args)  # the other backward kernel keeps its config
         calls.append(args)
         return chosen
     with mock.patch(PATCH_TARGETS[kernel], config_function):
@@ -204,7 +217,7 @@ def build(problem, device, shapes=SHAPES, seed=0):
         grad_out = torch.randn_like(q)
         run = lambda: sw.sliding_window_bwd_triton(q, k, v, out, lse, grad_out, None, left, 0, scale)  # noqa: E731
     flops = 4 * problem.dim * pairs * s["batch"] * s["heads"]
-    return run, flops * (BACKWARD_FACTOR if problem.kernel == "window_bwd" else 1)
+    return run, flops * (BACKWARD_FACTOR if problem.kernel in BACKWARD else 1)
 
 
 def relative_error(outputs, reference):

@@ -100,11 +100,12 @@ def _block_d(dim):
 
 
 # Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 at D <= 128, by target and head dim: the largest
-# blocks that compile without register spills (python -m benchmarks.compile_report, triton 3.9). A head dim that
-# is not a power of two pads BLOCK_D and masks every load, which costs registers: narrower key blocks there.
+# blocks with which every launch of the hybrid forward (global rows, memory and kv_start included) and the streaming
+# prefill compile without register spills (python -m benchmarks.compile_report, triton 3.9). A head dim that is not a
+# power of two pads BLOCK_D and masks every load, which costs registers: smaller blocks there.
 _FWD_CONFIGS = {
-    90: {"d64": (128, 64, 8, 3), "padded": (128, 32, 8, 3), "d128": (128, 64, 8, 3)},
-    80: {"d64": (128, 32, 8, 3), "padded": (128, 32, 8, 3), "d128": (64, 64, 4, 3)},
+    90: {"d64": (128, 64, 8, 3), "padded": (64, 32, 8, 3), "d128": (128, 64, 8, 2)},
+    80: {"d64": (128, 32, 8, 3), "padded": (64, 32, 8, 3), "d128": (64, 32, 4, 3)},
 }
 
 
@@ -119,19 +120,42 @@ def _fwd_config(dim, dtype):
         return 32, 32, 4, 1
     if dim > 128 or dtype == torch.float32:
         return 64, 32, 4, 2
-    table = _FWD_CONFIGS[90 if target.arch >= 90 else 80]
+    return _FWD_CONFIGS[90 if target.arch >= 90 else 80][_dim_class(dim)]
+
+
+def _dim_class(dim):
+    """The config tables' key for a head dim <= 128: "d64" (D <= 64), "d128", or "padded" (between: BLOCK_D 128)."""
     if dim > 64 and dim != 128:
-        return table["padded"]
-    return table["d64" if dim <= 64 else "d128"]
+        return "padded"
+    return "d64" if dim <= 64 else "d128"
 
 
-def _bwd_config(dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dq and dk/dv kernels."""
-    if gpu_target() is None:
+# Backward (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for fp16/bf16 at D <= 128, by target and head
+# dim, the same way: "dq" is row-major (rows BLOCK_M, keys BLOCK_N per step); "dkdv" key-major (keys BLOCK_N per
+# program, rows BLOCK_M per step; the attention-mass kernels take it too); "dkdv_extra" the dk/dv of the landmark
+# and memory keys, which are few, so narrower key blocks cost nothing there. On sm_80 the mma.sync operands live in
+# registers, so the dk/dv pass takes narrower blocks than on sm_90, where wgmma reads them from shared memory.
+_BWD_CONFIGS = {
+    90: {"dq": {"d64": (64, 64, 4, 2), "padded": (64, 32, 4, 2), "d128": (64, 64, 8, 2)},
+         "dkdv": {"d64": (64, 64, 8, 2), "padded": (32, 64, 8, 2), "d128": (64, 64, 8, 2)},
+         "dkdv_extra": {"d64": (64, 64, 8, 2), "padded": (64, 32, 8, 2), "d128": (64, 32, 8, 2)}},
+    80: {"dq": {"d64": (32, 64, 4, 2), "padded": (64, 64, 8, 2), "d128": (64, 64, 8, 1)},
+         "dkdv": {"d64": (64, 32, 4, 2), "padded": (64, 32, 8, 2), "d128": (64, 32, 8, 2)},
+         "dkdv_extra": {"d64": (64, 32, 4, 2), "padded": (64, 32, 8, 2), "d128": (64, 32, 8, 2)}},
+}
+
+
+def _bwd_config(dim, dtype, kernel):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward's "dq", "dkdv" or "dkdv_extra" kernel
+    (_BWD_CONFIGS); D > 128 and float32 a narrow config (not yet tuned)."""
+    if kernel not in _BWD_CONFIGS[90]:
+        raise ValueError(f"kernel must be one of {sorted(_BWD_CONFIGS[90])}, got {kernel!r}")
+    target = gpu_target()
+    if target is None:
         return 32, 32, 4, 1
     if dim > 128 or dtype == torch.float32:
         return 32, 32, 4, 1
-    return 64, 64, 4 if dim <= 64 else 8, 2
+    return _BWD_CONFIGS[90 if target.arch >= 90 else 80][kernel][_dim_class(dim)]
 
 
 def _dot_precision(dtype):

@@ -283,7 +283,9 @@ def test_block_sizes_other_than_default(monkeypatch, fwd, bwd, case):
     """Unequal query and key blocks move the band, landmark and global-row tiles onto other boundaries."""
     triton_kernels = _triton_config_functions()
     monkeypatch.setattr(triton_kernels, "_fwd_config", lambda dim, dtype: fwd)
-    monkeypatch.setattr(triton_kernels, "_bwd_config", lambda dim, dtype: bwd)
+    # the dk/dv pass gets the blocks swapped: each backward kernel on tiles of its own
+    dkdv = (bwd[1], bwd[0], *bwd[2:])
+    monkeypatch.setattr(triton_kernels, "_bwd_config", lambda dim, dtype, kernel: bwd if kernel == "dq" else dkdv)
     failures = compare("triton", case, torch.float32)
     assert not failures, "\n".join(failures)
 

@@ -100,10 +100,12 @@ def test_rows_that_see_no_key_are_zero():
 
 
 def test_block_sizes_other_than_default(monkeypatch):
-    """Unequal query and key blocks exercise the masked/unmasked stage split on other boundaries."""
+    """Unequal query and key blocks (and dq and dk/dv on different ones) exercise the masked/unmasked split on
+    other boundaries."""
     from hybridrag.kernels.hybrid import triton_kernels  # the window op runs on the hybrid kernels
     monkeypatch.setattr(triton_kernels, "_fwd_config", lambda dim, dtype: (16, 32, 4, 1))
-    monkeypatch.setattr(triton_kernels, "_bwd_config", lambda dim, dtype: (32, 16, 4, 1))
+    monkeypatch.setattr(triton_kernels, "_bwd_config",
+                        lambda dim, dtype, kernel: (32, 16, 4, 1) if kernel == "dq" else (16, 32, 4, 1))
     failures = compare("triton", 1, 4, 2, 150, 170, 64, 37, True, torch.float32)
     failures += compare("triton", 1, 2, 1, 100, 100, 64, (20, 33), False, torch.float32)
     assert not failures, "\n".join(failures)

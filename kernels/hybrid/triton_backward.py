@@ -8,28 +8,31 @@ from .triton_tiles import _key_blocks, _key_ok, _key_positions, _masked_scores, 
 
 
 @triton.jit
-def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS, pos, offs_n, offs_d, mask_d,
-              start, stop, limit, LEFT, RIGHT, kv_start, key_mask, qk_scale,
-              MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
-        idx = start_n + offs_n
-        valid = idx < limit
-        mask = mask_d[:, None] & valid[None, :]
-        kT = tl.load(k_base + idx[None, :] * stride_kn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
-        vT = tl.load(v_base + idx[None, :] * stride_vn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        kpos = _key_positions(KPOS, idx, valid, MODE)
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KPOS, pos, idx, offs_d, mask_d, limit,
+              LEFT, RIGHT, kv_start, key_mask, qk_scale, masked, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_KV_START: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add one key block's share (keys idx [N] of k_base/v_base) to dq [M, D]. `masked` (a runtime flag) applies
+    the pattern of MODE (1: band, 2: extra keys); band blocks seen whole by every row skip it."""
+    valid = idx < limit
+    mask = mask_d[:, None] & valid[None, :]
+    kT = tl.load(k_base + idx[None, :] * stride_kn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
+    vT = tl.load(v_base + idx[None, :] * stride_vn + offs_d[:, None], mask=mask, other=0.0)  # [D, N]
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    kpos = _key_positions(KPOS, idx, valid, MODE)
+    if masked:
         s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, key_mask, MODE, HAS_KV_START,
                            HAS_KEY_MASK)
-        p = tl.math.exp2(s - lse2[:, None])
-        if MODE != 0 or HAS_KV_START or HAS_KEY_MASK:  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
-            kT = tl.where(_non_finite(kT), 0.0, kT)
-            vT = tl.where(_non_finite(vT), 0.0, vT)
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-    return dq
+        kT = tl.where(_non_finite(kT), 0.0, kT)  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
+        vT = tl.where(_non_finite(vT), 0.0, vT)
+    elif HAS_KV_START or HAS_KEY_MASK:
+        s = _masked_scores(s, pos, kpos, valid, LEFT, RIGHT, CAUSAL, kv_start, key_mask, 0, HAS_KV_START,
+                           HAS_KEY_MASK)
+        kT = tl.where(_non_finite(kT), 0.0, kT)
+        vT = tl.where(_non_finite(vT), 0.0, vT)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -70,56 +73,49 @@ def _dq_kernel(Q, K, V, XK, XV, XPOS, ROWS, KV_START, KEY_MASK, DO, LSE, DELTA, 
 
     k_lo = split * CHUNK
     lo, mid_lo, mid_hi, hi = _key_blocks(first, last, LEFT, RIGHT, Tk, k_lo, tl.minimum(k_lo + CHUNK, Tk), BLOCK_N)
-    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   lo, mid_lo, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 1, CAUSAL, HAS_KV_START,
-                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
-    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   mid_lo, mid_hi, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 0, CAUSAL, HAS_KV_START,
-                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
-    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, offs_n, offs_d, mask_d,
-                   mid_hi, hi, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, 1, CAUSAL, HAS_KV_START,
-                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
+    # The band in one loop (its edge blocks masked at run time), then the extra keys: fewer inlined loops, fewer
+    # registers live together.
+    for start_n in range(lo, hi, BLOCK_N):
+        masked = (start_n < mid_lo) | (start_n >= mid_hi)
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, XPOS, pos, start_n + offs_n,
+                       offs_d, mask_d, Tk, LEFT, RIGHT, kv_start, key_mask, qk_scale, masked, 1, CAUSAL, HAS_KV_START,
+                       HAS_KEY_MASK, DOT_PRECISION)
     x_hi = tl.where(split == 0, X_HI, X_LO)
-    dq = _dq_stage(dq, q, do, lse2, delta, XK + off_b * stride_xkb + off_kv * stride_xkh,
-                   XV + off_b * stride_xvb + off_kv * stride_xvh, stride_xkn, stride_xvn, XPOS, pos, offs_n, offs_d,
-                   mask_d, X_LO, x_hi, x_hi, LEFT, RIGHT, kv_start, key_mask, qk_scale, 2, CAUSAL, HAS_KV_START,
-                   HAS_KEY_MASK, BLOCK_N, DOT_PRECISION)
+    xk_base = XK + off_b * stride_xkb + off_kv * stride_xkh
+    xv_base = XV + off_b * stride_xvb + off_kv * stride_xvh
+    for start_n in range(X_LO, x_hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, xk_base, xv_base, stride_xkn, stride_xvn, XPOS, pos, start_n + offs_n,
+                       offs_d, mask_d, x_hi, LEFT, RIGHT, kv_start, key_mask, qk_scale, True, 2, CAUSAL,
+                       HAS_KV_START, HAS_KEY_MASK, DOT_PRECISION)
     dq_ptrs = DQ + split * stride_dqs + off_b * stride_dqb + off_h * stride_dqh + offs_r[:, None] * stride_dqm
     tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_rd)
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, ROWS, kpos, valid_k,
-                offs_m, offs_d, mask_d, start, stop, R, offset, LEFT, RIGHT, kv_start, qk_scale,
-                MODE: tl.constexpr, CAUSAL: tl.constexpr, GATHERED: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dk, dv [N, D] of one key block over rows start..stop of a row set (query rows, or gathered ones).
-    LSE and DELTA point at this (batch, head)'s rows. Keys before kv_start are zeroed by the caller."""
-    for start_m in range(start, stop, BLOCK_M):
-        offs_r = start_m + offs_m
-        mask_r = offs_r < R
-        if GATHERED:
-            row = tl.load(ROWS + offs_r, mask=mask_r, other=0)
-        else:
-            row = offs_r
-        qT = tl.load(q_base + row[None, :] * stride_qm + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :],
-                     other=0.0)  # [D, M]
-        do = tl.load(do_base + row[:, None] * stride_dom + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
-                     other=0.0)  # [M, D]
-        lse2 = tl.load(LSE + row, mask=mask_r, other=0.0) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # +inf (rows hidden from this pass) gives p = 0
-        delta = tl.load(DELTA + row, mask=mask_r, other=0.0)
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [N, M]
-        pT = tl.math.exp2(sT - lse2[None, :])
-        if MODE != 0:
-            seen = _visible((row + offset)[None, :], kpos[:, None], valid_k[:, None] & mask_r[None, :], LEFT, RIGHT,
-                            CAUSAL, kv_start, MODE)
-            pT = tl.where(seen, pT, 0.0)  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
-            qT = tl.where(_non_finite(qT), 0.0, qT)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+def _dkdv_block(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, row, mask_r, kpos, valid_k,
+                offs_d, mask_d, offset, LEFT, RIGHT, kv_start, qk_scale, masked, MODE: tl.constexpr,
+                CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add one row block's share to dk, dv [N, D] of a key block. `row` [M] are the block's query rows, LSE and
+    DELTA point at this (batch, head)'s rows; `masked` (a runtime flag) applies the pattern, which blocks seen whole
+    by every row skip. Keys before kv_start are zeroed by the caller."""
+    qT = tl.load(q_base + row[None, :] * stride_qm + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :],
+                 other=0.0)  # [D, M]
+    do = tl.load(do_base + row[:, None] * stride_dom + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                 other=0.0)  # [M, D]
+    lse2 = tl.load(LSE + row, mask=mask_r, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # +inf (rows hidden from this pass) gives p = 0
+    delta = tl.load(DELTA + row, mask=mask_r, other=0.0)
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [N, M]
+    pT = tl.math.exp2(sT - lse2[None, :])
+    if masked:
+        seen = _visible((row + offset)[None, :], kpos[:, None], valid_k[:, None] & mask_r[None, :], LEFT, RIGHT,
+                        CAUSAL, kv_start, MODE)
+        pT = tl.where(seen, pT, 0.0)
+        qT = tl.where(_non_finite(qT), 0.0, qT)  # hidden NaN/inf must not meet p = 0 (kernels/nonfinite.py)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -161,23 +157,28 @@ def _dkdv_kernel(Q, K, V, DO, LSE_BAND, LSE, DELTA, ROWS, KV_START, KEY_MASK, LM
     # Query row i (position i + offset) sees key j through the band iff j - RIGHT <= i + offset <= j + LEFT.
     last_n = tl.minimum(start_n + BLOCK_N, Tk) - 1
     lo, mid_lo, mid_hi, hi = _block_range(start_n - offset, last_n - offset, RIGHT, LEFT, Tq, BLOCK_M)
-    for g in range(GROUP):
+    band_blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    per_head = band_blocks + (G + BLOCK_M - 1) // BLOCK_M
+    # One loop body for every query head of the group and both row sets (band rows, then the gathered global
+    # rows): four inlined loops per head kept their invariants live together and spilled (compile report).
+    for it in range(0, GROUP * per_head):
+        g = it // per_head
+        i = it % per_head
+        is_global = i >= band_blocks
         off_h = off_kv * GROUP + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
         stat = (off_b * H + off_h) * Tq
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
-                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, lo, mid_lo, Tq, offset, LEFT, RIGHT,
-                             kv_start, qk_scale, 1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
-                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, mid_lo, mid_hi, Tq, offset, LEFT, RIGHT,
-                             kv_start, qk_scale, 0, CAUSAL, False, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE_BAND + stat, DELTA + stat,
-                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, mid_hi, hi, Tq, offset, LEFT, RIGHT,
-                             kv_start, qk_scale, 1, CAUSAL, False, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + stat, DELTA + stat,
-                             ROWS, offs_n, mask_n, offs_m, offs_d, mask_d, 0, G, G, offset, G_LEFT, G_RIGHT,
-                             kv_start, qk_scale, 1, CAUSAL, True, BLOCK_M, DOT_PRECISION)
+        start_m = tl.where(is_global, (i - band_blocks) * BLOCK_M, lo + i * BLOCK_M)
+        offs_r = start_m + offs_m
+        mask_r = offs_r < tl.where(is_global, G, Tq)
+        gathered = offs_r < tl.where(is_global, G, 0)  # (not mask_r & is_global: the interpreter refuses it)
+        row = tl.where(is_global, tl.load(ROWS + offs_r, mask=gathered, other=0), offs_r)
+        masked = is_global | (start_m < mid_lo) | (start_m >= mid_hi)
+        dk, dv = _dkdv_block(dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh,
+                             DO + off_b * stride_dob + off_h * stride_doh, stride_qm, stride_dom,
+                             tl.where(is_global, LSE, LSE_BAND) + stat, DELTA + stat, row, mask_r, offs_n, mask_n,
+                             offs_d, mask_d, offset, tl.where(is_global, G_LEFT, LEFT),
+                             tl.where(is_global, G_RIGHT, RIGHT), kv_start, qk_scale, masked, 1, CAUSAL,
+                             DOT_PRECISION)
     dk = dk * scale
     if HAS_KV_START:  # keys of the padding: no query sees them
         dk = tl.where(offs_n[:, None] >= kv_start, dk, 0.0)
@@ -235,13 +236,15 @@ def _dkdv_extra_kernel(Q, XK, XV, XPOS, DO, LSE, DELTA, KV_START, XDK, XDV,
         first = tl.min(tl.where(mask_x, xpos, Tk), 0)
         row_lo = tl.where(first < 0, 0, tl.maximum(first - offset, 0))
         row_lo = (row_lo // BLOCK_M) * BLOCK_M
-    for g in range(GROUP):
-        off_h = off_kv * GROUP + g
+    per_head = (Tq - row_lo + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, GROUP * per_head):  # every query head of the group in one loop, as in _dkdv_kernel
+        off_h = off_kv * GROUP + it // per_head
         stat = (off_b * H + off_h) * Tq
-        dk, dv = _dkdv_stage(dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh,
+        offs_r = row_lo + (it % per_head) * BLOCK_M + offs_m
+        dk, dv = _dkdv_block(dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh,
                              DO + off_b * stride_dob + off_h * stride_doh, stride_qm, stride_dom, LSE + stat,
-                             DELTA + stat, XPOS, xpos, mask_x, offs_m, offs_d, mask_d, row_lo, Tq, Tq, offset,
-                             LEFT, RIGHT, kv_start, qk_scale, 2, CAUSAL, False, BLOCK_M, DOT_PRECISION)
+                             DELTA + stat, offs_r, offs_r < Tq, xpos, mask_x, offs_d, mask_d, offset, LEFT, RIGHT,
+                             kv_start, qk_scale, True, 2, CAUSAL, DOT_PRECISION)
     x_ptrs = off_b * stride_xb + off_kv * stride_xh + offs_x[:, None] * stride_xn + offs_d[None, :]
     tl.store(XDK + x_ptrs, dk * scale, mask=mask_xd)
     tl.store(XDV + x_ptrs, dv, mask=mask_xd)

@@ -183,7 +183,7 @@ def hybrid_fwd_triton(q, k, v, left, right, causal, landmarks, global_queries, s
 
 
 def _dq(call, q, k, v, grad_out, lse, delta, rows, dq, band, extra, chunk, splits, gathered):
-    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype, "dq")
     count = call.num_global if gathered else call.tq
     _dq_kernel[(triton.cdiv(count, block_m), call.batch * call.heads, splits)](
         q, k, v, call.extra_k, call.extra_v, call.extra_pos, rows, call.kv_start_ptr, call.key_mask_ptr, grad_out, lse,
@@ -200,7 +200,7 @@ def _dq(call, q, k, v, grad_out, lse, delta, rows, dq, band, extra, chunk, split
 
 def _extra_grads(call, q, grad_out, lse_band, lse, delta):
     """dk, dv (B, Hkv, L + M, D) float32 of the extra keys: landmarks from the band rows, memory from every row."""
-    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype, "dkdv_extra")
     grad_k = torch.empty(call.extra_k.shape, dtype=torch.float32, device=q.device)
     grad_v = torch.empty_like(grad_k)
     landmarks, total = call.num_landmarks, call.num_landmarks + call.memory
@@ -230,12 +230,13 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
     _check_row_offsets(grad_out=grad_out)
     call = _Launch(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v, kv_start,
                    key_mask)
-    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype, "dkdv")
     delta = torch.empty(call.batch, call.heads, call.tq, dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(call.tq, block_m), call.batch * call.heads)](
+    delta_rows = 64  # one row block of o and do per program
+    _bwd_delta_kernel[(triton.cdiv(call.tq, delta_rows), call.batch * call.heads)](
         out, grad_out, grad_lse if grad_lse is not None else delta, delta,
         *_strides(out), *_strides(grad_out), call.heads, call.tq, call.dim,
-        HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=call.block_d,
+        HAS_DLSE=grad_lse is not None, BLOCK_M=delta_rows, BLOCK_D=call.block_d,
     )
     global_rows = call.global_rows.long()
     lse_band = lse.index_fill(2, global_rows, float("inf")) if call.num_global else lse
@@ -269,7 +270,7 @@ def hybrid_bwd_triton(q, k, v, out, lse, grad_out, grad_lse, left, right, causal
     _dq(call, q, k, v, grad_out, lse, delta, call.placeholder, dq[None], (call.left, call.right), (0, num_extra),
         call.tk, 1, False)
     if call.num_global:
-        splits, chunk = call.splits(block_m, block_n)
+        splits, chunk = call.splits(*_bwd_config(call.dim, q.dtype, "dq")[:2])
         dq_parts = torch.empty(splits, call.batch, call.heads, call.num_global, call.dim, dtype=torch.float32,
                                device=q.device)
         _dq(call, q, k, v, grad_out, lse, delta, call.global_rows, dq_parts, (call.global_left, call.global_right),
@@ -296,7 +297,7 @@ def attention_mass_triton(q, k, lse, segments, num_segments, row_weights, left, 
     Extra memory: the per-key mass (B, H, Tk) and per-landmark mass (B, H, L) in float32 and a copy of lse."""
     call = _Launch(q, k, None, left, right, causal, landmarks, global_queries, scale, memory_k, None, kv_start,
                    key_mask)
-    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _bwd_config(call.dim, q.dtype, "dkdv")
     row_weights = row_weights.float().contiguous()
     kv_start = call.kv_start if call.has_kv_start else torch.zeros(call.batch, dtype=torch.int32, device=q.device)
     lse_band = lse.index_fill(2, call.global_rows.long(), float("inf")) if call.num_global else lse

@@ -13,7 +13,7 @@ def _key_mass_stage(acc, k, q_base, stride_qm, LSE, WEIGHT, ROWS, kpos, valid_k,
                     MODE: tl.constexpr, CAUSAL: tl.constexpr, GATHERED: tl.constexpr,
                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [N] += sum over rows start..stop of WEIGHT[row] * p(row, key) for one key block (the rows a
-    `_dkdv_stage` with the same arguments visits). Row blocks whose weights are all zero are skipped."""
+    `_dkdv_kernel` visits). Row blocks whose weights are all zero are skipped."""
     for start_m in range(start, stop, BLOCK_M):
         offs_r = start_m + offs_m
         mask_r = offs_r < R
