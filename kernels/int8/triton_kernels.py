@@ -254,17 +254,20 @@ def _use_splitk(m, n, k, device):
 
 
 def _tiled_config(m, n, k, dtype, device):
-    """Four stages on sm_90; three on earlier GPUs, where four 128 x 128 x 64 stages of the in-register scale path
-    need 172,032 B of shared memory, over the A100's 166,912 (benchmarks/compile_report.py)."""
+    """fp16/bf16: 128 x 128 x 64 tiles in three stages on sm_80 (four stages of the in-register scale path need
+    172,032 B of shared memory, over the A100's 166,912); on sm_90 four stages of 128 x 128 x 32, since the 64-deep
+    tile spills registers there with a group-wise scale in bf16 (benchmarks/compile_report.py)."""
     target = gpu_target(device)
     if target is None:
         return Config(16, 32, 16, 2, 1, 4, 1)  # several blocks each way at test sizes
     block_m = 64 if m <= 64 else 128
     if dtype == torch.int8:
         return Config(block_m, 128, 128, 8, 1, 8, 3)
-    if dtype == torch.float32:
-        return Config(64, 64, 32, 8, 1, 4, 3)
-    return Config(block_m, 128, 64, 8, 1, 8, 4 if target.arch >= 90 else 3)
+    if dtype == torch.float32:  # eight warps: float32 products run on FMA units, four warps' share of them spills
+        return Config(64, 64, 32, 8, 1, 8, 3)
+    if target.arch >= 90:
+        return Config(block_m, 128, 32, 8, 1, 8, 4)
+    return Config(block_m, 128, 64, 8, 1, 8, 3)
 
 
 def _splitk_config(m, n, k, dtype, device):
@@ -278,7 +281,8 @@ def _splitk_config(m, n, k, dtype, device):
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, block_c)
     wanted = triton.cdiv(2 * target.sm_count, tiles)
     splits = max(1, min(wanted, triton.cdiv(k, 4 * block_r)))
-    return Config(16, block_c, block_r, 1, splits, 4, 3 if dtype == torch.float32 else 4)
+    # three stages for int8 x int8: four leave ptxas 64 registers on sm_90, and it spills
+    return Config(16, block_c, block_r, 1, splits, 4, 3 if dtype in (torch.float32, torch.int8) else 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..hybrid.triton_kernels import _merge_splits
 from ..targets import gpu_target
-from ..triton_common import (LOG2E, _block_d, _check_row_offsets, _dot_precision, _fwd_config,
+from ..triton_common import (LOG2E, _block_d, _check_row_offsets, _dim_class, _dot_precision, _fwd_config,
                              _online_softmax_step, _softmax_result)
 
 
@@ -172,7 +172,7 @@ def _config(dim, dtype, split):
         return _fwd_config(dim, dtype)
     if dim > 128 or dtype == torch.float32:
         return 16, 32, 4, 2
-    return 16, 64, 4, 3
+    return 16, 64, 8 if _dim_class(dim) == "padded" else 4, 3  # a padded D's masked loads spill four warps
 
 
 def _splits(key_blocks, programs, device):
