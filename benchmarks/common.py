@@ -71,7 +71,8 @@ def package_version(name):
 
 
 def git_commit():
-    """HEAD of the repository, with "-dirty" when tracked or untracked files (results aside) differ from it."""
+    """HEAD of the repository, with "-dirty" when tracked or untracked files (results aside) differ from it; in a
+    copy without .git (a lent GPU machine's), the HYBRIDRAG_COMMIT the run was given (benchmarks/gpu_check.sh)."""
     def git(*args):
         try:
             return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=False)
@@ -83,7 +84,7 @@ def git_commit():
     if head.returncode != 0:
         inside = git("rev-parse", "--is-inside-work-tree")
         if inside.returncode != 0:
-            return "unknown (not a git checkout)"
+            return os.environ.get("HYBRIDRAG_COMMIT") or "unknown (not a git checkout)"
         commit = "no-commit"
     else:
         commit = head.stdout.strip()

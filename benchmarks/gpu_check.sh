@@ -62,8 +62,8 @@ runs). Without $OUT: benchmarks/runs/gpu_check/ (dry run: benchmarks/runs/gpu_ch
 With the device tool (a lease is 15 minutes, all tries together; the commit travels only as a variable, since the
 device copy may hold no .git):
   run(command="HYBRIDRAG_COMMIT=<sha> bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
-benchmarks.report imports every suite, and the retrieval suites need bm25s and faiss-cpu, which that machine lacks:
-carry them as wheels, made here once (in the repository root; .whl/ is ignored by git):
+The kernel suites need nothing beyond what that machine holds. Optional peers, or bm25s and faiss-cpu for the
+retrieval suites, travel as wheels, made here once (in the repository root; .whl/ is ignored by git):
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl bm25s==0.3.16 faiss-cpu==1.15.1
 
@@ -178,7 +178,7 @@ for module, dist in (("flash_attn", "flash-attn"), ("torchao", "torchao"), ("bit
 EOF
     if ! "$PY" -c "import benchmarks.report" 2>"$W/report_import.err"; then
         echo "WARNING: benchmarks.report does not import here ($(tail -n 1 "$W/report_import.err")):"
-        echo "  the bench and record steps will fail; carry bm25s and faiss-cpu wheels in .whl/ (see --help)"
+        echo "  the bench and record steps will fail"
     fi
 }
 
