@@ -195,7 +195,8 @@ def build(problem, device, shapes=SHAPES, seed=0):
         s = shapes["int8"]
         data, scale = (t.to(device) for t in quantize_weight(torch.randn(s["n"], s["k"])))
         x = torch.randn(s["m"], s["k"], device=device, dtype=dtype)
-        return (lambda: (i8.int8_matmul_triton(x, data, scale, None, None, "fp", "fp32"),)), 2 * s["m"] * s["n"] * s["k"]
+        run = lambda: (i8.int8_matmul_triton(x, data, scale, None, None, "fp", "fp32"),)  # noqa: E731
+        return run, 2 * s["m"] * s["n"] * s["k"]
 
     from hybridrag.kernels.hybrid import triton_kernels as hyb
     from hybridrag.kernels.sliding_window import triton_kernels as sw
@@ -385,7 +386,8 @@ def finish(record):
     current = next((r for r in ok if r["config"] == record["current"]), None)
     best = min(ok, key=lambda r: r["ms"], default=None)
     record.update(current_ms=current and current["ms"], best=best and best["config"], best_ms=best and best["ms"],
-                  best_tflops=best and best["tflops"], speedup=(current["ms"] / best["ms"]) if current and best else None,
+                  best_tflops=best and best["tflops"],
+                  speedup=(current["ms"] / best["ms"]) if current and best else None,
                   timed=f"{len(ok)}/{len(record['results'])}")
 
 

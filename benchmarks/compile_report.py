@@ -36,7 +36,13 @@ from pathlib import Path
 from .common import RESULTS_ROOT, RUNS_ROOT, environment, format_table, log, write_json
 
 SUITE = "compile_report"
+EXPECTED_S = {"quick": 110, "full": 760}  # QUICK_CASES / every case, both targets, on the 2-core AMD EPYC
 ARCHS = (80, 90)
+# One case of each launcher family, under 2 minutes on 2 cores: the window forward and backward, the hybrid forward and
+# backward with every extra (landmarks, memory, global rows, kv_start), streaming decode, int8 tiled and split-K. The
+# main job's quick run and the CI test compile these.
+QUICK_CASES = ("window fp16 D64", "hybrid bf16 D128", "stream decode fp16 D100", "int8 W8A16 bf16 g128 M512",
+               "int8 W8A8 fp16 M1")
 DOT_ROWS_MIN = 64  # a dot with at least this many rows should run on wgmma on sm_90
 
 
@@ -397,6 +403,22 @@ def parse_args(argv):
     if args.record and (args.only or set(args.archs) != set(ARCHS)):
         parser.error("--record records every case on both targets: drop --only and --arch")
     return args
+
+
+def run_in_subprocess(quick, out, timeout_s=3600):
+    """The report in a fresh process (one with TRITON_INTERPRET=1 has built its kernels as interpreted functions):
+    QUICK_CASES when `quick`, else every case, both targets, JSON to `out` -> (exit status, its two tables' text).
+    For the main job where no GPU is present."""
+    import subprocess
+
+    command = [sys.executable, "-m", "benchmarks.compile_report", "--out", str(out)]
+    if quick:
+        command += ["--only", "|".join(QUICK_CASES)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    tables = done.stdout[done.stdout.find("compile report:"):].strip()
+    return done.returncode, tables or (done.stdout + done.stderr)[-3000:]
 
 
 def main(argv=None):

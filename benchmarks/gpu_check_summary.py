@@ -217,7 +217,8 @@ def test_lines(paths):
             lines.append(f"  {path.stem}: stopped before the end (no junit XML); from its log: {counts['PASSED']} "
                          f"passed, {counts['FAILED']} failed, {counts['ERROR']} errors, {counts['SKIPPED']} skipped")
             bad = [node for node, s in status.items() if s in ("FAILED", "ERROR")]
-            lines += [f"    FAILED {name}" for name in bad[:8]] + ([f"    ... {len(bad) - 8} more"] if len(bad) > 8 else [])
+            lines += [f"    FAILED {name}" for name in bad[:8]]
+            lines += [f"    ... {len(bad) - 8} more"] if len(bad) > 8 else []
             continue
         root = ET.parse(path).getroot()
         suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -245,7 +246,8 @@ def autotune_lines(path):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check_summary", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check_summary",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench", type=Path, action="append", default=[],
                         help="a folder of report JSON files (repeatable)")
     parser.add_argument("--tests", type=Path, nargs="*", default=[], help="pytest junit XML files")

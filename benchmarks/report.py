@@ -24,6 +24,7 @@ be measured on this device). Register one by adding its name to SUITE_MODULES.
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import compile_report
 from .common import (NOT_COUNTED, RESULTS_ROOT, RUNS_ROOT, cpu_count, default_device, device_slug, environment,
                      flag_under_load, format_seconds, format_table, is_inside, load_column, log, long_step,
                      measure_ceilings, progress, target_checks, write_json)
@@ -44,6 +46,8 @@ def load_suites(names=SUITE_MODULES):
     """The suite modules of `names`, imported on demand: a run of the kernel suites needs none of the retrieval
     suites' packages (faiss, bm25s), which a GPU machine may not have."""
     return [importlib.import_module(f".{name}", __package__) for name in names]
+
+
 DEFAULT_LOAD_LIMIT_PCT = 15
 EXIT_CHECK_FAILED, EXIT_NOT_RECORDED = 1, 3
 
@@ -261,6 +265,24 @@ def parse_args(argv, device):
     return args
 
 
+def compile_report_step(device, quick, args):
+    """Where no GPU is present and every suite runs: what the kernels cost on sm_80 / sm_90 (benchmarks/
+    compile_report.py; quick: its QUICK_CASES, --full: every case). False when a kernel failed to compile or
+    overflows a target's shared memory (it would fail at its first launch there)."""
+    if device.type == "cuda" or args.suite:
+        return True
+    if importlib.util.find_spec("triton") is None:
+        log("compile report: skipped (triton is not installed)")
+        return True
+    out = Path(args.out) / f"{compile_report.SUITE}{'-quick' if quick else ''}.json"
+    cases = f"{len(compile_report.QUICK_CASES)} cases" if quick else "every case"
+    expected_s = compile_report.EXPECTED_S["quick" if quick else "full"]
+    with long_step(f"compile report ({cases}, sm_80 and sm_90)", expected_s):
+        status, tables = compile_report.run_in_subprocess(quick, out)
+    print(tables if quick else tables[tables.find("compile report: summary"):])
+    return status == 0
+
+
 def main(argv=None):
     device = default_device()
     args = parse_args(argv, device)
@@ -286,9 +308,10 @@ def main(argv=None):
     print(f"env: torch {env['torch']}, triton {env['triton']}, flash-attn {env['flash_attn']}, "
           f"python {env['python']}, threads {env['cpu_threads']}, commit {env['git_commit']}, {env['date']}")
     print("\n\n".join(text for result in results for text in tables(result, env)))
+    compiled = compile_report_step(device, quick, args)
     print()
     print(summary(results, device, env, args.out, load_limit, time.perf_counter() - start, args.record))
-    if not all(result.passed for result in results):
+    if not all(result.passed for result in results) or not compiled:
         return EXIT_CHECK_FAILED
     if any(result.record_failed for result in results):
         return EXIT_NOT_RECORDED

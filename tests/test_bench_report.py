@@ -182,6 +182,7 @@ def fake_main(monkeypatch, tmp_path):
     """report.main over one fake suite, ceilings stubbed, the recorded folder in tmp_path."""
     def run(suite, *argv):
         monkeypatch.setattr(report, "load_suites", lambda names: [suite])
+        monkeypatch.setattr(report, "compile_report_step", lambda device, quick, args: True)  # its own test
         monkeypatch.setattr(report, "measure_ceilings", lambda device, dtype: {"matmul_tflops": 1.0,
                                                                                "matmul": "stub", "copy_gbps": 1.0,
                                                                                "copy": "stub", "int8_tops": None})

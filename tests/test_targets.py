@@ -29,11 +29,19 @@ def test_configs_follow_the_target():
             assert triton_common._fwd_config(64, torch.bfloat16) == table["d64"]
             assert triton_common._fwd_config(100, torch.float16) == table["padded"]
             assert triton_common._fwd_config(128, torch.float16) == table["d128"]
+            for kernel, by_dim in triton_common._BWD_CONFIGS[target.arch].items():
+                for dim, key in ((40, "d64"), (100, "padded"), (128, "d128")):
+                    assert triton_common._bwd_config(dim, torch.bfloat16, kernel) == by_dim[key]
             tiled = int8_kernels._tiled_config(512, 4096, 4096, torch.float16, torch.device("cpu"))
             assert tiled.num_stages == (4 if target.arch >= 90 else 3)
             splitk = int8_kernels._splitk_config(1, 4096, 4096, torch.float16, torch.device("cpu"))
             assert splitk.splits == min(-(-2 * target.sm_count // 64), -(-4096 // (4 * 128)))
     assert A100.shared_memory_limit == 166_912 and H100.shared_memory_limit == 232_448
+
+
+def test_backward_config_names_its_kernel():
+    with pytest.raises(ValueError, match="kernel must be one of .*'dq'.*, got 'dk'"):
+        triton_common._bwd_config(64, torch.float16, "dk")
 
 
 def test_compile_for_refuses_what_is_not_a_target():
