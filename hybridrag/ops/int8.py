@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hybridrag.kernels.int8 import MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_reference, quantize_weight
-from hybridrag.kernels.int8.cpu import SMALL_M, w8a16_route
+from hybridrag.kernels.int8.cpu import int8pack_layout, w8a16_route
 
 from .backend import resolve_backend
 from .library_int8 import backend_functions, int8_matmul_fwd
@@ -250,9 +250,7 @@ def _takes_cache(x, qweight, activations):
     "fp32" there where eager takes "cached")."""
     if not torch.compiler.is_compiling():
         return cpu_route(x, qweight, activations) == "cached"
-    packable = (x.dtype == torch.bfloat16 and x.shape[0] <= SMALL_M and qweight.group_size is None
-                and qweight.in_features % 16 == 0 and qweight.data.is_contiguous())
-    return activations == "fp" and not packable
+    return activations == "fp" and not int8pack_layout(x, qweight.data, qweight.group_size)
 
 
 def _cached_matmul(x, qweight, bias):

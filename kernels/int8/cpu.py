@@ -39,15 +39,20 @@ GRAD_SMALL_M = 2  # the gradient's bfloat16 route measured slower than float32 a
 WIDEN_BLOCK_BYTES = 1 << 22  # one widened weight block: measured best of 0.25 to 8 MiB (2-core EPYC, N = K = 4096)
 
 
+def int8pack_layout(x, data, group_size):
+    """Whether x (M, K) and int8 data (N, K) have the dtype, sizes and layout `torch._weight_int8pack_mm` takes; it
+    also needs data 32-byte aligned (`w8a16_route` checks the address)."""
+    return (x.dtype == torch.bfloat16 and x.shape[0] <= SMALL_M and group_size is None and data.shape[1] % 16 == 0
+            and data.is_contiguous())
+
+
 def w8a16_route(x, data, group_size):
     """The W8A16 route for x (M, K) and int8 data (N, K): "int8pack", "bf16" or "fp32" (module docstring)."""
     if x.dtype != torch.bfloat16:
         return "fp32"
     if x.shape[0] > SMALL_M:
         return "bf16"
-    packable = (group_size is None and data.shape[1] % 16 == 0 and data.is_contiguous()
-                and data.data_ptr() % 32 == 0)
-    return "int8pack" if packable else "fp32"
+    return "int8pack" if int8pack_layout(x, data, group_size) and data.data_ptr() % 32 == 0 else "fp32"
 
 
 def grad_input_route(grad_out):
