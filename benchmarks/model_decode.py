@@ -4,7 +4,7 @@ tokens/s of hybridrag >= sdpa's at every prompt size). Quick: a 1k-token prompt;
 
 Prompts: Python's bundled docs (`pydoc_data.topics`, topics in name order) tokenized and cut to the size. Each
 implementation is loaded once (hybridrag.system.model.load_language_model, float32) and generates NEW_TOKENS greedy
-tokens with hybridrag.system.generation.stream_generate (a fresh DynamicCache each time, eos ignored), so every
+tokens with hybridrag.system.generation.stream_generate (a fresh KV cache each time, eos ignored), so every
 implementation runs the same prompt through the same loop. One warm-up generation each on a short prompt, then
 REPEATS rounds (quick 1, full 3) of one generation per implementation, the order reversed every other round;
 medians reported.

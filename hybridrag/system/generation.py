@@ -7,7 +7,9 @@
     text, stats = generate_text(lm, "What is the capital of France?")   # a LanguageModel: chat template applied
 
 One prefill forward of the prompt, then one forward per new token with the cache; greedy at temperature 0, else
-top-p sampling from a seeded torch.Generator (the same seed gives the same tokens on one machine).
+top-p sampling from a seeded torch.Generator (the same seed gives the same tokens on one machine). Without a
+given cache the steps append to a GrowingCache sized for the prompt and max_new_tokens (no copy of the cache a
+step).
 """
 import inspect
 import sys
@@ -135,9 +137,15 @@ def _forward_keywords(model):
     return ("cache" if "cache" in names else "past_key_values"), "logits_to_keep" in names
 
 
-def _new_cache(model):
+def _new_cache(model, capacity):
+    """A GrowingCache with room for `capacity` positions (steps append in place), or for a model with
+    sliding-window or other layer kinds, transformers' DynamicCache of those kinds."""
     from transformers import DynamicCache
-    return DynamicCache(config=model.config)
+
+    from .growing_cache import GrowingCache
+
+    cache = GrowingCache.for_model(model.config, capacity)
+    return cache if cache is not None else DynamicCache(config=model.config)
 
 
 def _sample(logits, temperature, top_p, generator):
@@ -199,7 +207,7 @@ def stream_generate(model, input_ids, *, past_key_values=None, max_new_tokens=12
 def _stream(model, input_ids, cache, past_length, max_new_tokens, temperature, top_p, seed, eos, stats, tokenizer):
     start = time.perf_counter()
     cache_name, takes_logits_to_keep = _forward_keywords(model)
-    cache = cache if cache is not None else _new_cache(model)
+    cache = cache if cache is not None else _new_cache(model, input_ids.shape[1] + max_new_tokens)
     extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     decoder = _IncrementalDecoder(tokenizer) if tokenizer is not None else None

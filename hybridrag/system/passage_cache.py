@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from ..integrations.transformers import SETTINGS_ATTR, HybridAttentionSettings, _is_attention_module
+from .growing_cache import GrowingCache, GrowingLayer
 
 
 @dataclass
@@ -122,20 +123,36 @@ def check_rotary(model):
     return rotary
 
 
-def stitch(parts, rotary):
-    """A DynamicCache holding the PassageKVs `parts` end to end, each re-rotated to its offset (one rotation for
-    every layer: the shifts are the same in each). Memory: one copy of every part's keys and values, and the
-    rotation's cos and sin (T x D each)."""
+def _rotate_into(keys, cos, sin, out):
+    """out = keys * cos + rotate_half(keys) * sin, written half by half into out (the same operations, so the same
+    values, without the rotated copy and the concatenation)."""
+    half = keys.shape[-1] // 2
+    first, second = keys[..., :half], keys[..., half:]
+    torch.mul(first, cos[..., :half], out=out[..., :half]).sub_(second * sin[..., :half])
+    torch.mul(second, cos[..., half:], out=out[..., half:]).add_(first * sin[..., half:])
+
+
+def stitch(parts, rotary, room=0):
+    """A GrowingCache holding the PassageKVs `parts` end to end, each re-rotated to its offset (one rotation for
+    every layer: the shifts are the same in each), with room for `room` more positions (the question and the
+    answer) before a layer's buffer grows. Memory: per layer, buffers of total + room positions; the rotation's
+    cos and sin (T x D each) and one layer's keys laid end to end, on the way."""
     shifts, total = [], 0
     for part in parts:
         shifts.append(torch.full((part.length,), total - part.start, dtype=torch.long))
         total += part.length
     shifts = torch.cat(shifts)
-    rotation = _rotation(rotary, shifts, parts[0].keys[0]) if bool(shifts.any()) else None
+    like = parts[0].keys[0]
+    rotation = _rotation(rotary, shifts, like) if bool(shifts.any()) else None
+    shape = (*like.shape[:2], total + room, like.shape[-1])
     layers = []
     for layer in range(len(parts[0].keys)):
-        keys = torch.cat([p.keys[layer] for p in parts], dim=2)
-        if rotation is not None:
-            keys = _rotate(keys, *rotation)
-        layers.append((keys, torch.cat([p.values[layer] for p in parts], dim=2)))
-    return DynamicCache(ddp_cache_data=layers)
+        key_buffer, value_buffer = like.new_empty(shape), like.new_empty(shape)
+        torch.cat([p.values[layer] for p in parts], dim=2, out=value_buffer[:, :, :total])
+        keys = [p.keys[layer] for p in parts]
+        if rotation is None:
+            torch.cat(keys, dim=2, out=key_buffer[:, :, :total])
+        else:
+            _rotate_into(torch.cat(keys, dim=2), *rotation, key_buffer[:, :, :total])
+        layers.append(GrowingLayer.over(key_buffer, value_buffer, total))
+    return GrowingCache(layers)

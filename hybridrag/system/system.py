@@ -344,7 +344,8 @@ class HybridRAGSystem:
             kept = last.shape[1] - recompute
             cached[-1:] = [cached[-1].head(kept)] if kept else []
         input_ids = torch.cat([last[:, last.shape[1] - recompute:], parts.suffix], dim=1)
-        return input_ids, stitch(cached, check_rotary(self.language_model.model))
+        room = input_ids.shape[1] + self.config.generation.max_new_tokens
+        return input_ids, stitch(cached, check_rotary(self.language_model.model), room)
 
     @property
     def _pattern(self):
