@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..autocast import without_autocast
 from ..nonfinite import output_grad_products, poison_output, poison_scores, split_finite
 from ..patterns import global_query_rows, hybrid_visibility, landmark_flags, visible_key_range
 
@@ -101,6 +102,7 @@ class _Operands:
         return x.reshape(self.batch, self.heads, x.shape[1] // self.group, x.shape[-1])
 
 
+@without_autocast
 def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None,
                          memory_v=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), memory_k/v (B or 1, Hkv, M, D) or None, landmarks (L,) sorted int64,
@@ -130,6 +132,7 @@ def hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries
     return out, lse
 
 
+@without_autocast
 def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks, global_queries, scale,
                          memory_k=None, memory_v=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """Gradients (dq, dk, dv, dmemory_k, dmemory_v) of out and lse (grad_lse may be None); the memory gradients are
@@ -174,6 +177,7 @@ def hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, cau
     return dq, dk, dv, dmem_k.to(memory_k.dtype), dmem_v.to(memory_v.dtype)
 
 
+@without_autocast
 def attention_mass_blockwise(q, k, lse, segments, num_segments, row_weights, left, right, causal, landmarks,
                              global_queries, scale, memory_k=None, kv_start=None, key_mask=None, block=CPU_BLOCK):
     """(B, H, S) float32: sum over rows of row_weights (B, Tq) times the probability each row gives to the keys of

@@ -8,6 +8,7 @@ NaN/inf reach only the rows that see them (kernels/nonfinite.py).
 """
 import torch
 
+from ..autocast import without_autocast
 from ..nonfinite import output_grad_products, poison_output, poison_scores, split_finite
 from ..patterns import block_visibility, visible_key_range
 
@@ -51,6 +52,7 @@ def _ungroup_rows(x, batch, heads, rows, dim):
     return x.reshape(batch, heads, rows.stop - rows.start, dim)
 
 
+@without_autocast
 def sliding_window_fwd_blockwise(q, k, v, left, right, scale, block=CPU_BLOCK):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32)."""
     batch, heads, tq, dim = q.shape
@@ -77,6 +79,7 @@ def sliding_window_fwd_blockwise(q, k, v, left, right, scale, block=CPU_BLOCK):
     return out, lse
 
 
+@without_autocast
 def sliding_window_bwd_blockwise(q, k, v, o, lse, grad_o, grad_lse, left, right, scale, block=CPU_BLOCK):
     """Gradients (dq, dk, dv) of o and lse, recomputing the probabilities block by block from lse.
 

@@ -5,6 +5,7 @@ landmarks); the softmaxes merge by their log-sum-exp. Temporaries: (B, H, 128, w
 the hybrid path's for the chunk part."""
 import torch
 
+from ..autocast import without_autocast
 from ..hybrid.blockwise import CPU_BLOCK, hybrid_fwd_blockwise
 from ..nonfinite import poison_output, poison_scores, split_finite
 from .cache_layout import ring_positions, stream_visibility
@@ -49,6 +50,7 @@ def _merge(parts):
     return out
 
 
+@without_autocast
 def streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale,
                                   block=CPU_BLOCK):
     """As `streaming_attention_reference`, in blocks of `block` queries; o in q's dtype."""
