@@ -153,6 +153,14 @@ class HierarchicalHybridRAG(nn.Module):
                                           labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return out
 
+    def gradient_checkpointing_enable(self):
+        """Recompute each block in the backward pass instead of keeping its activations (config.gradient_checkpointing
+        = True; the transformers spelling, which HybridRAGTrainer calls)."""
+        self.config.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.config.gradient_checkpointing = False
+
     def quantize(self, mode="w8a16", **kwargs):
         """`hybridrag.nn.quantize_model(self, mode, skip=INT8_SKIP + skip, ...)`: every nn.Linear to Int8Linear but
         the retrieval layer's relevance scorer (read as a weight matrix) and the tied LM head (reported as
