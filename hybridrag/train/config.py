@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..system.config import (AttentionConfig, RetrieverConfig, _build, _check_bool, _check_choice, _check_int,
-                             _DEVICE, _is_int, _is_number, _read_file)
+from ..system.config import (_DEVICE, AttentionConfig, ConfigFile, RetrieverConfig, _build, _check_bool, _check_choice,
+                             _check_int, _is_int, _is_number)
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -36,7 +36,7 @@ def _check_number(where, value, low, high=math.inf, *, low_open=False, allow_non
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(ConfigFile):
     """How HybridRAGTrainer trains.
 
     attention, retriever: the model's AttentionConfig and RetrieverConfig (recorded with every checkpoint).
@@ -165,16 +165,3 @@ class TrainingConfig:
         return [(name, theirs[name], mine[name]) for name in mine
                 if name not in RESUME_FREE and mine[name] != theirs[name]]
 
-    @classmethod
-    def from_any(cls, value):
-        """None -> defaults; a TrainingConfig -> itself; a dict; or a path to a .json, .yaml or .yml file."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return _build(cls, value, "config")
-        if isinstance(value, (str, Path)):
-            return _build(cls, _read_file(Path(value)), str(value))
-        raise TypeError(f"config must be None, a TrainingConfig, a dict or a path to a JSON/YAML file, "
-                        f"got {type(value).__name__}")

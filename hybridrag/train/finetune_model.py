@@ -22,20 +22,13 @@ ADAPTER_FILE = "adapter_model.safetensors"
 MANIFEST = "finetune.json"
 
 
-def _base_folder(model_path):
-    from ..system.model import _converted_default, _model_folder
-    return _converted_default(None) if model_path is None else _model_folder(model_path)
-
-
 def load_base_model(model_path=None, *, int8=False, attn_implementation="sdpa"):
     """A fresh LanguageModel (not the process-wide cached one, which must not be changed in place) from
     `model_path` (a local transformers folder) or the default SmolLM2-135M-Instruct. FileNotFoundError for a
     missing folder; ValueError when the tokenizer's vocabulary does not fit the model's embeddings."""
-    from ..system.model import DEFAULT_MODEL, _check_options, _load
-    _check_options(attn_implementation, int8, torch.float32)
-    folder = _base_folder(model_path)
-    lm = _load(folder, DEFAULT_MODEL if model_path is None else folder.name, attn_implementation, int8,
-               torch.float32, torch.device("cpu"))
+    from ..system.model import load_language_model
+    lm = load_language_model(model_path, attn_implementation=attn_implementation, int8=int8, fresh=True)
+    folder = lm.path
     rows = lm.model.get_input_embeddings().num_embeddings
     if len(lm.tokenizer) > rows:
         raise ValueError(f"the tokenizer in {folder} has {len(lm.tokenizer)} tokens but the model's embedding has "
@@ -123,12 +116,12 @@ def _read_manifest(path):
 def load_finetuned(path, *, attn_implementation="hybridrag", merge=False):
     """The fine-tuned model of a rag-finetune / refrag-finetune output folder as a LanguageModel (eval mode, CPU),
     ready for hybridrag.system.generation. merge=True folds LoRA adapters into the base (int8 bases requantized)."""
-    from ..system.model import _check_options, _load
+    from ..system.model import load_language_model
     folder, manifest = _read_manifest(path)
     int8 = bool(manifest["int8"])
-    _check_options(attn_implementation, int8, torch.float32)
     if manifest["method"] == "full":
-        lm = _load(folder / "model", folder.name, attn_implementation, int8, torch.float32, torch.device("cpu"))
+        lm = load_language_model(folder / "model", attn_implementation=attn_implementation, int8=int8, fresh=True)
+        lm.name = folder.name
     else:
         from safetensors.torch import load_file
         lm = load_base_model(manifest["base_model"], int8=int8, attn_implementation=attn_implementation)
