@@ -41,7 +41,7 @@ setup(
         "system": SYSTEM + RETRIEVAL,
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"] + SYSTEM + RETRIEVAL,
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"] + SYSTEM + RETRIEVAL,
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },
 )

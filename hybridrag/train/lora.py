@@ -144,7 +144,8 @@ def load_lora_state_dict(model, state):
             for key in _ADAPTER_KEYS}
     if set(mine) != set(state):
         raise ValueError(f"the adapter state does not fit the model: only in the state "
-                         f"{sorted(set(state) - set(mine))[:4]}, only in the model {sorted(set(mine) - set(state))[:4]}")
+                         f"{sorted(set(state) - set(mine))[:4]}, only in the model "
+                         f"{sorted(set(mine) - set(state))[:4]}")
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in mine.items() if state[k].shape != v.shape]
     if wrong:
         raise ValueError(f"adapter shapes differ (name, state, model): {wrong[:4]}")
