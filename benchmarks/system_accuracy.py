@@ -1,5 +1,5 @@
 """Answer accuracy of the whole system on Python's bundled documentation: hybrid, base RAG and direct answers of
-SmolLM2-135M-Instruct to the 70 questions of benchmarks/data/pydoc_qa.jsonl, scored against their golds.
+SmolLM2-135M-Instruct to the 200 questions of benchmarks/data/pydoc_qa.jsonl, scored against their golds.
 
 Corpus: every topic of `pydoc_data.topics` (one Document per topic), split and indexed by the system itself
 (attention.segment_length-token passages, the chosen encoder). The experiment is
@@ -7,7 +7,7 @@ hybridrag.system.experiments.run_research_experiment: its module docstring defin
 the retrieval hit rate: a retrieved passage holds a gold answer).
 
     python -m benchmarks.system_accuracy --questions 5          # a few questions, files in benchmarks/runs/
-    python -m benchmarks.system_accuracy --record               # all 70: benchmarks/results/<device>/system_accuracy.*
+    python -m benchmarks.system_accuracy --record               # all 200 (~2 h on 2 cores): benchmarks/results/<device>/system_accuracy.*
 
 Accuracy does not depend on the machine's speed (greedy decoding), so a busy machine does not spoil the figures;
 its load is recorded all the same (other processes' CPU share, benchmarks.common.LoadMeter), since the time columns
