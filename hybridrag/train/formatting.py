@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..retrieval.documents import Document
-from ..retrieval.prompting import escape_boundaries
+from ..retrieval.prompting import _check_int, escape_boundaries
 
 __all__ = ["RETRIEVAL_START", "RETRIEVAL_END", "RETRIEVAL_ROLE", "as_passages", "format_documents_for_prompt",
            "format_multihop_documents", "parse_retrieval_block", "escape_markers", "retrieval_message",
@@ -42,13 +42,6 @@ _BLOCK = re.compile(r"\[DOC_(\d+)\]\nTitle: ([^\n]*)\nContent: (.*?)\n\[/DOC_\1\
 def escape_markers(text: str) -> str:
     """`text` with the "[" of every DOC, RETRIEVAL_START/END or HOP token replaced by "(" (same length)."""
     return _MARKER_OPEN.sub("(", escape_boundaries(text))
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def as_passages(documents, name="documents"):

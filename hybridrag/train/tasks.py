@@ -14,6 +14,7 @@ access and the input conversations are never changed.
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from ..retrieval.prompting import _check_int
 from .formatting import (RETRIEVAL_ROLE, as_passages, check_conversation, format_multihop_documents,
                          retrieval_message)
 
@@ -22,13 +23,6 @@ __all__ = ["RAGTask", "StaticRAGTask", "MultiHopRAGTask", "create_rag_task", "de
 POSITIONS = ("before_user", "after_system")
 MODES = ("dense", "bm25", "hybrid")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _user_index(messages, where):
@@ -61,7 +55,7 @@ class _ConversationTask:
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
         if max_chars is not None:
-            _check_positive("max_chars", max_chars)
+            _check_int("max_chars", max_chars, 1)
         self.conversations = conversations
         self.position = position
         self.max_chars = max_chars
@@ -133,7 +127,7 @@ class RAGTask(_ConversationTask):
 
     def __init__(self, conversations, retriever, *, top_k=3, mode="hybrid", position="before_user", max_chars=None):
         super().__init__(conversations, position=position, max_chars=max_chars)
-        _check_positive("top_k", top_k)
+        _check_int("top_k", top_k, 1)
         self.kind = _check_retriever(retriever, mode)
         self.retriever, self.top_k, self.mode = retriever, top_k, mode
 
@@ -227,7 +221,7 @@ class MultiHopRAGTask(RAGTask):
     def __init__(self, conversations, retriever, *, max_hops=2, top_k=3, mode="hybrid", next_query=None,
                  position="before_user", max_chars=None):
         super().__init__(conversations, retriever, top_k=top_k, mode=mode, position=position, max_chars=max_chars)
-        _check_positive("max_hops", max_hops)
+        _check_int("max_hops", max_hops, 1)
         if next_query is not None and not callable(next_query):
             raise TypeError(f"next_query must be a callable (question, passages) -> str, got "
                             f"{type(next_query).__name__}")
