@@ -9,8 +9,8 @@ from transformers import DynamicCache, MistralConfig  # noqa: E402
 
 from hybridrag.system.generation import stream_generate  # noqa: E402
 from hybridrag.system.growing_cache import GrowingCache, GrowingLayer  # noqa: E402
-from hybridrag.system.passage_cache import (_rotate, _rotation, cache_argument, check_rotary,  # noqa: E402
-                                            encode_passage, stitch)
+from hybridrag.system.passage_cache import (_rotation, cache_argument, check_rotary, encode_passage,  # noqa: E402
+                                            stitch)
 
 
 def _kv(length, seed, heads=2, dim=16):
@@ -77,6 +77,12 @@ def test_for_model_refuses_sliding_window_layers():
     config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
     assert GrowingCache.for_model(config, 16) is None
+
+
+def _rotate(keys, cos, sin):
+    """RoPE's rotation as transformers' Llama writes it: keys * cos + rotate_half(keys) * sin."""
+    first, second = keys.chunk(2, dim=-1)
+    return keys * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def test_stitch_writes_the_rotated_keys_with_room(tiny_llama):

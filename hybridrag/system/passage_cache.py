@@ -89,26 +89,28 @@ def encode_passage(model, token_ids, prefix=None):
                      [layer.values[:, :, start:].clone() for layer in cache.layers], start)
 
 
-def _rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def _rotation(rotary, shifts, like):
     """(cos, sin), each (1, 1, L, D) in like's dtype, that re-rotate keys by `shifts` (L,) positions."""
     cos, sin = rotary(like, shifts[None].to(like.device))  # (1, L, D)
     return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
 
 
-def _rotate(keys, cos, sin):
-    return keys * cos + _rotate_half(keys) * sin
+def _rotate_into(keys, cos, sin, out):
+    """out = keys * cos + rotate_half(keys) * sin (RoPE's rotation, rotate_half(x) = (-x2, x1)), written half by
+    half into out: no rotated copy and no concatenation."""
+    half = keys.shape[-1] // 2
+    first, second = keys[..., :half], keys[..., half:]
+    torch.mul(first, cos[..., :half], out=out[..., :half]).sub_(second * sin[..., :half])
+    torch.mul(second, cos[..., half:], out=out[..., half:]).add_(first * sin[..., half:])
 
 
 def shift_keys(keys, offset, rotary):
     """keys (1, Hkv, L, D) rotated for positions p, re-rotated for positions p + offset (RoPE: R(p + o) = R(o) R(p))."""
     if offset == 0:
         return keys
-    return _rotate(keys, *_rotation(rotary, torch.full((keys.shape[2],), offset, dtype=torch.long), keys))
+    out = torch.empty_like(keys)
+    _rotate_into(keys, *_rotation(rotary, torch.full((keys.shape[2],), offset, dtype=torch.long), keys), out)
+    return out
 
 
 def check_rotary(model):
@@ -121,15 +123,6 @@ def check_rotary(model):
         raise ValueError(f"the model's RoPE scales attention by {rotary.attention_scaling}: re-rotated passage keys "
                          "would be scaled twice; set passage_cache=False")
     return rotary
-
-
-def _rotate_into(keys, cos, sin, out):
-    """out = keys * cos + rotate_half(keys) * sin, written half by half into out (the same operations, so the same
-    values, without the rotated copy and the concatenation)."""
-    half = keys.shape[-1] // 2
-    first, second = keys[..., :half], keys[..., half:]
-    torch.mul(first, cos[..., :half], out=out[..., :half]).sub_(second * sin[..., :half])
-    torch.mul(second, cos[..., half:], out=out[..., half:]).add_(first * sin[..., half:])
 
 
 def stitch(parts, rotary, room=0):
