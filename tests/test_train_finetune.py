@@ -11,7 +11,7 @@ from hybridrag.train.__main__ import main
 from hybridrag.train.finetune import FinetuneConfig, rag_finetune
 from hybridrag.train.finetune_data import load_qa_records, rag_prompt_ids
 from hybridrag.train.finetune_model import load_finetuned
-from hybridrag.train.lora import lora_state_dict
+from hybridrag.nn.lora import lora_state_dict
 from hybridrag.train.refrag import RefragConfig, group_advantages, kl_k3, refrag_finetune
 
 DOCS = [{"id": "assert", "title": "assert", "text": "The assert statement raises AssertionError when false."},

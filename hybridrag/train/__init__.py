@@ -14,7 +14,7 @@ from .finetune import FinetuneConfig, rag_finetune
 from .finetune_model import load_finetuned
 from .formatting import (create_rag_training_example, format_documents_for_prompt, format_multihop_documents,
                          render_rag_conversation_for_tokenizer)
-from .lora import LoRALinear, apply_lora, merge_lora
+from ..nn.lora import LoRALinear, apply_lora, merge_lora
 from .marginal import MarginalRAG, PassageIndex, answer_log_likelihood, marginal_nll, retrieval_posterior
 from .refrag import RefragConfig, refrag_finetune
 from .rewards import check_hallucination, compute_rag_reward

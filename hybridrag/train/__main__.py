@@ -4,7 +4,7 @@ import json
 import sys
 
 from .finetune_data import DEFAULT_SYSTEM
-from .lora import DEFAULT_TARGETS
+from ..nn.lora import DEFAULT_TARGETS
 
 PROG = "python -m hybridrag.train"
 

@@ -22,7 +22,7 @@ from .config import TrainingConfig
 from .data import RAGCollator, RAGDataset
 from .finetune_data import DEFAULT_SYSTEM, load_qa_records, record_item
 from .finetune_model import AnswerLossModel, load_base_model, save_finetuned
-from .lora import DEFAULT_TARGETS, apply_lora
+from ..nn.lora import DEFAULT_TARGETS, apply_lora
 
 __all__ = ["FinetuneConfig", "rag_finetune", "prepare_model", "retrieve_documents", "build_knowledge_base", "RUN_FILE"]
 

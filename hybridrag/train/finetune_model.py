@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX
-from .lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from ..nn.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 
 __all__ = ["load_base_model", "AnswerLossModel", "save_finetuned", "load_finetuned", "FORMAT"]
 

@@ -29,7 +29,7 @@ from .finetune import FinetuneConfig, build_knowledge_base, check_run_file
 from .finetune_data import load_qa_records
 from .finetune_model import AnswerLossModel, load_base_model, save_finetuned
 from .formatting import render_rag_conversation_for_tokenizer
-from .lora import apply_lora, set_lora_enabled
+from ..nn.lora import apply_lora, set_lora_enabled
 from .rag_generate import generate_ids
 from .rewards import compute_rag_reward
 

@@ -1,4 +1,4 @@
-"""hybridrag.train.lora: LoRA over nn.Linear and Int8Linear bases: identity at start, only adapters train, merge,
+"""hybridrag.nn.lora: LoRA over nn.Linear and Int8Linear bases: identity at start, only adapters train, merge,
 state round trip, bad input."""
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hybridrag.nn import Int8Linear, quantize_model
-from hybridrag.train.lora import (LoRALinear, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict,
+from hybridrag.nn.lora import (LoRALinear, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict,
                                   merge_lora, set_lora_enabled)
 
 
