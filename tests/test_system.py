@@ -105,7 +105,7 @@ def test_the_last_passages_last_tokens_run_with_the_question(system):
     answer."""
     parts = system.prompt_parts(QUESTION, [hit.document for hit in system.retrieve(QUESTION)])
     n = system.config.recompute_tokens
-    input_ids, cache = system._prefill_inputs(parts, "hybrid")
+    input_ids, cache = system.prefill_inputs(parts, "hybrid")
     assert 0 < n < parts.passages[-1].shape[1]
     assert torch.equal(input_ids, torch.cat([parts.passages[-1][:, -n:], parts.suffix], dim=1))
     assert cache.get_seq_length() == parts.length - input_ids.shape[1]
@@ -114,7 +114,7 @@ def test_the_last_passages_last_tokens_run_with_the_question(system):
                                                                                                    "base_rag"))
     assert hybrid["response"] == base["response"] and hybrid["prompt_tokens"] == base["prompt_tokens"]
     none = _sibling(system, recompute_tokens=0)
-    assert torch.equal(none._prefill_inputs(parts, "hybrid")[0], parts.suffix)
+    assert torch.equal(none.prefill_inputs(parts, "hybrid")[0], parts.suffix)
 
 
 def test_precomputed_passages_fill_the_store_up_to_its_bound(system, caplog):

@@ -103,6 +103,11 @@ class AttentionConfig:
                              f"answering; got {self.dropout!r}")
         self.dropout = float(self.dropout)
 
+    @property
+    def pattern(self):
+        """(window_size, num_landmark_tokens, landmark_stride): passage_cache.passage_pattern's arguments."""
+        return self.window_size, self.num_landmark_tokens, self.landmark_stride
+
     def check_against_model(self, model_config):
         """ValueError when hidden_size or num_attention_heads is set and differs from the model's (a transformers
         config, or any object or dict with those two names); returns self."""
@@ -243,6 +248,10 @@ class SystemConfig(ConfigFile):
     drop_unattended: None, or a share s in (0, 1): the hybrid method first runs the question over all retrieved
         passages, drops those whose attention share from the question's last row is below s / k, and answers from
         the rest (the attention-guided second step; one extra question prefill).
+    reader_adapter: None, or a reader adapter file (hybridrag.system.reader, written by `python -m
+        hybridrag.train reader-finetune`): LoRA adapters, trained for this model, that are on while the hybrid
+        method's question-side rows run (the recomputed tokens, the question, the answer) and off everywhere else,
+        so passages stay the base model's. The system then loads a model copy of its own.
     device: "cpu", "cuda" or "cuda:<n>".
     """
 
@@ -264,6 +273,7 @@ class SystemConfig(ConfigFile):
     attention_feedback: bool = False
     recompute_tokens: int = 48
     drop_unattended: float | None = None
+    reader_adapter: str | None = None
     device: str = "cpu"
 
     def __post_init__(self):
@@ -293,6 +303,10 @@ class SystemConfig(ConfigFile):
         if self.drop_unattended is not None and not (_is_number(self.drop_unattended)
                                                      and 0 < self.drop_unattended < 1):
             raise ValueError(f"drop_unattended must be None or a share in (0, 1), got {self.drop_unattended!r}")
+        self.reader_adapter = _check_optional_path("reader_adapter", self.reader_adapter)
+        if self.reader_adapter is not None and not Path(self.reader_adapter).is_file():
+            raise ValueError(f"reader_adapter must be None or a reader adapter file, got {self.reader_adapter!r}, "
+                             "which is not a file: train one with `python -m hybridrag.train reader-finetune`")
         if self.precompute_passages and not self.passage_cache:
             raise ValueError("precompute_passages=True needs passage_cache=True (there is no store to fill)")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):

@@ -40,7 +40,7 @@ from .system import _support, create_hybrid_rag_system
 METHODS = ("hybrid", "base_rag", "direct")
 # fields the knowledge base is built from, and fields the language model is loaded from
 KB_FIELDS = ("encoder", "index_kind", "attention.segment_length", "attention.window_overlap")
-MODEL_FIELDS = ("model_path", "cache_dir", "attn_implementation", "int8", "device")
+MODEL_FIELDS = ("model_path", "cache_dir", "attn_implementation", "int8", "device", "reader_adapter")
 BASE = "base"
 ACCURACY = ("exact_match", "contains_gold", "token_f1")
 ANALYSIS = ("attention_quality", "entropy", "focus", "coverage")
@@ -48,7 +48,7 @@ TIMES = ("first_token_s", "total_s", "tokens_per_second")
 
 
 def run_research_experiment(config, questions, *, out_dir, methods=METHODS, sweeps=None, documents=None,
-                            system=None, progress=None):
+                            system=None, progress=None, sweep_methods=None):
     """Run every method on every question for each configuration; write results.json and four PNGs to out_dir.
 
     Args:
@@ -59,6 +59,8 @@ def run_research_experiment(config, questions, *, out_dir, methods=METHODS, swee
         sweeps: {dotted field: [values]}, e.g. {"retriever.top_k": [2, 8], "passage_cache": [True, False]}: each
             value is one configuration, the base with only that field changed (a value equal to the base's is the
             base configuration, not run twice).
+        sweep_methods: the methods the sweep configurations run (default: `methods`), e.g. ("hybrid",) for a
+            field only the hybrid method reads (reader_adapter).
         documents: a list of Document to build the knowledge base from. Needed unless `system` has a knowledge
             base and no sweep changes a field it is built from (KB_FIELDS).
         system: a HybridRAGSystem whose language model (and knowledge base, for configurations with its
@@ -73,6 +75,7 @@ def run_research_experiment(config, questions, *, out_dir, methods=METHODS, swee
     started = time.perf_counter()
     questions = load_questions(questions)
     methods = _check_methods(methods)
+    sweep_methods = methods if sweep_methods is None else _check_methods(sweep_methods, "sweep_methods")
     base = SystemConfig.from_any(system.config if config is None and system is not None else config)
     configs, sweep_points = expand_sweeps(base, sweeps)
     models, knowledge_bases = _reusable_parts(system)
@@ -81,18 +84,21 @@ def run_research_experiment(config, questions, *, out_dir, methods=METHODS, swee
     out_dir.mkdir(parents=True, exist_ok=True)
     environment = _environment_start(base)
     records = []
-    bar = tqdm(total=len(configs) * len(methods) * len(questions), unit="answer", file=sys.stderr,
+    plan = {label: methods if label == BASE else sweep_methods for label in configs}
+    bar = tqdm(total=sum(map(len, plan.values())) * len(questions), unit="answer", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True, mininterval=0.5)
     with bar:
         for label, cfg in configs.items():
             bar.set_description(label)
             rag = _system_for(cfg, models, knowledge_bases, documents)
             for question in questions:
-                for method in methods:
+                for method in plan[label]:
                     records.append(answer_record(rag, label, method, question))
                     bar.update()
-    summary = {"methods": list(methods), "configs": list(configs), "sweeps": sweep_points,
-               "questions": len(questions), "rows": summarize_records(records, configs, methods),
+    every = [m for m in METHODS if m in methods or (len(configs) > 1 and m in sweep_methods)]
+    summary = {"methods": every, "sweep_methods": list(sweep_methods), "configs": list(configs),
+               "sweeps": sweep_points,
+               "questions": len(questions), "rows": summarize_records(records, plan),
                "out_dir": str(out_dir), "files": []}
     summary["files"] = [str(path) for path in write_plots(summary, records, out_dir)]
     payload = {"summary": summary, "configs": {label: cfg.to_dict() for label, cfg in configs.items()},
@@ -133,11 +139,11 @@ def load_questions(questions):
     return list(questions)
 
 
-def _check_methods(methods):
+def _check_methods(methods, name="methods"):
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct names out of {METHODS}, got {list(methods)}")
+        raise ValueError(f"{name} must be distinct names out of {METHODS}, got {list(methods)}")
     return methods
 
 
@@ -274,10 +280,11 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize_records(records, configs, methods):
-    """One row of metrics (module docstring) per configuration and method, in run order."""
+def summarize_records(records, plan):
+    """One row of metrics (module docstring) per configuration and method, in run order; plan: {configuration
+    label: the methods it ran}."""
     rows = []
-    for label in configs:
+    for label, methods in plan.items():
         for method in methods:
             mine = [r for r in records if r["config"] == label and r["method"] == method]
             rows.append(_row(label, method, mine))
@@ -379,14 +386,18 @@ def _save(plt, figure, path):
 
 
 def plot_methods(plt, summary, path):
-    """Accuracy, success and context quality per method, base configuration."""
-    rows = [r for r in summary["rows"] if r["config"] == BASE]
+    """Accuracy, success and context quality per method, base configuration; when the sweeps ran only some of the
+    methods (sweep_methods), their rows too, labelled with the swept value."""
+    rows = [(r["method"], r) for r in summary["rows"] if r["config"] == BASE]
+    if any(r["config"] == BASE and r["method"] not in summary["sweep_methods"] for r in summary["rows"]):
+        rows += [(f"{r['method']}, {_tick(r['config'].partition('=')[2])}", r) for r in summary["rows"]
+                 if r["config"] != BASE]
     metrics = (*ACCURACY, "success_rate", "context_quality", "attention_quality")
     figure, axes = plt.subplots(figsize=(8.5, 3.6))
     width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
+    for i, (label, row) in enumerate(rows):
         axes.bar([m + i * width for m in range(len(metrics))], [row[m] or 0.0 for m in metrics], width,
-                 label=row["method"])
+                 label=label)
     axes.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics, fontsize=8)
     axes.set_ylim(0, 1)
     axes.grid(True, axis="y", alpha=0.3)
@@ -403,16 +414,22 @@ def plot_configurations(plt, summary, path):
     for column, (field, points) in enumerate(sweeps.items()):
         for row, metric in enumerate(("contains_gold", "first_token_s")):
             axis = axes[row][column]
-            for method in summary["methods"]:
-                axis.plot(range(len(points)), [by_key[p["config"], method][metric] for p in points], marker="o",
-                          label=method)
-            axis.set_xticks(range(len(points)), [str(p["value"]) for p in points], fontsize=8)
+            for method in summary["methods"]:  # a method the sweep did not run (sweep_methods) has base's point only
+                present = [(i, by_key[p["config"], method][metric]) for i, p in enumerate(points)
+                           if (p["config"], method) in by_key]
+                axis.plot(*zip(*present), marker="o", label=method)
+            axis.set_xticks(range(len(points)), [_tick(p["value"]) for p in points], fontsize=8)
             axis.set_xlabel(field, fontsize=8)
             axis.set_ylabel(metric, fontsize=8)
             axis.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle("configurations: one field changed at a time from the base", fontsize=9)
     return _save(plt, figure, path)
+
+
+def _tick(value):
+    """A sweep value as an axis label: a path by its file name."""
+    return Path(value).name if isinstance(value, str) and ("/" in value or "\\" in value) else str(value)
 
 
 def plot_attention_quality(plt, records, path):

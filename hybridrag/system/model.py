@@ -208,6 +208,13 @@ _MODELS = {}  # (folder, attn_implementation, int8, dtype, device) -> LanguageMo
 _MODELS_LOCK = threading.Lock()
 
 
+def is_shared(language_model):
+    """True when `language_model` is one load_language_model keeps process-wide (changing it changes every
+    system that was handed it)."""
+    with _MODELS_LOCK:
+        return any(language_model is kept for kept in _MODELS.values())
+
+
 def clear_model_cache():
     """Forget every model load_language_model has kept (they are freed once nothing else holds them)."""
     with _MODELS_LOCK:

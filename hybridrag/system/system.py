@@ -7,7 +7,9 @@ passage, the question and the assistant's turn), token for token the same in eac
   store (`passage_store`: bounded, MemoryManager eviction, optionally int8, saved with the system), and stitched
   after the prefix with its keys re-rotated to the passage's offset (`passage_cache`); at answer time only the
   question, the answer and the last passage's last recompute_tokens run, attending to every passage. Optional
-  second step (drop_unattended): the question's attention picks the passages the answer is generated from.
+  second step (drop_unattended): the question's attention picks the passages the answer is generated from. With
+  reader_adapter, those question-side rows run with the reader's LoRA adapters on (`reader`: trained to answer
+  from stitched caches as base RAG answers from the full prompt); passages are always the base model's.
 - "base_rag": the same tokens as one prompt with full causal attention (plain RAG).
 - "direct": the question alone.
 With attn_implementation="hybridrag" the answer rows' attention mass per passage is recorded on the way
@@ -35,6 +37,7 @@ from .loading import load_documents
 from .model import load_language_model
 from .passage_cache import cache_argument, check_rotary, stitch
 from .passage_store import PassageKVStore, fingerprint
+from .reader import attach_reader, load_reader, reading
 
 TASKS = {
     "qa": "Answer the question using the documents. Reply with a short answer only.",
@@ -47,6 +50,7 @@ DIRECT = {
     "classification": "Classify the text. Reply with one of the labels only.",
 }
 _MARKER = "\u0000PASSAGES\u0000"
+READER_ATTR = "_hybridrag_reader_adapter"  # on a model with a reader attached: the reader file's resolved path
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +79,10 @@ class PromptParts:
         return torch.cat(ids)[None]
 
 
+def _resolved(path):
+    return str(Path(path).resolve())
+
+
 def passage_block(document):
     """The text a passage holds in the prompt: its title line, then its text (no number: the block is the same in
     every prompt, so its KV cache can be reused)."""
@@ -91,6 +99,12 @@ class HybridRAGSystem:
 
     def __init__(self, config=None, *, language_model=None, neural_retriever=None):
         self.config = SystemConfig.from_any(config)
+        if language_model is not None and self.config.reader_adapter is not None:
+            held = getattr(language_model.model, READER_ATTR, None)
+            if held != _resolved(self.config.reader_adapter):
+                raise ValueError(f"reader_adapter={self.config.reader_adapter!r} with a given language_model that "
+                                 f"holds {'no reader' if held is None else 'the reader ' + repr(held)}: leave out "
+                                 "language_model (the system loads a copy of its own and attaches the reader)")
         self._language_model = language_model
         self.knowledge_base = None
         self.neural_retriever = _check_neural_retriever(neural_retriever)
@@ -111,11 +125,30 @@ class HybridRAGSystem:
         """The LanguageModel, loaded on first use (the conversion of the bundled GGUF is cached on disk)."""
         if self._language_model is None:
             c = self.config
-            self._language_model = load_language_model(c.model_path, cache_dir=c.cache_dir,
-                                                       attn_implementation=c.attn_implementation, int8=c.int8,
-                                                       device=c.device)
-            c.attention.check_against_model(self._language_model.model.config)
+            lm = load_language_model(c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation,
+                                     int8=c.int8, device=c.device, fresh=c.reader_adapter is not None)
+            c.attention.check_against_model(lm.model.config)
+            if c.reader_adapter is not None:
+                self._attach_reader(lm)
+            self._language_model = lm
         return self._language_model
+
+    def _attach_reader(self, lm):
+        """Attach config.reader_adapter to lm's own model copy; a reader trained with other settings is used,
+        with a warning naming them."""
+        reader = load_reader(self.config.reader_adapter)
+        attach_reader(lm.model, reader, fingerprint(lm))
+        setattr(lm.model, READER_ATTR, _resolved(self.config.reader_adapter))
+        here = {"recompute_tokens": self.config.recompute_tokens, "pattern": list(self._pattern)}
+        differ = {key: (reader.trained_for[key], value) for key, value in here.items()
+                  if key in reader.trained_for and reader.trained_for[key] != value}
+        if differ:
+            log.warning("reader adapter %s was trained with other settings (trained, now): %s",
+                        self.config.reader_adapter, differ)
+
+    def _reading(self, method):
+        """The block in which the hybrid method's question-side rows run: the reader adapter on, if any."""
+        return reading(self.language_model.model, enabled=method == "hybrid")
 
     def load_documents(self, paths, **options):
         """Documents from files and folders of .txt, .md and .jsonl (see hybridrag.system.loading)."""
@@ -261,10 +294,12 @@ class HybridRAGSystem:
         if method == "hybrid" and self.config.drop_unattended is not None and len(hits) > 1:
             hits, dropped = self._drop_unattended(parts, hits)
             parts = self.prompt_parts(question, [hit.document for hit in hits], task_type)
-        input_ids, cache = self._prefill_inputs(parts, method)
+        input_ids, cache = self.prefill_inputs(parts, method)
         timings["passages"] = time.perf_counter() - start
         stats = GenerationStats()
-        text, record = self._generate(parts, input_ids, cache, stats, measure_attention and bool(hits), on_token)
+        with self._reading(method):
+            text, record = self._generate(parts, input_ids, cache, stats, measure_attention and bool(hits),
+                                          on_token)
         timings.update(prefill=timings["passages"] + stats.prefill_s, first_token=timings["passages"]
                        + stats.first_token_s, decode=stats.decode_s)
         masses = _passage_mass(record)
@@ -282,12 +317,12 @@ class HybridRAGSystem:
         if lm.attn_implementation != "hybridrag":
             raise ValueError("drop_unattended needs attn_implementation='hybridrag' (the shares come from the "
                              f"kernels), got {lm.attn_implementation!r}")
-        input_ids, cache = self._prefill_inputs(parts, "hybrid")
+        input_ids, cache = self.prefill_inputs(parts, "hybrid")
         rows = torch.zeros(1, parts.length, dtype=torch.bool)
         rows[:, -1] = True
         device = self.config.device
         with torch.no_grad(), capture_attention_mass(lm.model, parts.segments().to(device), rows.to(device),
-                                                     num_segments=len(hits)) as record:
+                                                     num_segments=len(hits)) as record, self._reading("hybrid"):
             lm.model(input_ids=input_ids, use_cache=True, **{cache_argument(lm.model): cache})
         share = _passage_mass(record)
         share = share / share.sum().clamp(min=1e-30)
@@ -332,7 +367,7 @@ class HybridRAGSystem:
                              f"context of {limit}: retrieve fewer passages (retriever.top_k) or shorter ones "
                              "(attention.segment_length)")
 
-    def _prefill_inputs(self, parts, method):
+    def prefill_inputs(self, parts, method):
         """(input_ids the model still has to run, the cache before them or None). Hybrid: the stitched cache of
         the prefix and the passages but the last passage's last recompute_tokens, which run with the suffix."""
         if method != "hybrid" or not parts.passages:
@@ -349,9 +384,7 @@ class HybridRAGSystem:
 
     @property
     def _pattern(self):
-        """passage_pattern's arguments from config.attention."""
-        a = self.config.attention
-        return a.window_size, a.num_landmark_tokens, a.landmark_stride
+        return self.config.attention.pattern
 
     def _cached_parts(self, prefix, passages):
         """[PassageKV of the prefix, then of each passage encoded after it], from the store (or encoded afresh
@@ -389,9 +422,9 @@ class HybridRAGSystem:
         scores = []
         for label in labels:
             label_ids = self._tokens(label)
-            input_ids, cache = self._prefill_inputs(parts, method)
+            input_ids, cache = self.prefill_inputs(parts, method)
             ids = torch.cat([input_ids, label_ids], dim=1)
-            with torch.no_grad():
+            with torch.no_grad(), self._reading(method):
                 logits = lm.model(input_ids=ids, use_cache=cache is not None,
                                   **({} if cache is None else {cache_argument(lm.model): cache})).logits
             steps = torch.log_softmax(logits[0, -label_ids.shape[1] - 1:-1].float(), dim=-1)

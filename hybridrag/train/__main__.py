@@ -1,7 +1,9 @@
-"""python -m hybridrag.train rag-finetune | refrag-finetune: fine-tune the RAG system's LM with retrieval."""
+"""python -m hybridrag.train rag-finetune | refrag-finetune | reader-finetune: fine-tune the RAG system's LM with
+retrieval, or distil base RAG's answers into the hybrid method's reader adapter."""
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .finetune_data import DEFAULT_SYSTEM
 from ..nn.lora import DEFAULT_TARGETS
@@ -69,7 +71,73 @@ def _parser():
     rl.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="(default %(default)s)")
     rl.add_argument("--temperature", type=float, default=defaults.temperature, help="(default %(default)s)")
     rl.add_argument("--kl-coef", type=float, default=defaults.kl_coef, help="(default %(default)s)")
+    _reader_parser(commands)
     return parser
+
+
+def _reader_parser(commands):
+    from .reader_finetune import ReaderConfig
+
+    defaults = ReaderConfig()
+    reader = commands.add_parser(
+        "reader-finetune", help="distil base RAG's answers into the hybrid method's reader adapter",
+        description="Answer each question with base RAG (full prompt, full attention), then train LoRA adapters "
+                    "that are on only for the hybrid method's question-side rows to give the same answers from "
+                    "the stitched passage caches. Writes a reader adapter file for the system's reader_adapter.")
+    add = reader.add_argument
+    source = reader.add_mutually_exclusive_group(required=True)
+    source.add_argument("--documents", nargs="+", help="files or folders (.txt, .md, .jsonl) to build the "
+                                                       "knowledge base from")
+    source.add_argument("--saved-system", help="a folder written by HybridRAGSystem.save")
+    add("--questions", required=True, help="JSONL of training questions ({\"question\": ...} or {\"query\": ...} "
+                                           "a line); no answers needed")
+    add("--held-out", default=None, help="JSONL of questions whose loss is reported before and after, not trained on")
+    add("--output", required=True, help="the reader adapter file to write (.pt)")
+    add("--config", default=None, help="system config (.json/.yaml) for --documents; the reader is trained for "
+                                       "its recompute_tokens, passage pattern and retrieval")
+    add("--epochs", type=int, default=defaults.epochs, help="(default %(default)s)")
+    add("--lr", type=float, default=defaults.learning_rate, help="peak learning rate (default %(default)s)")
+    add("--warmup-steps", type=int, default=defaults.warmup_steps, help="(default %(default)s)")
+    add("--rank", type=int, default=defaults.rank, help="LoRA rank (default %(default)s)")
+    add("--alpha", type=float, default=defaults.alpha, help="LoRA alpha (default %(default)s)")
+    add("--targets", default=",".join(defaults.targets), help="comma-separated module names to adapt "
+                                                                "(default %(default)s)")
+    add("--seed", type=int, default=defaults.seed)
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def _reader_main(args, parser):
+    from ..system import HybridRAGSystem, SystemConfig, create_hybrid_rag_system
+    from ..system.model import load_language_model
+    from .reader_finetune import ReaderConfig, read_questions, reader_finetune
+
+    try:
+        config = ReaderConfig(epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                              rank=args.rank, alpha=args.alpha, seed=args.seed,
+                              targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    questions = read_questions(args.questions)
+    held_out = read_questions(args.held_out) if args.held_out else []
+    if args.saved_system and args.config:
+        parser.error("--config applies to --documents; a saved system brings its own")
+    saved = Path(args.saved_system) / "config.json" if args.saved_system else None
+    if saved is not None and not saved.is_file():
+        parser.error(f"--saved-system {args.saved_system}: no hybridrag system there (missing config.json)")
+    c = SystemConfig.from_any(saved if saved is not None else args.config)
+    if c.reader_adapter is not None:
+        parser.error(f"the system's config has reader_adapter={c.reader_adapter!r}: train on a config without one")
+    lm = load_language_model(c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation,
+                             int8=c.int8, device=c.device, fresh=True)  # training changes it: a copy of its own
+    if saved is not None:
+        system = HybridRAGSystem.load(args.saved_system, language_model=lm)
+    else:
+        system = create_hybrid_rag_system(c, language_model=lm)
+        system.create_vectorstore(system.load_documents(args.documents))
+    summary = reader_finetune(system, questions, args.output, config, held_out=held_out,
+                              progress=not args.no_progress)
+    print(json.dumps({key: value for key, value in summary.items() if key != "losses"}, indent=2))
+    return 0
 
 
 def _ints(text, name, parser):
@@ -106,6 +174,8 @@ def _config(args, parser):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "reader-finetune":
+        return _reader_main(args, parser)
     config = _config(args, parser)
     if args.command == "rag-finetune":
         from .finetune import rag_finetune
