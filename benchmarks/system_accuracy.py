@@ -81,6 +81,8 @@ def parse_args(argv):
     reader.add_argument("--reader-adapter", type=Path, default=None, metavar="FILE",
                         help="answer with the hybrid method and this reader adapter too")
     parser.add_argument("--reader-epochs", type=int, default=2, help="--train-reader's epochs (default %(default)s)")
+    parser.add_argument("--reader-questions", type=int, default=None, metavar="N",
+                        help="--train-reader on the first N retrieval queries (default all)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods of the base configuration (default %(default)s); a run with "
                              "fewer records as system_accuracy_reader (it needs a reader)")
@@ -98,6 +100,8 @@ def parse_args(argv):
     if not args.methods or not set(args.methods) <= set(METHODS) or len(set(args.methods)) < len(args.methods):
         parser.error(f"--methods must be distinct names out of {', '.join(METHODS)}, got {args.methods}")
     reader = args.train_reader or args.reader_adapter is not None
+    if args.record and args.reader_questions is not None:
+        parser.error("--record trains the reader on every retrieval query: drop --reader-questions")
     if args.record and set(args.methods) != set(METHODS) and not reader:
         parser.error("--record with fewer --methods records the reader's run: add --train-reader or --reader-adapter")
     if args.reader_adapter is not None and not args.reader_adapter.is_file():
@@ -143,7 +147,7 @@ def train_reader(system, documents, args):
         c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation, int8=c.int8,
         device=c.device, fresh=True))
     trainer.knowledge_base = system.knowledge_base
-    questions = read_questions(READER_QUESTIONS)
+    questions = read_questions(READER_QUESTIONS)[:args.reader_questions]
     log(f"reader adapter: base RAG answers {len(questions)} retrieval queries, then {args.reader_epochs} epochs")
     summary = reader_finetune(trainer, questions, args.out / "reader.pt", ReaderConfig(epochs=args.reader_epochs))
     log(f"reader adapter: loss {summary['loss_before']:.3f} -> {summary['loss_after']:.3f} in "
