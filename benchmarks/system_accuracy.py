@@ -42,6 +42,7 @@ from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, device_slug, environmen
 SUITE = "system_accuracy"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_qa.jsonl"
 READER_QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_queries.jsonl"
+READER_STORE_PASSAGES = 4096  # the reader's training store: every retrieved passage of the 184 queries stays
 METHODS = ("hybrid", "base_rag", "direct")
 SMALL_SWEEP = {"retriever.top_k": [2, 8], "attention.window_size": [64]}
 COLUMNS = [
@@ -111,7 +112,7 @@ def parse_args(argv):
     return args
 
 
-def run(args):
+def run(args, env):
     """(summary, results.json payload, other processes' CPU share during the run)."""
     questions = load_questions(QUESTIONS)[:args.questions]
     config = experiment_config(args)
@@ -123,7 +124,7 @@ def run(args):
     log(f"{len(system.knowledge_base)} passages; {len(questions)} questions x {', '.join(args.methods)}")
     sweeps, reader = dict(SMALL_SWEEP) if args.sweeps else {}, None
     if args.train_reader:
-        reader = train_reader(system, documents, args)
+        reader = train_reader(system, args, env)
     if args.train_reader or args.reader_adapter is not None:
         sweeps["reader_adapter"] = [str(args.out / "reader.pt" if args.train_reader else args.reader_adapter)]
     summary = run_research_experiment(None, questions, out_dir=args.out, methods=args.methods, documents=documents,
@@ -139,17 +140,20 @@ def run(args):
     return summary, payload, other_load
 
 
-def train_reader(system, documents, args):
+def train_reader(system, args, env):
     """Distil the reader adapter for `system`'s settings into args.out / reader.pt (module docstring); a system of
-    its own with a model copy of its own, so the shared model stays as it is. Returns the training summary."""
+    its own with a model copy of its own, so the shared model stays as it is, and a passage store that holds every
+    training passage (about 450 passages, 4.5 GB in float32). Returns the training summary."""
     c = system.config
-    trainer = create_hybrid_rag_system(c, language_model=load_language_model(
-        c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation, int8=c.int8,
-        device=c.device, fresh=True))
+    lm = load_language_model(c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation,
+                             int8=c.int8, device=c.device, fresh=True)
+    trainer = create_hybrid_rag_system({**c.to_dict(), "passage_cache_size": READER_STORE_PASSAGES,
+                                        "passage_cache_bytes": None}, language_model=lm)
     trainer.knowledge_base = system.knowledge_base
     questions = read_questions(READER_QUESTIONS)[:args.reader_questions]
     log(f"reader adapter: base RAG answers {len(questions)} retrieval queries, then {args.reader_epochs} epochs")
-    summary = reader_finetune(trainer, questions, args.out / "reader.pt", ReaderConfig(epochs=args.reader_epochs))
+    summary = reader_finetune(trainer, questions, args.out / "reader.pt", ReaderConfig(epochs=args.reader_epochs),
+                              notes={"env": env})
     log(f"reader adapter: loss {summary['loss_before']:.3f} -> {summary['loss_after']:.3f} in "
         f"{format_seconds(summary['seconds'])} (+ {format_seconds(summary['teacher_seconds'])} of base RAG answers)")
     return summary
@@ -181,7 +185,7 @@ def main(argv=None):
     log(f"device: {env['device']}, torch {env['torch']}, commit {env['git_commit']}, "
         f"load {env['load_avg_1m']:.1f} (1-minute average)")
     start = time.perf_counter()
-    summary, payload, other_load = run(args)
+    summary, payload, other_load = run(args, env)
     wall_s = time.perf_counter() - start
     title = (f"{SUITE}: {summary['questions']} questions, SmolLM2-135M-Instruct, {args.encoder}, "
              f"max_new_tokens {args.max_new_tokens}, {format_seconds(wall_s)}, other load {other_load:.0%}, "

@@ -61,6 +61,7 @@ def test_training_lowers_the_loss_and_writes_the_reader(trained, plain):
     assert summary["steps"] == 9 and len(summary["losses"]) == 9 and summary["examples"] == 3
     assert summary["loss_after"] < summary["loss_before"]
     assert {"held_out_loss_before", "held_out_loss_after", "teacher_seconds", "seconds"} <= set(summary)
+    assert summary["passage_store"]["evictions"] == 0 and summary["notes"] == {}
     reader = load_reader(path)
     assert reader.rank == 8 and reader.trained_for["recompute_tokens"] == 48
     assert reader.summary["loss_after"] == summary["loss_after"]

@@ -20,6 +20,7 @@ training summary. Memory: rank x (in + out) elements per adapted linear (SmolLM2
 each of its 30 layers: 2.44M parameters, 9.3 MiB in float32).
 """
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,12 +59,18 @@ def save_reader(path, model, reader_spec, summary=None):
         raise ValueError("the model holds no LoRA adapter: train a reader first (hybridrag.train.reader_finetune)")
     payload = {"format": FORMAT, "version": VERSION, "model": reader_spec.model, "rank": reader_spec.rank,
                "alpha": reader_spec.alpha, "targets": list(reader_spec.targets), "state": lora_state_dict(model),
-               "trained_for": dict(reader_spec.trained_for), "summary": dict(summary or reader_spec.summary)}
+               "trained_for": _plain(reader_spec.trained_for), "summary": _plain(summary or reader_spec.summary)}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     partial.replace(path)
     return path
+
+
+def _plain(mapping):
+    """`mapping` as plain JSON types (str subclasses such as torch's version become str), so weights_only loading
+    reads it back."""
+    return json.loads(json.dumps(dict(mapping), default=str))
 
 
 def load_reader(path):

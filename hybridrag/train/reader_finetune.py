@@ -13,8 +13,9 @@ query set do; keep them apart from the questions the system is evaluated on.
     save_reader("reader.pt", system.language_model.model, reader_spec(system, config), summary)
 
 Memory: the model, its adapters and their AdamW state (3 x the adapters' parameters), one question's stitched
-cache with the autograd graph of its question-side rows, and the passage store (it holds the training questions'
-passages: size it with passage_cache_size / passage_cache_bytes).
+cache with the autograd graph of its question-side rows, and the passage store. Size the store to hold every
+training question's passages (passage_cache_size, passage_cache_bytes): an evicted passage is encoded again at
+every step that needs it (the summary's passage_store counts the evictions).
 """
 import json
 import math
@@ -194,7 +195,7 @@ def train_reader(system, examples, config=None, *, held_out=(), progress=True):
     bar.close()
     model.requires_grad_(False)
     summary.update(steps=step, seconds=time.perf_counter() - start, losses=losses,
-                   loss_after=_mean_loss(system, examples))
+                   loss_after=_mean_loss(system, examples), passage_store=system.passages.stats())
     if held_out:
         summary["held_out_loss_after"] = _mean_loss(system, held_out)
     return summary
@@ -209,10 +210,10 @@ def reader_spec(system, config):
                          trained_for)
 
 
-def reader_finetune(system, questions, output, config=None, *, held_out=(), progress=True):
+def reader_finetune(system, questions, output, config=None, *, held_out=(), progress=True, notes=None):
     """teacher_examples, train_reader and save_reader in one: the reader adapter for `system` trained on
     `questions` (strings; `held_out` ones only measured) written to `output`. Returns train_reader's summary with
-    "output" and "teacher_seconds"."""
+    "output", "teacher_seconds" and `notes` (a JSON-ready dict saved with it, such as the environment)."""
     config = config or ReaderConfig()
     if not isinstance(output, (str, Path)) or not str(output):
         raise ValueError(f"output must be a file path, got {output!r}")
@@ -221,6 +222,6 @@ def reader_finetune(system, questions, output, config=None, *, held_out=(), prog
     held = teacher_examples(system, list(held_out), progress=progress) if held_out else []
     teacher_seconds = time.perf_counter() - start
     summary = train_reader(system, examples, config, held_out=held, progress=progress)
-    summary.update(teacher_seconds=teacher_seconds, output=str(output))
+    summary.update(teacher_seconds=teacher_seconds, output=str(output), notes=dict(notes or {}))
     save_reader(output, system.language_model.model, reader_spec(system, config), summary)
     return summary
