@@ -42,7 +42,6 @@ from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, device_slug, environmen
 SUITE = "system_accuracy"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_qa.jsonl"
 READER_QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_queries.jsonl"
-READER_STORE_PASSAGES = 4096  # the reader's training store: every retrieved passage of the 184 queries stays
 METHODS = ("hybrid", "base_rag", "direct")
 SMALL_SWEEP = {"retriever.top_k": [2, 8], "attention.window_size": [64]}
 COLUMNS = [
@@ -142,13 +141,12 @@ def run(args, env):
 
 def train_reader(system, args, env):
     """Distil the reader adapter for `system`'s settings into args.out / reader.pt (module docstring); a system of
-    its own with a model copy of its own, so the shared model stays as it is, and a passage store that holds every
-    training passage (about 450 passages, 4.5 GB in float32). Returns the training summary."""
+    its own with a model copy of its own, so the shared model stays as it is (its training store holds the ~450
+    passages the queries retrieve, 4.5 GB in float32). Returns the training summary."""
     c = system.config
     lm = load_language_model(c.model_path, cache_dir=c.cache_dir, attn_implementation=c.attn_implementation,
                              int8=c.int8, device=c.device, fresh=True)
-    trainer = create_hybrid_rag_system({**c.to_dict(), "passage_cache_size": READER_STORE_PASSAGES,
-                                        "passage_cache_bytes": None}, language_model=lm)
+    trainer = create_hybrid_rag_system(c, language_model=lm)
     trainer.knowledge_base = system.knowledge_base
     questions = read_questions(READER_QUESTIONS)[:args.reader_questions]
     log(f"reader adapter: base RAG answers {len(questions)} retrieval queries, then {args.reader_epochs} epochs")

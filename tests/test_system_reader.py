@@ -149,6 +149,9 @@ def test_bad_input(trained, plain, documents, tmp_path):
         teacher_examples(plain, [], progress=False)
     with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         ReaderConfig(epochs=0)
+    with pytest.raises(ValueError, match="store_passages must be an int >= 1, got 0"):
+        reader_finetune(plain, TRAIN, tmp_path / "never.pt", store_passages=0)
+    assert not (tmp_path / "never.pt").exists()
     bad = tmp_path / "questions.jsonl"
     bad.write_text('{"question": "fine"}\n{"answer": "no question"}\n')
     with pytest.raises(ValueError, match="questions.jsonl:2"):

@@ -103,6 +103,8 @@ def _reader_parser(commands):
     add("--targets", default=",".join(defaults.targets), help="comma-separated module names to adapt "
                                                                 "(default %(default)s)")
     add("--seed", type=int, default=defaults.seed)
+    add("--store-passages", type=int, default=4096, help="passages the training store holds, no byte bound: "
+                                                         "every training passage should fit (default %(default)s)")
     add("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -135,7 +137,7 @@ def _reader_main(args, parser):
         system = create_hybrid_rag_system(c, language_model=lm)
         system.create_vectorstore(system.load_documents(args.documents))
     summary = reader_finetune(system, questions, args.output, config, held_out=held_out,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, store_passages=args.store_passages)
     print(json.dumps({key: value for key, value in summary.items() if key != "losses"}, indent=2))
     return 0
 

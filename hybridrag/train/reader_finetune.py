@@ -13,9 +13,9 @@ query set do; keep them apart from the questions the system is evaluated on.
     save_reader("reader.pt", system.language_model.model, reader_spec(system, config), summary)
 
 Memory: the model, its adapters and their AdamW state (3 x the adapters' parameters), one question's stitched
-cache with the autograd graph of its question-side rows, and the passage store. Size the store to hold every
-training question's passages (passage_cache_size, passage_cache_bytes): an evicted passage is encoded again at
-every step that needs it (the summary's passage_store counts the evictions).
+cache with the autograd graph of its question-side rows, and the passage store, which should hold every training
+question's passages: an evicted passage is encoded again at every step that needs it (reader_finetune trains on a
+store of its own sized for that; the summary's passage_store counts the evictions).
 """
 import json
 import math
@@ -31,7 +31,7 @@ from ..nn.lora import DEFAULT_TARGETS, apply_lora, lora_modules, set_lora_enable
 from ..system.generation import stream_generate
 from ..system.model import is_shared
 from ..system.passage_cache import cache_argument
-from ..system.passage_store import fingerprint
+from ..system.passage_store import PassageKVStore, fingerprint
 from ..system.reader import ReaderAdapter, save_reader
 from ..system.system import PromptParts
 
@@ -210,18 +210,30 @@ def reader_spec(system, config):
                          trained_for)
 
 
-def reader_finetune(system, questions, output, config=None, *, held_out=(), progress=True, notes=None):
+def reader_finetune(system, questions, output, config=None, *, held_out=(), progress=True, notes=None,
+                    store_passages=4096):
     """teacher_examples, train_reader and save_reader in one: the reader adapter for `system` trained on
     `questions` (strings; `held_out` ones only measured) written to `output`. Returns train_reader's summary with
-    "output", "teacher_seconds" and `notes` (a JSON-ready dict saved with it, such as the environment)."""
+    "output", "teacher_seconds" and `notes` (a JSON-ready dict saved with it, such as the environment).
+
+    While it trains, the system's passage store is replaced by one of `store_passages` passages and no byte bound
+    (every training passage stays: 46 KiB a token for SmolLM2-135M in float32, about 10 MB a 200-token passage);
+    the system's own store is put back afterwards."""
     config = config or ReaderConfig()
     if not isinstance(output, (str, Path)) or not str(output):
         raise ValueError(f"output must be a file path, got {output!r}")
-    start = time.perf_counter()
-    examples = teacher_examples(system, questions, progress=progress)
-    held = teacher_examples(system, list(held_out), progress=progress) if held_out else []
-    teacher_seconds = time.perf_counter() - start
-    summary = train_reader(system, examples, config, held_out=held, progress=progress)
+    if isinstance(store_passages, bool) or not isinstance(store_passages, int) or store_passages < 1:
+        raise ValueError(f"store_passages must be an int >= 1, got {store_passages!r}")
+    own = system.passages
+    system.passages = PassageKVStore(store_passages, storage=own.storage)
+    try:
+        start = time.perf_counter()
+        examples = teacher_examples(system, questions, progress=progress)
+        held = teacher_examples(system, list(held_out), progress=progress) if held_out else []
+        teacher_seconds = time.perf_counter() - start
+        summary = train_reader(system, examples, config, held_out=held, progress=progress)
+    finally:
+        system.passages = own
     summary.update(teacher_seconds=teacher_seconds, output=str(output), notes=dict(notes or {}))
     save_reader(output, system.language_model.model, reader_spec(system, config), summary)
     return summary
