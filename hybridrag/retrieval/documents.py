@@ -136,8 +136,14 @@ def load_jsonl(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
-    documents = []
-    with path.open("rb") as lines:  # decoded line by line, so a bad byte is reported with its line
+    return check_unique_ids([Document.from_json(record, where=where) for where, record in jsonl_records(path)])
+
+
+def jsonl_records(path):
+    """(where, record) for each non-blank line of the JSONL file `path`, where = "<path>:<line number>"; a line
+    that is not UTF-8 or not JSON is a ValueError naming it (decoded line by line, so a bad byte is reported with
+    its line)."""
+    with Path(path).open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             where = f"{path}:{number}"
             try:
@@ -148,11 +154,9 @@ def load_jsonl(path):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            documents.append(Document.from_json(record, where=where))
-    return check_unique_ids(documents)
 
 
 def save_jsonl(documents, path):

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..nn.lora import DEFAULT_TARGETS, apply_lora, lora_modules, set_lora_enabled
+from ..retrieval.documents import jsonl_records
 from ..system.generation import stream_generate
 from ..system.model import is_shared
 from ..system.passage_cache import cache_argument
@@ -89,17 +90,11 @@ def read_questions(path):
     if not path.is_file():
         raise FileNotFoundError(f"no such questions file: {path}")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for where, record in jsonl_records(path):
         text = record.get("question", record.get("query")) if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{number}: expected an object with a non-empty \"question\" or \"query\" "
-                             f"string, got {line[:80]!r}")
+            raise ValueError(f"{where}: expected an object with a non-empty \"question\" or \"query\" string, "
+                             f"got {json.dumps(record)[:80]!r}")
         questions.append(text)
     if not questions:
         raise ValueError(f"{path} holds no question")
