@@ -13,8 +13,6 @@ TOPICS = ["assert", "for", "while", "if", "try", "with", "pass", "global", "nonl
 QUESTIONS = [
     {"id": "q1", "question": "Which exception is raised when an assert condition is false?",
      "answers": ["AssertionError"], "topic": "assert"},
-    {"id": "q2", "question": "What happens when a pass statement is executed?", "answers": ["nothing happens"],
-     "topic": "pass"},
     {"id": "q3", "question": "Which statement declares a name as global?", "answers": ["global"]},
 ]
 CONFIG = {"encoder": "hashing-256", "retriever": {"top_k": 3}, "generation": {"max_new_tokens": 6},
@@ -32,7 +30,8 @@ def documents():
 def experiment(documents, tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     summary = run_research_experiment(CONFIG, QUESTIONS, out_dir=out, documents=documents,
-                                      sweeps={"retriever.top_k": [2, 3]}, progress=False)
+                                      sweeps={"retriever.top_k": [2, 3]},
+                                      sweep_methods=("hybrid", "base_rag"), progress=False)
     return summary, json.loads((out / "results.json").read_text()), out
 
 
@@ -55,11 +54,11 @@ def test_summary_has_a_row_per_config_and_method(experiment):
     assert summary["configs"] == ["base", "retriever.top_k=2"]
     assert summary["sweeps"] == {"retriever.top_k": [{"value": 2, "config": "retriever.top_k=2"},
                                                      {"value": 3, "config": "base"}]}
-    assert summary["questions"] == 3 and summary["methods"] == ["hybrid", "base_rag", "direct"]
+    assert summary["questions"] == 2 and summary["methods"] == ["hybrid", "base_rag", "direct"]
     rows = {(r["config"], r["method"]): r for r in summary["rows"]}
-    assert len(rows) == 6
+    assert len(rows) == 5 and ("retriever.top_k=2", "direct") not in rows  # the sweep runs sweep_methods only
     for (config, method), row in rows.items():
-        assert row["answers"] == 3
+        assert row["answers"] == 2
         for name in (*ACCURACY, "success_rate"):
             assert 0 <= row[name] <= 1
         assert row["first_token_s"] > 0 and row["total_s"] >= row["first_token_s"]
@@ -68,7 +67,7 @@ def test_summary_has_a_row_per_config_and_method(experiment):
             assert row["attention_measured"] == 0
         else:
             assert 0 <= row["context_quality"] <= 1 and 0 <= row["topic_hit_rate"] <= 1
-            assert row["attention_measured"] == 3
+            assert row["attention_measured"] == 2
             for name in ANALYSIS:
                 assert 0 <= row[name] <= 1
 
@@ -76,7 +75,7 @@ def test_summary_has_a_row_per_config_and_method(experiment):
 def test_each_answer_is_recorded(experiment):
     _, results, _ = experiment
     records = results["records"]
-    assert len(records) == 2 * 3 * 3
+    assert len(records) == 2 * 3 + 2 * 2
     record = next(r for r in records if r["method"] == "hybrid" and r["question_id"] == "q1" and
                   r["config"] == "retriever.top_k=2")
     assert set(record["scores"]) == set(ACCURACY) and record["response"] and record["success"]
