@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # recorded runs: written only by `report --record`
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # recorded runs: written only by a --record run
 RUNS_ROOT = Path(__file__).resolve().parent / "runs"        # every other run (ignored by git)
 
 
@@ -472,6 +472,28 @@ def results_dir(slug):
     path = RESULTS_ROOT / slug
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def record_problem():
+    """Why this checkout cannot record a run, or None: a recorded figure names the commit that made it, so the tree
+    must be clean (benchmarks/results aside) and under git."""
+    commit = git_commit()
+    if commit.endswith("-dirty"):
+        return f"--record needs a clean checkout (commit {commit}): commit or stash first"
+    if commit.startswith(("unknown", "no-commit")):
+        return f"--record needs a git checkout with a commit, got {commit!r}"
+    return None
+
+
+def record_run(suite, payload, png=None, slug=None):
+    """Copy a finished run into benchmarks/results/<slug>/<suite>.json (`payload`) and <suite>.png (a copy of the
+    file `png`, when given); slug defaults to this CPU's. Returns the paths written."""
+    folder = results_dir(slug or device_slug(torch.device("cpu")))
+    paths = [write_json(folder / f"{suite}.json", payload)]
+    if png is not None:
+        paths.append(folder / f"{suite}.png")
+        paths[-1].write_bytes(Path(png).read_bytes())
+    return paths
 
 
 def is_inside(path, folder):

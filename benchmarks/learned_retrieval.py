@@ -14,7 +14,7 @@ Reported every eval: recall@1 (the current towers' best passage over all N is th
 (the LM's greedy answer from that top-1 passage is the value) and, as a reference, answer accuracy from the gold
 passage; JSON and a PNG under --out.
 
-    python -m benchmarks.learned_retrieval [--quick] [--out DIR]
+    python -m benchmarks.learned_retrieval [--quick] [--out DIR] [--record]
     # one thread; --quick: 24 facts, 1500 steps (~1.5 min); full: 32 facts, 4000 steps (~6 min on a 2-core EPYC)
 """
 import argparse
@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from hybridrag.train import HybridRAGTrainer, MarginalRAG, RAGCollator, TinyCausalLM, TrainingConfig
 
-from .common import RUNS_ROOT, device_slug, environment
+from .common import RESULTS_ROOT, RUNS_ROOT, device_slug, environment, is_inside, record_problem, record_run
 
 PAD, WHAT, CODE, IS, ASK = 0, 1, 2, 3, 4
 SIZES = {"quick": {"facts": 24, "steps": 1500, "eval_every": 100, "k": 8},
@@ -171,8 +171,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="24 facts, 1500 steps (full: 32 facts, 4000 steps)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the JSON and PNG (default benchmarks/runs/<device>/, ignored by git)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write {RESULTS_ROOT.name}/<device>/learned_retrieval.json and .png (full size, "
+                             "a clean checkout)")
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu"))
+    if is_inside(out, RESULTS_ROOT):
+        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
+    if args.record and (args.quick or record_problem()):
+        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
     result = run("quick" if args.quick else "full", out)
     for e in result["evals"]:
         print(f"step {e['step']:5d}  recall@1 {e['recall@1']:.3f}  answer accuracy {e['answer_accuracy']:.3f}  "
@@ -182,6 +189,9 @@ def main(argv=None):
           f"({result['train_seconds']:.0f} s): recall@1 {final['recall@1']:.3f}, answer accuracy "
           f"{final['answer_accuracy']:.3f}; target recall@1 >= 0.9 {'met' if result['target']['met'] else 'NOT met'}")
     print(f"wrote {out}")
+    if args.record:
+        for path in record_run("learned_retrieval", result, out / "learned_retrieval.png"):
+            print(f"wrote {path}")
     return 0 if result["target"]["met"] else 1
 
 

@@ -1,7 +1,7 @@
 """Multi-hop retrieval on a two-hop question set over Python's bundled docs: one hop against two (MultiHopRAGTask).
 
 Corpus: every topic of `pydoc_data.topics`, chunked into 100-word passages (20 overlapping), in a KnowledgeBase
-(hashing encoder by default, hybrid search). Questions: benchmarks/data/two_hop_qa.jsonl. Each question describes
+(the bundled MiniLM encoder by default, hybrid search). Questions: benchmarks/data/two_hop_qa.jsonl. Each question describes
 a thing by what hop 1's passage says of it without naming it ("the method that the with statement calls after its
 suite"); hop 1's passage names it ("__exit__()") and the answer lies in another passage (hop 2's gold: any passage
 holding the `hop2` snippet, whitespace-normalised).
@@ -10,8 +10,9 @@ Measured per question: whether the hop-2 gold is retrieved by one hop of k passa
 same passage budget as two hops), and by MultiHopRAGTask with max_hops=2 and k passages a hop; likewise for the
 hop-1 passage. No language model runs.
 
-    python -m benchmarks.multihop                      # JSON in benchmarks/runs/<device>/multihop/
-    python -m benchmarks.multihop --encoder minilm --k 3
+    python -m benchmarks.multihop                      # JSON and PNG in benchmarks/runs/<device>/multihop/
+    python -m benchmarks.multihop --record             # also benchmarks/results/<device>/multihop.json/.png
+    python -m benchmarks.multihop --encoder hashing-512 --k 2
 """
 import argparse
 import json
@@ -24,7 +25,8 @@ from hybridrag.retrieval import Document, KnowledgeBase
 from hybridrag.retrieval.encoder import make_encoder
 from hybridrag.train.tasks import MultiHopRAGTask
 
-from .common import RESULTS_ROOT, RUNS_ROOT, device_slug, environment, is_inside, log, write_json
+from .common import (RESULTS_ROOT, RUNS_ROOT, device_slug, environment, is_inside, log, record_problem, record_run,
+                     write_json)
 
 SUITE = "multihop"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "two_hop_qa.jsonl"
@@ -85,18 +87,46 @@ def evaluate(knowledge_base, questions, *, k, mode):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.multihop", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="hashing-512", help="'hashing-<dim>' or 'minilm' (default %(default)s)")
+    parser.add_argument("--encoder", default="minilm", help="'hashing-<dim>' or 'minilm' (default %(default)s)")
     parser.add_argument("--mode", default="hybrid", choices=("dense", "bm25", "hybrid"))
     parser.add_argument("--k", type=int, default=3, help="passages a hop (default %(default)s)")
     parser.add_argument("--chunk-words", type=int, default=100, help="passage length in words (default %(default)s)")
     parser.add_argument("--out", type=Path, default=RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE,
                         help="folder for results.json (default %(default)s)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (a clean checkout)")
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
     if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: this suite writes runs only")
+        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
+    if args.record and record_problem():
+        parser.error(record_problem())
     return args
+
+
+def plot(path, payload):
+    """Bars: the share of questions whose hop-2 passage (and hop 1's) each retrieval finds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates, k = payload["rates"], payload["k"]
+    labels = [f"one hop, {k} passages", f"one hop, {2 * k} passages", f"two hops, {k} + {k} passages",
+              f"hop 1's passage, {k} passages"]
+    values = [rates["one_hop_k"], rates["one_hop_2k"], rates["two_hops"], rates["hop1_found"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bars = ax.barh(labels[::-1], values[::-1], color=["#999999", "#4c72b0", "#55a868", "#bbbbbb"][::-1])
+    for bar, value in zip(bars, values[::-1]):
+        ax.text(value + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.0%}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("share of questions")
+    ax.set_title(f"Two-hop questions ({payload['questions']}): hop-2 passage retrieved "
+                 f"({payload['encoder']}, {payload['mode']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -113,10 +143,14 @@ def main(argv=None):
                "questions": len(questions), "rates": rates, "rows": rows,
                "duration_s": time.perf_counter() - start}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = write_json(Path(args.out) / "results.json", payload)
+    paths = [write_json(Path(args.out) / "results.json", payload), Path(args.out) / f"{SUITE}.png"]
+    plot(paths[1], payload)
     for name, value in rates.items():
         log(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
-    log(f"wrote {path}")
+    if args.record:
+        paths += record_run(SUITE, payload, paths[1])
+    for path in paths:
+        log(f"wrote {path}")
     return payload
 
 

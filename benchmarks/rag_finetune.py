@@ -9,7 +9,8 @@ contains_gold and token F1 (hybridrag.system.evaluation), with the retrieval hit
 
     python -m benchmarks.rag_finetune --quick          # ~2-3 min on 2 cores: a few questions, hashing encoder
     python -m benchmarks.rag_finetune                  # ~15-20 min on 2 cores: every question
-Writes results.json and rag_finetune.png to --out (default benchmarks/runs/<device>/rag_finetune, git-ignored).
+Writes results.json and rag_finetune.png to --out (default benchmarks/runs/<device>/rag_finetune, git-ignored);
+--record (full size, a clean checkout) also copies them to benchmarks/results/<device>/rag_finetune.json/.png.
 """
 import argparse
 import json
@@ -27,7 +28,8 @@ from hybridrag.train.finetune_model import load_base_model, load_finetuned
 from hybridrag.train.formatting import as_passages
 from hybridrag.train.rag_generate import generate_ids
 
-from .common import RESULTS_ROOT, RUNS_ROOT, device_slug, environment, format_seconds, is_inside, log, write_json
+from .common import (RESULTS_ROOT, RUNS_ROOT, device_slug, environment, format_seconds, is_inside, log,
+                     record_problem, record_run, write_json)
 
 SUITE = "rag_finetune"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_qa.jsonl"
@@ -109,9 +111,14 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     parser.add_argument("--out", type=Path, default=RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE,
                         help="folder for results.json, the plot and the run (default %(default)s)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
+                             "checkout)")
     args = parser.parse_args(argv)
     if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}; results are recorded elsewhere")
+        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
+    if args.record and (args.quick or record_problem()):
+        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
     return args
 
 
@@ -187,6 +194,9 @@ def main(argv=None):
     for name, s in (("base", sb), ("fine-tuned", sa)):
         print(f"{name:12}{s['contains_gold']:>15.3f}{s['token_f1']:>10.3f}{s['exact_match']:>8.3f}")
     print(f"wrote {json_path}\nwrote {png_path}")
+    if args.record:
+        for path in record_run(SUITE, payload, png_path):
+            print(f"wrote {path}")
     return 0
 
 
