@@ -89,7 +89,7 @@ def test_int8_base(tiny_llama, one_thread):
 def test_bad_input(tiny_llama):
     with pytest.raises(TypeError, match="base must be a linear-like module"):
         LoRALinear(nn.ReLU())
-    with pytest.raises(ValueError, match="rank must be > 0"):
+    with pytest.raises(ValueError, match="rank must be an int > 0"):
         LoRALinear(nn.Linear(4, 4), rank=0)
     with pytest.raises(ValueError, match="dropout must be a number in"):
         LoRALinear(nn.Linear(4, 4), dropout=1.0)

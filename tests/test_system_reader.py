@@ -148,7 +148,7 @@ def test_bad_input(trained, plain, documents, tmp_path):
         train_reader(plain, teacher_examples(plain, TRAIN[:1], progress=False), progress=False)
     with pytest.raises(ValueError, match="non-empty list of strings"):
         teacher_examples(plain, [], progress=False)
-    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+    with pytest.raises(ValueError, match="epochs must be an int > 0"):
         ReaderConfig(epochs=0)
     with pytest.raises(ValueError, match="store_passages must be an int >= 1, got 0"):
         reader_finetune(plain, TRAIN, tmp_path / "never.pt", store_passages=0)
@@ -178,4 +178,4 @@ def test_command_line(documents, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # in-process: the refusal comes before any model loads
         train_main(["reader-finetune", "--documents", str(folder), "--questions", str(questions),
                     "--output", str(out), "--epochs", "0"])
-    assert refused.value.code == 2 and "epochs must be an int >= 1" in capsys.readouterr().err
+    assert refused.value.code == 2 and "epochs must be an int > 0" in capsys.readouterr().err

@@ -6,6 +6,15 @@ from ..ops.backend import BACKENDS
 from ..ops.validation import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 
+def check_positive(name, value, kind=int):
+    """A config value that must be an int (kind=int) or a real number (kind=float) > 0, never a bool or NaN: else a
+    ValueError naming `name`, what it must be and what it got (the configs of hybridrag.nn.lora and hybridrag.train
+    share it)."""
+    number = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number) or not value > 0:
+        raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'} > 0, got {value!r}")
+
+
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")

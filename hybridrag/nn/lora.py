@@ -14,18 +14,13 @@ import math
 import torch
 from torch import nn
 
+from .common import check_positive
+
 __all__ = ["LoRALinear", "apply_lora", "lora_state_dict", "load_lora_state_dict", "merge_lora", "lora_modules",
            "set_lora_enabled", "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ADAPTER_KEYS = ("lora_a", "lora_b")
-
-
-def _check_positive(name, value, kind=int):
-    if isinstance(value, bool) or not isinstance(value, kind if kind is int else (int, float)):
-        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'} > 0, got {value!r}")
-    if not value > 0 or value != value:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 class LoRALinear(nn.Module):
@@ -41,8 +36,8 @@ class LoRALinear(nn.Module):
         for name in ("in_features", "out_features"):
             if not isinstance(getattr(base, name, None), int):
                 raise TypeError(f"base must be a linear-like module with int {name}, got {type(base).__name__}")
-        _check_positive("rank", rank)
-        _check_positive("alpha", alpha, float)
+        check_positive("rank", rank)
+        check_positive("alpha", alpha, float)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.base, self.rank, self.alpha, self.scaling = base, rank, float(alpha), float(alpha) / rank

@@ -22,6 +22,7 @@ from .config import TrainingConfig
 from .data import RAGCollator, RAGDataset
 from .finetune_data import DEFAULT_SYSTEM, load_qa_records, record_item
 from .finetune_model import AnswerLossModel, load_base_model, save_finetuned
+from ..nn.common import check_positive
 from ..nn.lora import DEFAULT_TARGETS, apply_lora
 
 __all__ = ["FinetuneConfig", "rag_finetune", "prepare_model", "retrieve_documents", "build_knowledge_base", "RUN_FILE"]
@@ -30,11 +31,6 @@ METHODS = ("lora", "full")
 RETRIEVALS = ("static", "kb")
 RUN_FILE = "run_config.json"
 RESUME_FREE = ("progress_bar", "save_every", "threads")
-
-
-def _positive(name, value, kind=int):
-    if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'} > 0, got {value!r}")
 
 
 @dataclass
@@ -95,9 +91,9 @@ class FinetuneConfig:
             raise ValueError("int8=True needs method='lora': an int8 base has no float weights to train "
                              "(use method='full' with int8=False)")
         for name in ("steps", "batch_size", "gradient_accumulation", "rank", "top_k", "max_length"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("learning_rate", "alpha"):
-            _positive(name, getattr(self, name), float)
+            check_positive(name, getattr(self, name), float)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -116,14 +112,14 @@ class FinetuneConfig:
             raise ValueError(f"retrieval='static' takes each record's documents; corpus {list(self.corpus)} would "
                              "be unused (use retrieval='kb')")
         if self.max_passage_chars is not None:
-            _positive("max_passage_chars", self.max_passage_chars)
+            check_positive("max_passage_chars", self.max_passage_chars)
         if self.attn_implementation not in ("sdpa", "hybridrag", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa', 'hybridrag' or 'eager', got "
                              f"{self.attn_implementation!r}")
         if self.save_every is not None:
-            _positive("save_every", self.save_every)
+            check_positive("save_every", self.save_every)
         if self.threads is not None:
-            _positive("threads", self.threads)
+            check_positive("threads", self.threads)
 
     def to_dict(self):
         values = dataclasses.asdict(self)

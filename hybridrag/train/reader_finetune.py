@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..nn.common import check_positive
 from ..nn.lora import DEFAULT_TARGETS, apply_lora, lora_modules, set_lora_enabled
 from ..retrieval.documents import jsonl_records
 from ..system.generation import stream_generate
@@ -55,15 +56,11 @@ class ReaderConfig:
 
     def __post_init__(self):
         for name in ("epochs", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive(name, getattr(self, name))
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         for name in ("learning_rate", "alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            check_positive(name, getattr(self, name), float)
         self.targets = tuple(self.targets)
 
 
