@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..system.config import (_DEVICE, AttentionConfig, ConfigFile, RetrieverConfig, _build, _check_bool, _check_choice,
-                             _check_int, _is_int, _is_number)
+from ..config_file import ConfigFile, _build, _check_bool, _check_choice, _check_int, _is_int, _is_number
+from ..system.config import _DEVICE, AttentionConfig, RetrieverConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
