@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 __all__ = ["sliding_window_attention", "hybrid_attention", "attention_mass", "quantize_int8", "int8_matmul",
            "QuantizedWeight", "StreamingKVCache", "streaming_attention"]
 
-SUBPACKAGES = ("ops", "kernels", "nn", "integrations", "streaming", "retrieval", "retention", "models", "train")
+SUBPACKAGES = ("ops", "kernels", "nn", "integrations", "streaming", "retrieval", "retention", "models", "train",
+               "encoders")
 
 
 def __getattr__(name):
