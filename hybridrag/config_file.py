@@ -10,6 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ._optional import import_optional
+
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
@@ -67,6 +69,10 @@ class ConfigFile:
         raise TypeError(f"config must be None, a {cls.__name__}, a dict or a path to a JSON/YAML file, "
                         f"got {type(value).__name__}")
 
+    def to_dict(self):
+        """Plain JSON-serialisable dict that from_any reads back equal (a config with non-JSON fields overrides it)."""
+        return dataclasses.asdict(self)
+
 
 def _build(kind, values, where):
     """kind(**values), refusing keys that are not fields of `kind` (listing them and the known ones)."""
@@ -96,8 +102,7 @@ def _read_file(path):
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     else:
-        import yaml
-
+        yaml = import_optional("yaml", "pyyaml", "system")
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as error:
