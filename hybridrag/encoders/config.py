@@ -15,21 +15,12 @@ from pathlib import Path
 
 from ..nn.common import check_positive
 from ..ops.validation import MAX_HEAD_DIM, MIN_HEAD_DIM
-from ..config_file import ConfigFile
+from ..config_file import ConfigFile, _check_choice, _is_int
 
 ATTENTION_KINDS = ("window", "hybrid")
 FUSIONS = ("concat", "weighted", "attention")
 POOLINGS = ("mean", "cls")
 QUANTIZATION_MODES = (None, "w8a16", "w8a8")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -174,7 +165,8 @@ class QuantizationConfig(ConfigFile):
     calibration_batches: int = 4
 
     def __post_init__(self):
-        _check_choice("mode", self.mode, QUANTIZATION_MODES)
+        if self.mode is not None:
+            _check_choice("mode", self.mode, QUANTIZATION_MODES)
         if self.group_size is not None:
             check_positive("group_size", self.group_size)
             if self.mode != "w8a16":
