@@ -13,7 +13,7 @@ __all__ = ["sliding_window_attention", "hybrid_attention", "attention_mass", "qu
            "QuantizedWeight", "StreamingKVCache", "streaming_attention"]
 
 SUBPACKAGES = ("ops", "kernels", "nn", "integrations", "streaming", "retrieval", "retention", "models", "train",
-               "encoders", "diffusion")
+               "encoders", "diffusion", "distillation", "pipeline")
 
 
 def __getattr__(name):

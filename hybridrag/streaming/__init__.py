@@ -5,6 +5,7 @@ streams through a callable (which may keep per-stream state, such as a `Streamin
 order per stream. `import hybridrag` does not import this package.
 """
 from .buffer import StreamBuffer, StreamClosed
+from .config import StreamingConfig
 from .processor import StreamError, StreamProcessor
 
-__all__ = ["StreamBuffer", "StreamClosed", "StreamProcessor", "StreamError"]
+__all__ = ["StreamBuffer", "StreamClosed", "StreamProcessor", "StreamError", "StreamingConfig"]

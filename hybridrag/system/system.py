@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..integrations.transformers import capture_attention_mass
-from ..retrieval import KnowledgeBase
+from ..retrieval import KnowledgeBase, SearchResult
 from ..retrieval.encoder import make_encoder
 from ..retrieval.prompting import escape_boundaries
 from ..retention.feedback import FeedbackExtractor, WeightUpdater
@@ -249,7 +249,7 @@ class HybridRAGSystem:
     # ---------------------------------------------------------------- answers
 
     def generate_response(self, question, use_hybrid=True, task_type="qa", *, method=None, labels=None,
-                          measure_attention=True, on_token=None):
+                          measure_attention=True, on_token=None, retrieved=None):
         """Answer `question` from the knowledge base.
 
         Args:
@@ -260,6 +260,9 @@ class HybridRAGSystem:
             measure_attention: record each passage's attention mass from the answer rows (needs
                 attn_implementation="hybridrag"; it costs an attention_mass per layer and step).
             on_token: called with each decoded text piece as it comes (streaming).
+            retrieved: None (retrieve from the knowledge base) or the passages to answer from, a list of
+                SearchResult (e.g. from another retriever; at most attention.max_retrieved_segments), in prompt
+                order; retrieval is skipped (timings["retrieve"] is 0). Not with method="direct".
 
         Returns a dict: response, passages [{id, text, score, attention_mass}], citations (ids of the passages
         that got at least their uniform share 1 / k of the passage mass, most attended first; [] without mass),
@@ -269,14 +272,17 @@ class HybridRAGSystem:
         carry dropped [{id, share}] (passages holds the kept ones).
         """
         method = method or ("hybrid" if use_hybrid else "base_rag")
-        return self._respond(question, method, task_type, labels, measure_attention, on_token)[0]
+        return self._respond(question, method, task_type, labels, measure_attention, on_token, retrieved)[0]
 
-    def _respond(self, question, method, task_type="qa", labels=None, measure_attention=True, on_token=None):
+    def _respond(self, question, method, task_type="qa", labels=None, measure_attention=True, on_token=None,
+                 retrieved=None):
         """(generate_response's dict, the AttentionMassRecord of the answer rows or None)."""
         self._check_question(question, method, task_type, labels)
         timings = {"retrieve": 0.0, "passages": 0.0}
         hits = []
-        if method != "direct":
+        if retrieved is not None:
+            hits = self._check_retrieved(retrieved, method)
+        elif method != "direct":
             start = time.perf_counter()
             hits = self.retrieve(question)
             timings["retrieve"] = time.perf_counter() - start
@@ -357,6 +363,22 @@ class HybridRAGSystem:
                                  f"{labels!r}")
         elif labels is not None:
             raise ValueError(f"labels apply to task_type='classification' only, got task_type={task_type!r}")
+
+    def _check_retrieved(self, retrieved, method):
+        """The given passages as a list of SearchResult, or a TypeError/ValueError naming `retrieved`."""
+        if method == "direct":
+            raise ValueError("retrieved passages were given with method='direct', which answers without passages")
+        if isinstance(retrieved, (str, bytes)) or not hasattr(retrieved, "__iter__"):
+            raise TypeError(f"retrieved must be None or a list of SearchResult, got {type(retrieved).__name__}")
+        hits = list(retrieved)
+        for position, hit in enumerate(hits):
+            if not isinstance(hit, SearchResult):
+                raise TypeError(f"retrieved[{position}] must be a SearchResult, got {type(hit).__name__}")
+        limit = self.config.attention.max_retrieved_segments
+        if len(hits) > limit:
+            raise ValueError(f"retrieved holds {len(hits)} passages, more than attention.max_retrieved_segments="
+                             f"{limit}")
+        return hits
 
     def _check_budget(self, parts):
         total = parts.length + self.config.generation.max_new_tokens
@@ -449,7 +471,7 @@ class HybridRAGSystem:
         return {method: self.generate_response(question, task_type=task_type, method=method, **options)
                 for method in ("hybrid", "base_rag", "direct")}
 
-    def analyze_attention_patterns(self, question, *, method="hybrid", plot=None):
+    def analyze_attention_patterns(self, question, *, method="hybrid", plot=None, retrieved=None):
         """Where the answer's attention went: passage mass per layer and head, and four summaries.
 
         Needs attn_implementation="hybridrag". Returns a dict: response, passage_ids, mass (layers x heads x k
@@ -461,13 +483,14 @@ class HybridRAGSystem:
           (normalized, stop words kept) found in that passage: how much of the attention went to the passages the
           answer's words come from (0 when the answer has no word).
         plot: a path: also write a PNG heatmap (layers x passages, mean over heads) there.
+        retrieved: None, or the passages to answer from (see generate_response).
         """
         if self.language_model.attn_implementation != "hybridrag":
             raise ValueError("analyze_attention_patterns needs attn_implementation='hybridrag' (the mass comes from "
                              f"the kernels), got {self.language_model.attn_implementation!r}")
         if method == "direct":
             raise ValueError("method='direct' retrieves no passage: nothing to analyze")
-        result, record = self._respond(question, method)
+        result, record = self._respond(question, method, retrieved=retrieved)
         masses = mass_by_layer(record)
         if masses is None:
             raise ValueError("no attention mass was recorded (no passage retrieved?)")
