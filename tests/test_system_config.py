@@ -58,6 +58,7 @@ SYSTEM_BAD = [
     ("encoder", "hashing-1", r"encoder 'hashing-1': the hashing encoder's dimension must be an int >= 2"),
     ("encoder", "hashing-x", r"encoder 'hashing-x'"),
     ("encoder", "minilm2", r"got 'minilm2', which is not a folder"),
+    ("encoder", "hybrid-encoder:/no/such.pt", r"encoder 'hybrid-encoder:/no/such.pt': no HybridEncoder checkpoint"),
     ("index_kind", "annoy", r"index_kind must be one of 'auto', 'flat', 'ivf', 'hnsw', got 'annoy'"),
     ("passage_cache", "yes", r"passage_cache must be True or False, got 'yes'"),
     ("passage_cache_size", 0, r"passage_cache_size must be an int >= 1, got 0"),

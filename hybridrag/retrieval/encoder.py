@@ -16,6 +16,7 @@ from .._optional import import_optional
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PROGRESS_THRESHOLD = 1000
+HYBRID_ENCODER_PREFIX = "hybrid-encoder:"
 _TOKEN = re.compile(r"\w+")
 
 
@@ -194,12 +195,17 @@ class LazyEncoder:
 
 
 def make_encoder(spec):
-    """The encoder a spec names: None or "minilm" (the bundled all-MiniLM-L6-v2), "hashing-<dim>", or a local
-    sentence-transformers folder (the command lines' --encoder, SystemConfig.encoder)."""
+    """The encoder a spec names: None or "minilm" (the bundled all-MiniLM-L6-v2), "hashing-<dim>",
+    "hybrid-encoder:<checkpoint>" (a trained hybridrag.encoders.HybridEncoder, see hybridrag.encoders.retrieval), or
+    a local sentence-transformers folder (the command lines' --encoder, SystemConfig.encoder)."""
     if spec in (None, "minilm", DEFAULT_MODEL_NAME):
         return DenseEncoder()
     if spec.startswith("hashing-") and spec[len("hashing-"):].isdigit():
         return HashingEncoder(int(spec[len("hashing-"):]))
+    if spec.startswith(HYBRID_ENCODER_PREFIX):
+        from ..encoders.retrieval import HybridTextEncoder  # on use only: hybridrag.encoders imports this module
+
+        return HybridTextEncoder.from_spec(spec)
     return DenseEncoder(spec)
 
 
@@ -210,5 +216,7 @@ def encoder_from_manifest(name, dimension):
         return LazyEncoder(name, dimension, DenseEncoder)
     if name == f"hashing-{dimension}":
         return HashingEncoder(dimension)
+    if name.startswith(HYBRID_ENCODER_PREFIX):  # "hybrid-encoder:<path>#<digest>": the checkpoint, if still there
+        return LazyEncoder(name, dimension, lambda: make_encoder(name))
     raise ValueError(f"the knowledge base was built with encoder {name!r} ({dimension}-dim); pass encoder= that "
                      "model (for example DenseEncoder('/path/to/model'))")

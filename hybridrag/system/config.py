@@ -16,6 +16,7 @@ from ..config_file import (ConfigFile, _build, _check_bool, _check_choice, _chec
 
 _HASHING = re.compile(r"hashing-(\d+)")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_HYBRID_ENCODER = "hybrid-encoder:"  # = retrieval.encoder.HYBRID_ENCODER_PREFIX; this module imports no torch
 
 
 @dataclass
@@ -274,7 +275,13 @@ def _check_encoder(value):
         return value
     if value.startswith("hashing-"):
         raise ValueError(f"encoder {value!r}: the hashing encoder's dimension must be an int >= 2, as in 'hashing-256'")
+    if value.startswith(_HYBRID_ENCODER):  # a trained hybridrag.encoders checkpoint, optionally "#<digest>"
+        if not Path(value[len(_HYBRID_ENCODER):].split("#")[0]).is_file():
+            raise ValueError(f"encoder {value!r}: no HybridEncoder checkpoint at that path "
+                             "(python -m hybridrag.encoders train --output PATH writes one)")
+        return value
     if not Path(value).is_dir():
-        raise ValueError(f"encoder must be 'minilm', 'hashing-<dim>' or a local sentence-transformers folder, "
-                         f"got {value!r}, which is not a folder (models are never downloaded)")
+        raise ValueError(f"encoder must be 'minilm', 'hashing-<dim>', 'hybrid-encoder:<checkpoint>' or a local "
+                         f"sentence-transformers folder, got {value!r}, which is not a folder (models are never "
+                         "downloaded)")
     return value
