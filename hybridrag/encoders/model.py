@@ -35,11 +35,7 @@ Training (distillation from all-MiniLM-L6-v2) is not here. The seam: forward is 
 returns "pooled" (compare with the teacher's sentence embedding: output_dim defaults to its 384, and the tokenizer to
 its tokenizer, so both see the same input_ids) and "hidden" with "mask" (a token-level loss over real tokens).
 """
-import hashlib
-import io
 import os
-import pickle
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import import_optional
+from ..checked_file import checked_bytes, read_checked
 from ..nn import HybridAttention, SlidingWindowAttention, quantize_model
 from ..nn.common import check_positive
 from ..nn.quantize import _tensor_bytes
@@ -60,11 +57,6 @@ from .config import HybridEncoderConfig, QuantizationConfig
 
 EMBEDDING_INIT_STD = 0.02
 FORMAT = 1
-MAGIC = b"hybridrag.HybridEncoder checkpoint"
-_HEADER = re.compile(rb"hybridrag\.HybridEncoder checkpoint (\d+) sha256=([0-9a-f]{64})\n")
-# what torch.load of a damaged or foreign payload raises (the checksum catches damage first)
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-                AttributeError)
 
 
 class MultiScaleConv(nn.Module):
@@ -493,16 +485,13 @@ class HybridEncoder(nn.Module):
                  "quantization": None if self.quantization is None else self.quantization.to_dict(),
                  "state_dict": {name: value.detach().cpu() if isinstance(value, torch.Tensor) else value
                                 for name, value in self.state_dict().items()}}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        payload = buffer.getvalue()
+        data = checked_bytes("HybridEncoder", FORMAT, state)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = MAGIC + f" {FORMAT} sha256={hashlib.sha256(payload).hexdigest()}\n".encode()
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as out:
-                out.write(header + payload)
+                out.write(data)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -555,30 +544,10 @@ def _check_texts(texts, name="texts"):
 
 
 def _read_checkpoint(path, map_location):
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no HybridEncoder checkpoint at {str(path)!r}") from None
-    header = _HEADER.match(data[:len(MAGIC) + 96])
-    if header is None:
-        raise ValueError(f"{path} is not a HybridEncoder checkpoint (it does not start with "
-                         f"'{MAGIC.decode()} <format> sha256=...'; {len(data)} bytes)")
-    if int(header.group(1)) != FORMAT:
-        raise ValueError(f"{path} is a HybridEncoder checkpoint of format {int(header.group(1))}; this version "
-                         f"reads format {FORMAT}")
-    payload = memoryview(data)[header.end():]
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header.group(2).decode():
-        raise ValueError(f"{path} is corrupt: its {len(payload)} payload bytes have sha256 {digest}, the header "
-                         f"records {header.group(2).decode()} (truncated or altered)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except _LOAD_ERRORS as error:
-        raise ValueError(f"{path}: torch.load cannot read its payload: {type(error).__name__}: {error}") from None
-    keys = {"format", "config", "quantization", "state_dict"}
-    if not isinstance(state, dict) or not keys <= state.keys() or not isinstance(state["state_dict"], dict):
-        raise ValueError(f"{path} is not a HybridEncoder checkpoint: its payload lacks "
-                         f"{sorted(keys - state.keys()) if isinstance(state, dict) else 'a dict'}")
+    state = read_checked(path, "HybridEncoder", FORMAT, ("format", "config", "quantization", "state_dict"),
+                         map_location)
+    if not isinstance(state["state_dict"], dict):
+        raise ValueError(f"{path} is not a HybridEncoder checkpoint: its state_dict is not a dict")
     return state
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checked_file import header_digest
 from ..retrieval.encoder import HYBRID_ENCODER_PREFIX as SPEC_PREFIX, check_texts
-from .model import MAGIC, HybridEncoder
+from .model import HybridEncoder
 
 DEFAULT_QUERIES = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "pydoc_queries.jsonl"
 KS = (1, 5, 10)
@@ -33,12 +34,7 @@ _NAME = re.compile(r"hybrid-encoder:(.+)#([0-9a-f]{12})")
 
 def checkpoint_digest(path):
     """The SHA-256 its header records for the HybridEncoder checkpoint at `path` (read from the header alone)."""
-    with open(path, "rb") as handle:
-        header = handle.read(len(MAGIC) + 96)
-    found = re.match(rb"hybridrag\.HybridEncoder checkpoint \d+ sha256=([0-9a-f]{64})\n", header)
-    if found is None:
-        raise ValueError(f"{path} is not a HybridEncoder checkpoint")
-    return found.group(1).decode()
+    return header_digest(path, "HybridEncoder")
 
 
 class HybridTextEncoder:

@@ -1,9 +1,6 @@
 """Continual fine-tuning of a NeuralRetriever on a bounded buffer of new (query, positive) pairs."""
 import copy
-import hashlib
-import io
 import math
-import pickle
 import re
 from collections import deque
 from pathlib import Path
@@ -11,17 +8,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checked_file import checked_bytes, read_checked
 from ..nn.common import _check_flag, _check_positive_int
 from ..retrieval.neural import NeuralRetriever, _check_number
 from .memory import remove_stale_temporaries, write_atomically
 
 FORMAT = 2
-MAGIC = b"hybridrag.ContinualLearner checkpoint"
-_HEADER = re.compile(rb"hybridrag\.ContinualLearner checkpoint (\d+) sha256=([0-9a-f]{64})\n")
 _AUTO_NAME = r"step-\d{8}\.pt"  # the names of automatic checkpoints in checkpoint_dir
-# what a torch.load of a damaged payload raises (the checksum catches damage first; this covers a foreign writer)
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-                AttributeError)
 
 
 def _pad_stack(rows, value):
@@ -227,11 +220,8 @@ class ContinualLearner:
                  "step": self.step_count, "dropped": self.dropped,
                  "buffer": [list(example) for example in self.buffer], "generator": self._generator.get_state(),
                  "order": self._order, "cursor": self._cursor}
-        payload = io.BytesIO()
-        torch.save(state, payload)
-        payload = payload.getbuffer()
-        header = MAGIC + f" {FORMAT} sha256={hashlib.sha256(payload).hexdigest()}\n".encode("ascii")
-        write_atomically(path, lambda file: (file.write(header), file.write(payload)))
+        data = checked_bytes("ContinualLearner", FORMAT, state)
+        write_atomically(path, lambda file: file.write(data))
         return path
 
     def load_checkpoint(self, path):
@@ -307,34 +297,9 @@ def _class_name(optimizer):
 
 def _read_checkpoint(path, device):
     """The state dict in the checkpoint file at path, after checking its header and checksum."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no ContinualLearner checkpoint at {str(path)!r}") from None
-    if not data:
-        raise ValueError(f"{path} is empty, not a ContinualLearner checkpoint (an interrupted copy?)")
-    header = _HEADER.match(data[:len(MAGIC) + 96])
-    if header is None:
-        what = "a torch.save file without the header of format 2" if data[:2] == b"PK" else "garbage"
-        raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}: it starts with no "
-                         f"'{MAGIC.decode()} {FORMAT} sha256=...' line ({what})")
-    if int(header.group(1)) != FORMAT:
-        raise ValueError(f"{path} is a ContinualLearner checkpoint of format {int(header.group(1))}; this version "
-                         f"reads format {FORMAT}")
-    payload = memoryview(data)[header.end():]
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header.group(2).decode():
-        raise ValueError(f"{path} is corrupt: its {len(payload)} payload bytes have sha256 {digest}, the header "
-                         f"records {header.group(2).decode()} (truncated or altered)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
-    except _LOAD_ERRORS as err:
-        raise ValueError(f"{path}: torch.load cannot read its payload: {type(err).__name__}: {err}") from None
-    keys = {"format", "config", "model", "optimizer_class", "optimizer", "step", "dropped", "buffer", "generator",
-            "order", "cursor"}
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not keys <= state.keys():
-        raise ValueError(f"{path} is not a ContinualLearner checkpoint of format {FORMAT}: its payload lacks "
-                         f"{sorted(keys - state.keys()) if isinstance(state, dict) else 'a state dict'}")
+    keys = ("format", "config", "model", "optimizer_class", "optimizer", "step", "dropped", "buffer", "generator",
+            "order", "cursor")
+    state = read_checked(path, "ContinualLearner", FORMAT, keys, device)
     if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: config and model must be dicts")
     return state
