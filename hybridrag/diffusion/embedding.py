@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._optional import import_optional
 from ..nn.common import _check_flag, _check_positive_int
 from .config import DiffusionConfig, _check_number, check_guidance
 from .schedules import ddim_timesteps, make_schedule
+from .training import run_steps
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -275,31 +275,8 @@ def train_embedding_diffusion(model, embeddings, conditions, steps, batch_size=2
     embeddings, conditions = embeddings.to(device), conditions.to(device)
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    bar = _progress(steps, "embedding diffusion", progress)
-    history = []
-    model.train()
-    for step in range(steps):
-        rows = torch.randint(0, embeddings.shape[0], (batch_size,), device=device, generator=generator)
-        loss = model.loss(embeddings[rows], conditions[rows], generator=generator)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss of step {step} is {value}; training stopped")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(value)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
 
-
-def _progress(total, description, enabled):
-    if not enabled:
-        return None
-    tqdm = import_optional("tqdm", "tqdm>=4", "retrieval").tqdm
-    return tqdm(total=total, desc=description, unit="step")
+    def loss_of_rows(rows, generator):
+        return model.loss(embeddings[rows], conditions[rows], generator=generator)
+    return run_steps(model, optimizer, loss_of_rows, rows=embeddings.shape[0], steps=steps, batch_size=batch_size,
+                     seed=seed, description="embedding diffusion", progress=progress)

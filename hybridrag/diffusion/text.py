@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..nn.common import _check_flag, _check_positive_int
 from .config import TextDiffusionConfig, _check_number
-from .embedding import _progress
+from .training import run_steps
 
 MIN_MASK_RATE = 1e-3  # t ~ U(MIN_MASK_RATE, 1): the 1 / t weight stays bounded (LLaDA's eps)
 
@@ -238,25 +238,9 @@ def train_text_diffusion(model, targets, condition_ids=None, condition=None, *, 
     condition = None if condition is None else condition.to(device)
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    bar = _progress(steps, "text diffusion", progress)
-    history = []
-    model.train()
-    for step in range(steps):
-        rows = torch.randint(0, targets.shape[0], (batch_size,), device=device, generator=generator)
-        loss = model.loss(targets[rows], None if condition_ids is None else condition_ids[rows],
+
+    def loss_of_rows(rows, generator):
+        return model.loss(targets[rows], None if condition_ids is None else condition_ids[rows],
                           None if condition is None else condition[rows], generator=generator)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss of step {step} is {value}; training stopped")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(value)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
+    return run_steps(model, optimizer, loss_of_rows, rows=targets.shape[0], steps=steps, batch_size=batch_size,
+                     seed=seed, description="text diffusion", progress=progress)
