@@ -38,7 +38,7 @@ def read_checked(path, kind, version, keys, map_location="cpu"):
     magic = f"hybridrag.{kind} checkpoint"
     header = re.match(re.escape(magic).encode() + rb" (\d+) sha256=([0-9a-f]{64})\n", data[:len(magic) + 96])
     if header is None:
-        what = "a torch.save file without the header" if data[:2] == b"PK" else f"{len(data)} bytes of something else"
+        what = "a torch.save file without the header" if data[:2] == b"PK" else "garbage"
         raise ValueError(f"{path} is not a {kind} checkpoint of format {version}: it starts with no "
                          f"'{magic} {version} sha256=...' line ({what})")
     if int(header.group(1)) != version:
