@@ -18,9 +18,8 @@ table, hatched bars). CUDA: peak allocated memory of a step as well.
 On CPU a float32 forward without a gradient takes hybridrag's plain causal fast path (torch's sdpa); a training step
 needs the gradient, so hybridrag's own CPU kernels run forward and backward here.
 
-Run time on the 2-core AMD EPYC with other processes using ~50% of its CPU (load average 4-6), 2 threads:
---quick 2.4 min measured (3 model loads, then 3 x 4 steps of 7.5-9 s at T = 256); the full run ~20-25 min by
-extrapolation, not measured (T = 2048's steps, ~8x longer and more with eager's T x T weights, dominate).
+Run time on the 2-core AMD EPYC, 2 threads: the full run 7.2 min on the idle machine (T = 2048's steps dominate:
+19-51 s each); --quick 2.4 min with other processes using ~50% of the CPU.
 
     python -m benchmarks.train_throughput --quick          # T = 256
     python -m benchmarks.train_throughput                  # T = 512 and 2048
