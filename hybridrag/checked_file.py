@@ -2,8 +2,8 @@
 
     b"hybridrag.<Kind> checkpoint <format> sha256=<64 hex digits>\n" + payload
 
-read back with weights_only=True. The HybridEncoder and the ContinualLearner write them (each through its own atomic
-write); a missing, empty, foreign, truncated or altered file is a clear error naming it, never a half-loaded state.
+read back with weights_only=True. The HybridEncoder and the ContinualLearner write them (through
+atomic_file.write_atomically); a missing, empty, foreign, truncated or altered file is a clear error naming it, never a half-loaded state.
 """
 import hashlib
 import io
@@ -69,3 +69,19 @@ def header_digest(path, kind):
     if found is None:
         raise ValueError(f"{path} is not a {kind} checkpoint")
     return found.group(1).decode()
+
+
+def state_mismatches(saved, current, *, dtypes=True):
+    """What keeps the state dict `saved` from loading into a module whose state dict is `current`: a list of
+    "missing [...]", "unexpected [...]" and "<name> is <saved> in the checkpoint but <current> here" parts (empty
+    when the names and shapes, and with `dtypes` the dtypes, all agree). Non-tensor entries count by type name."""
+    def describe(value):
+        if not isinstance(value, torch.Tensor):
+            return type(value).__name__
+        return (tuple(value.shape), value.dtype) if dtypes else tuple(value.shape)
+    mine = {name: describe(value) for name, value in current.items()}
+    theirs = {name: describe(value) for name, value in saved.items()}
+    missing, unexpected = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    differ = [f"{name} is {theirs[name]} in the checkpoint but {mine[name]} here"
+              for name in sorted(mine.keys() & theirs.keys()) if mine[name] != theirs[name]]
+    return ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + differ

@@ -35,8 +35,6 @@ Training (distillation from all-MiniLM-L6-v2) is not here. The seam: forward is 
 returns "pooled" (compare with the teacher's sentence embedding: output_dim defaults to its 384, and the tokenizer to
 its tokenizer, so both see the same input_ids) and "hidden" with "mask" (a token-level loss over real tokens).
 """
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import import_optional
-from ..checked_file import checked_bytes, read_checked
+from ..atomic_file import write_atomically
+from ..checked_file import checked_bytes, read_checked, state_mismatches
 from ..nn import HybridAttention, SlidingWindowAttention, quantize_model
 from ..nn.common import check_positive
 from ..nn.quantize import _tensor_bytes
@@ -488,14 +487,7 @@ class HybridEncoder(nn.Module):
         data = checked_bytes("HybridEncoder", FORMAT, state)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda out: out.write(data))
         return path
 
     @classmethod
@@ -553,14 +545,6 @@ def _read_checkpoint(path, map_location):
 
 def _check_state(path, saved, encoder):
     """ValueError unless `saved` has exactly the encoder's state names, each tensor of the same shape and dtype."""
-    def describe(value):
-        return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
-    mine = {name: describe(value) for name, value in encoder.state_dict().items()}
-    theirs = {name: describe(value) for name, value in saved.items()}
-    if mine == theirs:
-        return
-    missing, unexpected = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
-    differ = [f"{name} is {theirs[name]} in the checkpoint but {mine[name]} here"
-              for name in sorted(mine.keys() & theirs.keys()) if mine[name] != theirs[name]]
-    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + differ
-    raise ValueError(f"{path}: the checkpoint's weights do not match its config: {'; '.join(parts)}")
+    parts = state_mismatches(saved, encoder.state_dict())
+    if parts:
+        raise ValueError(f"{path}: the checkpoint's weights do not match its config: {'; '.join(parts)}")

@@ -46,9 +46,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -59,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .._optional import import_optional
+from ..atomic_file import write_atomically
 from ..config_file import ConfigFile, _check_bool, _check_choice, _check_int, _check_optional_path, _is_number
 from .model import HybridEncoder, _check_texts
 
@@ -254,14 +253,7 @@ def teacher_embeddings(teacher, texts, cache=None, progress=False):
     embeddings = embeddings / norms[:, None]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".npz")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, key=np.array(key), embeddings=embeddings)
-            os.replace(temporary, cache)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(cache, lambda out: np.savez(out, key=np.array(key), embeddings=embeddings))
     return embeddings
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checked_file import checked_bytes, read_checked
+from ..checked_file import checked_bytes, read_checked, state_mismatches
 from ..nn.common import _check_flag, _check_positive_int
 from ..retrieval.neural import NeuralRetriever, _check_number
 from .memory import remove_stale_temporaries, write_atomically
@@ -307,16 +307,10 @@ def _read_checkpoint(path, device):
 
 def _check_model_state(path, saved, retriever):
     """ValueError unless saved has exactly the retriever's state names, each a tensor of the same shape."""
-    mine = {name: tuple(value.shape) for name, value in retriever.state_dict().items()}
-    theirs = {name: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-              for name, value in saved.items()}
-    if mine == theirs:
-        return
-    missing, unexpected = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
-    differ = [f"{name} is {theirs[name]} in the checkpoint but {mine[name]} here"
-              for name in sorted(mine.keys() & theirs.keys()) if mine[name] != theirs[name]]
-    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + differ
-    raise ValueError(f"{path}: the checkpoint's model does not match this learner's retriever: {'; '.join(parts)}")
+    parts = state_mismatches(saved, retriever.state_dict(), dtypes=False)
+    if parts:
+        raise ValueError(f"{path}: the checkpoint's model does not match this learner's retriever: "
+                         f"{'; '.join(parts)}")
 
 
 def _check_optimizer_state(path, saved, optimizer):

@@ -30,14 +30,13 @@ import json
 import math
 import os
 import re
-import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..atomic_file import remove_stale_temporaries, write_atomically  # noqa: F401 (re-exported)
 from ..ops.validation import check_int
 
 __all__ = ["MemoryManager", "MemoryItem", "MemoryHit", "POLICIES", "write_atomically", "remove_stale_temporaries"]
@@ -47,7 +46,6 @@ FORMAT = "hybridrag.MemoryManager"
 VERSION = 1
 _SLOT_ARRAYS = {"last_access": np.int64, "count": np.int64, "importance": np.float64, "importance_tick": np.int64}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-LEGACY_TEMPORARY_AGE = 3600.0  # seconds; see remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -113,75 +111,6 @@ def _float32_rows(name, rows):
         raise ValueError(f"{name} has values beyond the float32 range (largest magnitude {largest:g} > "
                          f"{_FLOAT32_MAX:g}); with normalize=False vectors are stored as float32 as they are")
     return rows.astype(np.float32)
-
-
-def _is_alive(pid):
-    """Whether a process `pid` runs on this host. Without a POSIX signal-0 probe, assume it does (keep its file)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    except (OverflowError, ValueError):  # not a possible pid
-        return False
-    return True
-
-
-def remove_stale_temporaries(directory, name_pattern, legacy_age=LEGACY_TEMPORARY_AGE):
-    """Delete the temporaries of `write_atomically` for the files in `directory` whose names match the regex
-    `name_pattern` (fully), when their writer is gone; returns the names removed.
-
-    `.{name}.{pid}.{random}.tmp` goes when no process `pid` runs on this host (and pid is not this process: a thread
-    here may be writing it). `.{name}.{random}.tmp`, the name before the pid was added, goes when older than
-    `legacy_age` seconds. The pid test assumes the writers share this host: on a folder shared across machines, a
-    live writer elsewhere whose pid is free here would lose its temporary (its os.replace then fails; nothing else).
-    Removal is best effort: a file that cannot be removed (read-only folder, already gone) is left.
-    """
-    temporary = re.compile(rf"\.({name_pattern})\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    removed, now = [], time.time()
-    for entry in names:
-        match = temporary.fullmatch(entry)
-        if match is None:
-            continue
-        path = os.path.join(directory, entry)
-        try:
-            if match.group(2) is not None:
-                pid = int(match.group(2))
-                stale = pid != os.getpid() and not _is_alive(pid)
-            else:
-                stale = now - os.path.getmtime(path) > legacy_age
-            if stale:
-                os.unlink(path)
-                removed.append(entry)
-        except OSError:  # best effort: gone already, or not ours to delete
-            continue
-    return removed
-
-
-def write_atomically(path, write):
-    """Call `write(file)` on a new temporary file beside `path` (`.{name}.{pid}.{random}.tmp`), fsync it, then
-    os.replace it onto `path`. Stale temporaries of `path` are removed first; on any error the temporary is removed
-    and `path` is left as it was."""
-    path = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(path)
-    remove_stale_temporaries(directory, re.escape(name))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class MemoryManager:
