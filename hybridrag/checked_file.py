@@ -3,7 +3,8 @@
     b"hybridrag.<Kind> checkpoint <format> sha256=<64 hex digits>\n" + payload
 
 read back with weights_only=True. The HybridEncoder and the ContinualLearner write them (through
-atomic_file.write_atomically); a missing, empty, foreign, truncated or altered file is a clear error naming it, never a half-loaded state.
+atomic_file.write_atomically); a missing, empty, foreign, truncated or altered file is a clear error naming it,
+never a half-loaded state.
 """
 import hashlib
 import io
