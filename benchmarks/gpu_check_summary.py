@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .common import format_table, target_checks, verdict_text
+from .report import SUITE_MODULES
 
 LINES_PER_SUITE = 12  # the rest of a suite's rows are in its JSON
 WIDTH = 150           # the screen must fit the device tool's 12,000-character output tail
@@ -47,8 +48,8 @@ def load_runs(folders):
     for folder in folders:
         for path in sorted(Path(folder).glob("*.json")):
             payload = json.loads(path.read_text())
-            if not isinstance(payload, dict) or "suite" not in payload or "rows" not in payload:
-                continue  # the autotune sweep, anything else
+            if not isinstance(payload, dict) or payload.get("suite") not in SUITE_MODULES or "rows" not in payload:
+                continue  # the autotune sweep, the standalone benchmarks' records (multihop, ...), anything else
             payload["path"] = str(path)
             payload.setdefault("correctness", [])  # older recorded runs lack these
             for row in payload["rows"]:
