@@ -243,6 +243,9 @@ def test_no_reachable_target_escalates_everything(caplog):
     assert report["threshold"] == math.inf and not report["reached"] and report["kept_share"] == 0.0
     assert "every query will escalate" in caplog.text
     assert cascade("c")["answered_by"] == "teacher"
+    passed_on = TeacherStudentCascade(cascade.student, cascade.teacher, "margin", threshold=report["threshold"])
+    assert passed_on("c")["answered_by"] == "teacher"  # inf, calibrate's "escalate all", is a valid threshold
+    assert DistillationConfig(threshold=math.inf).threshold == math.inf
 
 
 def test_objects_with_an_answer_method_and_a_custom_agreement():

@@ -17,12 +17,16 @@ __all__ = ["DistillationConfig", "check_threshold"]
 
 
 def check_threshold(threshold, measure, where="threshold"):
-    """threshold as a float (or None): finite; in [0, 1] for a bounded measure; >= 0 for "margin" (margins are
-    >= 0: 0 keeps every answer). A callable measure or "given" takes any finite number."""
+    """threshold as a float (or None): finite, or +inf (every answer escalates: what calibrate sets when no
+    threshold reaches its target, so a calibrated threshold can be passed on); in [0, 1] for a bounded measure; >= 0
+    for "margin" (margins are >= 0: 0 keeps every answer). A callable measure or "given" takes any finite number."""
     if threshold is None:
         return None
+    if _is_number(threshold) and threshold == math.inf:
+        return math.inf
     if not _is_number(threshold) or not math.isfinite(threshold):
-        raise ValueError(f"{where} must be None (set by calibrate) or a finite number, got {threshold!r}")
+        raise ValueError(f"{where} must be None (set by calibrate), a finite number or inf (escalate every answer), "
+                         f"got {threshold!r}")
     if measure in BOUNDED_MEASURES and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"{where} must lie in [0, 1] for measure {measure!r} (its confidence is in [0, 1]), "
                          f"got {threshold!r}")
