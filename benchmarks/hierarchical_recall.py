@@ -19,10 +19,13 @@ function, so it reuses sdpa's trained weights).
    time limit, or would need more memory for eager's T x T scores than the machine has (estimated, then not run)
    is reported as not run with the reason; no figure is written for it.
 Writes results.json and hierarchical_recall.png into --out (default benchmarks/runs/hierarchical_recall-<mode>).
-Not a recorded suite: timings depend on the machine's load (load average in the JSON).
+The other processes' share of the CPU is measured over the training and over each case's steps (LoadMeter);
+--record copies a full run to benchmarks/results/<device>/hierarchical_recall.json and .png, from a clean checkout,
+and refuses when any of those shares is above 15% (the timings would not be ours).
 
     python -m benchmarks.hierarchical_recall --quick      # ~1-2 min on 2 cores (1 thread)
     python -m benchmarks.hierarchical_recall              # ~19 min on 2 cores (1 thread)
+    python -m benchmarks.hierarchical_recall --record     # the same, recorded
 """
 import argparse
 import json
@@ -41,7 +44,7 @@ from hybridrag.models import HierarchicalConfig, HierarchicalHybridRAG
 from hybridrag.models.blocks import TransformerBlock
 from hybridrag.nn import RotaryEmbedding
 
-from .common import RUNS_ROOT, environment
+from .common import RUNS_ROOT, LoadMeter, environment, record_problem, record_run
 
 QUERY, NUM_FILLER, NUM_KEYS, NUM_VALUES, NUM_PAIRS = 0, 16, 16, 16, 4
 VOCAB = 64
@@ -55,6 +58,8 @@ MODES = {
              "long_eval": 2, "case_timeout": 420, "expected_s": 1150},
 }
 LR = 3e-3
+LOAD_LIMIT = 0.15
+SUITE = "hierarchical_recall"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def train(model, mode, log):
     settings = MODES[mode]
     generator = torch.Generator().manual_seed(1)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    losses, start = [], time.perf_counter()
+    losses, start, meter = [], time.perf_counter(), LoadMeter().start()
     for step in range(settings["steps"]):
         ids, labels = recall_batch(settings["batch"], settings["train_length"], generator)
         loss = model(ids, labels=labels)["loss"]
@@ -190,7 +195,8 @@ def train(model, mode, log):
             log(f"    step {step:4d}  loss {loss.item():.3f}")
     seconds = time.perf_counter() - start
     tokens = settings["steps"] * settings["batch"] * settings["train_length"]
-    return {"train_seconds": seconds, "train_tokens_per_s": tokens / seconds, "losses": losses}
+    return {"train_seconds": seconds, "train_tokens_per_s": tokens / seconds, "losses": losses,
+            "other_load": meter.stop()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def run_case(name, length, weights, steps, eval_count):
     ids, labels = recall_batch(1, length, generator)
     resting = _status_bytes("VmRSS")
     reset_peak_rss()
-    times = []
+    times, meter = [], LoadMeter().start()
     for _ in range(steps):
         start = time.perf_counter()
         loss = model(ids, labels=labels)["loss"]
@@ -229,9 +235,11 @@ def run_case(name, length, weights, steps, eval_count):
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     peak = _status_bytes("VmHWM")
+    other_load = meter.stop()
     correct, total = accuracy(model, length, eval_count, seed=3, batch=1)
     return {"tokens_per_s": length / statistics.median(times), "step_seconds": times, "peak_rss_bytes": peak,
-            "step_peak_growth_bytes": peak - resting, "accuracy": correct / total, "eval_targets": total}
+            "step_peak_growth_bytes": peak - resting, "accuracy": correct / total, "eval_targets": total,
+            "other_load": other_load}
 
 
 def eager_score_bytes(length, layers=4, heads=4):
@@ -302,8 +310,9 @@ def plot(results, path):
         else:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"key-value recall, {results['parameters']['hierarchical']:,} parameters each "
-                 f"(load avg {results['environment']['load_avg_1m']:.1f}: not a recorded run)")
+    loads = ", ".join(f"{load:.0%}" for load in sorted(set(round(v, 2) for v in other_loads(results).values())))
+    fig.suptitle(f"key-value recall, {results['parameters']['hierarchical']:,} parameters each; "
+                 f"{results['environment']['device']}, other processes' CPU share {loads or '-'}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -318,6 +327,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that the suite works")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/runs/...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/results/<device>/hierarchical_recall.json and .png (full size, a "
+                             "clean checkout; refused when other processes took over 15%% of the CPU)")
     parser.add_argument("--case", nargs=2, metavar=("MODEL", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--case-steps", type=int, default=2, help=argparse.SUPPRESS)
@@ -333,6 +345,8 @@ def main(argv=None):
         print(json.dumps(run_case(name, length, args.weights, args.case_steps, args.case_eval)))
         return 0
 
+    if args.record and (args.quick or record_problem()):
+        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
     mode = "quick" if args.quick else "full"
     settings = MODES[mode]
     out = args.out or RUNS_ROOT / f"hierarchical_recall-{mode}"
@@ -378,7 +392,24 @@ def main(argv=None):
     plot(results, out / "hierarchical_recall.png")
     print(summary(results))
     log(f"wrote {out / 'results.json'} and {out / 'hierarchical_recall.png'}")
+    if args.record:
+        loaded = {name: load for name, load in other_loads(results).items() if load > LOAD_LIMIT}
+        if loaded:
+            log(f"not recorded: other processes took over {LOAD_LIMIT:.0%} of the CPU during "
+                f"{', '.join(f'{k} ({v:.0%})' for k, v in loaded.items())}; run again on a quiet machine")
+            return 1
+        for path in record_run(SUITE, results, out / "hierarchical_recall.png"):
+            log(f"wrote {path}")
     return 0
+
+
+def other_loads(results):
+    """{"train <model>" | "<model> T=<T>": the other processes' CPU share} over every timed part that ran."""
+    loads = {f"train {name}": record["other_load"] for name, record in results["train"].items()}
+    for name, cases in results["long"].items():
+        loads.update({f"{name} T={length}": case["other_load"] for length, case in cases.items()
+                      if case["status"] == "ok"})
+    return loads
 
 
 def summary(results):
