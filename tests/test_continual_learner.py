@@ -43,6 +43,27 @@ def test_buffer_keeps_the_newest_and_counts_the_dropped():
                              "checkpoint_dir=None)")
 
 
+def test_source_labels_are_counted_removed_dropped_with_their_examples_and_saved(tmp_path):
+    learner = ContinualLearner(NeuralRetriever(4), buffer_size=6, batch_size=2)
+    learner.observe(torch.arange(8.0).view(2, 4), torch.zeros(2, 4))
+    learner.observe(torch.arange(8.0, 20.0).view(3, 4), torch.zeros(3, 4), source="synthetic")
+    learner.observe(torch.arange(20.0, 28.0).view(2, 4), torch.zeros(2, 4), source="feedback")  # drops the oldest
+    assert learner.sources() == {None: 1, "synthetic": 3, "feedback": 2} and learner.dropped == 1
+    saved = learner.save_checkpoint(tmp_path / "c.pt")
+    assert learner.remove("synthetic") == 3 and learner.remove("synthetic") == 0
+    assert [int(q[0]) for q, _, _ in learner.buffer] == [4, 20, 24] and learner.dropped == 1
+    assert learner.sources() == {None: 1, "feedback": 2}
+    learner.step()  # the sampler draws from what is left
+    restored = ContinualLearner(NeuralRetriever(4), buffer_size=6, batch_size=2)
+    restored.load_checkpoint(saved)
+    assert restored.sources() == {None: 1, "synthetic": 3, "feedback": 2} and len(restored) == 6
+    with pytest.raises(TypeError, match="source must be None or a str, got int"):
+        learner.observe(torch.zeros(1, 4), torch.zeros(1, 4), source=3)
+    with pytest.raises(ValueError, match="remove takes the source label"):
+        learner.remove(None)
+    assert len(learner) == 3  # a refused call buffers nothing
+
+
 @pytest.mark.parametrize("in_batch", [False, True])
 def test_accumulated_steps_match_one_big_batch_or_manual_accumulation(in_batch):
     queries, docs, hard = rotation_pairs(16, negatives=3)
@@ -181,7 +202,7 @@ def test_bad_calls(tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint has batch_size=2 but this learner has 4"):
         learner_with(buffer_size=8, batch_size=4).load_checkpoint(path)
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"other.pt is not a ContinualLearner checkpoint of format 2"):
+    with pytest.raises(ValueError, match=r"other.pt is not a ContinualLearner checkpoint of format 3"):
         learner.load_checkpoint(tmp_path / "other.pt")
     fixed = ContinualLearner(NeuralRetriever(vocab_size=9, output_dim=16, padding_idx=None), batch_size=2)
     fixed.observe(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))

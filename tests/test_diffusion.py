@@ -320,6 +320,7 @@ def test_hand_over_to_a_knowledge_base_and_a_continual_learner():
     assert document.metadata["generator"] == "toy" and document.metadata["similarity"] == pytest.approx(
         float(result.similarity[2]))
     torch.testing.assert_close(learner.buffer[1][1], samples[2])
+    assert learner.sources() == {"synthetic": 2} and learner.remove("synthetic") == 2 and len(learner) == 0
     assert hand_over(result, texts=texts, knowledge_base=kb)["document_ids"] == ["synthetic-2", "synthetic-3"]
     assert kb.remove(synthetic_ids(kb)) == 4 and [d.id for d in kb.documents] == ["real"]
     with pytest.raises(ValueError, match="texts.*precomputed vectors"):

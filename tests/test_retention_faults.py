@@ -260,7 +260,7 @@ def test_checkpoint_layout_is_a_checksummed_header_then_the_payload(tmp_path):
     path = learner().save_checkpoint(tmp_path / "c.pt")
     data = path.read_bytes()
     header, payload = data.split(b"\n", 1)
-    assert header == b"hybridrag.ContinualLearner checkpoint 2 sha256=" + hashlib.sha256(payload).hexdigest().encode()
+    assert header == b"hybridrag.ContinualLearner checkpoint 3 sha256=" + hashlib.sha256(payload).hexdigest().encode()
 
 
 def test_any_flipped_bit_is_refused(tmp_path):
@@ -282,11 +282,11 @@ def test_empty_truncated_garbage_legacy_and_missing_files(tmp_path):
     good = learner().save_checkpoint(tmp_path / "good.pt").read_bytes()
     cases = {"empty.pt": (b"", r"empty.pt is empty"),
              "truncated.pt": (good[:len(good) // 2], r"truncated.pt is corrupt: its \d+ payload bytes have sha256"),
-             "header_only.pt": (good[:60], r"header_only.pt is not a ContinualLearner checkpoint of format 2"),
-             "garbage.pt": (b"\x00\xff" * 500, r"garbage.pt is not a ContinualLearner checkpoint of format 2: .*"
+             "header_only.pt": (good[:60], r"header_only.pt is not a ContinualLearner checkpoint of format 3"),
+             "garbage.pt": (b"\x00\xff" * 500, r"garbage.pt is not a ContinualLearner checkpoint of format 3: .*"
                                                r"\(garbage\)"),
-             "future.pt": (good.replace(b"checkpoint 2 ", b"checkpoint 3 ", 1), r"future.pt is a ContinualLearner "
-                                                                                r"checkpoint of format 3")}
+             "future.pt": (good.replace(b"checkpoint 3 ", b"checkpoint 4 ", 1), r"future.pt is a ContinualLearner "
+                                                                                r"checkpoint of format 4")}
     for name, (content, match) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=match):
@@ -300,10 +300,10 @@ def test_empty_truncated_garbage_legacy_and_missing_files(tmp_path):
 
 def test_a_checksummed_payload_that_is_no_checkpoint(tmp_path):
     payload_path = tmp_path / "payload"
-    torch.save({"format": 2, "model": {}}, payload_path)
+    torch.save({"format": 3, "model": {}}, payload_path)
     payload = payload_path.read_bytes()
     digest = hashlib.sha256(payload).hexdigest().encode()
-    (tmp_path / "odd.pt").write_bytes(b"hybridrag.ContinualLearner checkpoint 2 sha256=" + digest + b"\n" + payload)
+    (tmp_path / "odd.pt").write_bytes(b"hybridrag.ContinualLearner checkpoint 3 sha256=" + digest + b"\n" + payload)
     with pytest.raises(ValueError, match=r"odd.pt is not a .* its payload lacks \['buffer', 'config', 'cursor'"):
         learner().load_checkpoint(tmp_path / "odd.pt")
 

@@ -188,8 +188,8 @@ def hand_over(result, *, texts=None, samples=None, conditions=None, knowledge_ba
         text and takes no precomputed vectors.
     learner: a hybridrag.retention.ContinualLearner whose retriever is in features mode; needs `conditions`
         (N, input_dim) (the query embeddings) and `samples` (N, input_dim): each accepted (condition, sample) pair
-        is observed as a (query, positive) example. The learner's buffer keeps no flag: synthetic pairs cannot be
-        told apart or removed from it later.
+        is observed as a (query, positive) example with source "synthetic" (`learner.sources()` counts them,
+        `learner.remove("synthetic")` drops them).
     Returns {"document_ids": [...], "observed": int, "dropped": int (examples the learner's full buffer pushed
     out)}. Nothing is given when nothing was accepted.
     """
@@ -210,7 +210,7 @@ def hand_over(result, *, texts=None, samples=None, conditions=None, knowledge_ba
     if learner is not None and accepted:
         queries, positives = pairs
         index = torch.tensor(accepted, dtype=torch.long)
-        out["dropped"] = learner.observe(queries[index], positives[index])
+        out["dropped"] = learner.observe(queries[index], positives[index], source=SYNTHETIC)
         out["observed"] = len(accepted)
     return out
 

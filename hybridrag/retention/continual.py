@@ -13,7 +13,7 @@ from ..nn.common import _check_flag, _check_positive_int
 from ..retrieval.neural import NeuralRetriever, _check_number
 from .memory import remove_stale_temporaries, write_atomically
 
-FORMAT = 2
+FORMAT = 3  # 3: the buffer's source labels
 _AUTO_NAME = r"step-\d{8}\.pt"  # the names of automatic checkpoints in checkpoint_dir
 
 
@@ -28,7 +28,9 @@ class ContinualLearner:
 
     - Buffer: the last `buffer_size` examples (query, positive, hard negatives or None). When it is full, each new
       example drops the oldest one; `dropped` counts them (and `observe` returns how many it dropped). All buffered
-      examples must agree on having hard negatives, and on their number M.
+      examples must agree on having hard negatives, and on their number M. Each example may carry a source label
+      (observe's `source`, e.g. "synthetic" for generated pairs): `sources()` counts them, `remove(source)` drops
+      them.
     - Sampling: a random permutation of the buffer (a torch.Generator seeded with `seed`) is read batch_size examples
       at a time; when fewer than batch_size remain, or after `observe` changed the buffer, a new permutation is drawn.
       Token inputs of different lengths are right-padded with the retriever's padding_idx.
@@ -87,6 +89,7 @@ class ContinualLearner:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.buffer = deque(maxlen=buffer_size)
+        self._sources = deque(maxlen=buffer_size)  # the source label (str or None) of each buffered example
         self.dropped = 0  # examples pushed out of the full buffer, in total
         self.step_count = 0
         self._generator = torch.Generator().manual_seed(seed)
@@ -100,9 +103,12 @@ class ContinualLearner:
                 f"accumulation_steps={self.accumulation_steps}, steps={self.step_count}, dropped={self.dropped}, "
                 f"checkpoint_dir={None if self.checkpoint_dir is None else str(self.checkpoint_dir)!r})")
 
-    def observe(self, queries, positives, hard_negatives=None):
+    def observe(self, queries, positives, hard_negatives=None, *, source=None):
         """Buffer N examples: queries and positives (N, ...) as `NeuralRetriever.loss` takes them, hard_negatives
-        (N, M, ...) or None. Returns how many old examples this call dropped (oldest first)."""
+        (N, M, ...) or None; source: None or a non-empty str labelling all N (where they came from, so that
+        `remove(source)` can take them out again). Returns how many old examples this call dropped (oldest
+        first)."""
+        _check_source(source)
         retriever = self.retriever
         retriever._check_inputs("queries", queries)
         retriever._check_inputs("positives", positives, rows=queries.shape[0])
@@ -130,8 +136,30 @@ class ContinualLearner:
             # clones: a row view would keep (and a checkpoint would save) the caller's whole tensor
             self.buffer.append((queries[i].detach().clone(), positives[i].detach().clone(),
                                 None if hard_negatives is None else hard_negatives[i].detach().clone()))
+            self._sources.append(source)
         self._order = None
         return self.dropped - before
+
+    def sources(self):
+        """{source label (None for unlabelled): buffered examples with it}."""
+        counts = {}
+        for source in self._sources:
+            counts[source] = counts.get(source, 0) + 1
+        return counts
+
+    def remove(self, source):
+        """Drop every buffered example observed with this source label (a str); returns how many. The sampler
+        draws a new permutation next. Removed examples do not count as dropped."""
+        _check_source(source)
+        if source is None:
+            raise ValueError("remove takes the source label (a str) given to observe, got None")
+        keep = [i for i, label in enumerate(self._sources) if label != source]
+        removed = len(self.buffer) - len(keep)
+        if removed:
+            self.buffer = deque((self.buffer[i] for i in keep), maxlen=self.buffer_size)
+            self._sources = deque((self._sources[i] for i in keep), maxlen=self.buffer_size)
+            self._order = None
+        return removed
 
     def _collate(self, indices):
         examples = [self.buffer[i] for i in indices]
@@ -218,7 +246,8 @@ class ContinualLearner:
         state = {"format": FORMAT, "config": self._config(), "model": self.retriever.state_dict(),
                  "optimizer_class": _class_name(self.optimizer), "optimizer": self.optimizer.state_dict(),
                  "step": self.step_count, "dropped": self.dropped,
-                 "buffer": [list(example) for example in self.buffer], "generator": self._generator.get_state(),
+                 "buffer": [list(example) for example in self.buffer], "sources": list(self._sources),
+                 "generator": self._generator.get_state(),
                  "order": self._order, "cursor": self._cursor}
         data = checked_bytes("ContinualLearner", FORMAT, state)
         write_atomically(path, lambda file: file.write(data))
@@ -250,6 +279,7 @@ class ContinualLearner:
             raise
         self.step_count, self.dropped = state["step"], state["dropped"]
         self.buffer = deque((tuple(example) for example in state["buffer"]), maxlen=self.buffer_size)
+        self._sources = deque(state["sources"], maxlen=self.buffer_size)
         self._generator.set_state(generator.get_state())
         self._order, self._cursor = state["order"], state["cursor"]
         if self._order is not None:
@@ -279,6 +309,18 @@ class ContinualLearner:
                 for e in buffer):
             raise ValueError(f"{path}: the buffer must be a list of at most {self.buffer_size} [query, positive, "
                              "hard negatives or None] tensor triples")
+        sources = state["sources"]
+        if not isinstance(sources, list) or len(sources) != len(buffer) or not all(
+                s is None or (isinstance(s, str) and s) for s in sources):
+            raise ValueError(f"{path}: sources must be a list of {len(buffer)} labels (None or a non-empty str), one "
+                             "per buffered example")
+
+
+def _check_source(source):
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"source must be None or a str, got {type(source).__name__}")
+    if source == "":
+        raise ValueError("source must be a non-empty str or None, got ''")
 
 
 def _check_finite(name, x):
@@ -297,8 +339,8 @@ def _class_name(optimizer):
 
 def _read_checkpoint(path, device):
     """The state dict in the checkpoint file at path, after checking its header and checksum."""
-    keys = ("format", "config", "model", "optimizer_class", "optimizer", "step", "dropped", "buffer", "generator",
-            "order", "cursor")
+    keys = ("format", "config", "model", "optimizer_class", "optimizer", "step", "dropped", "buffer", "sources",
+            "generator", "order", "cursor")
     state = read_checked(path, "ContinualLearner", FORMAT, keys, device)
     if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: config and model must be dicts")
