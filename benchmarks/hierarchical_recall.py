@@ -24,7 +24,7 @@ The other processes' share of the CPU is measured over the training and over eac
 and refuses when any of those shares is above 15% (the timings would not be ours).
 
     python -m benchmarks.hierarchical_recall --quick      # ~1-2 min on 2 cores (1 thread)
-    python -m benchmarks.hierarchical_recall              # ~20 min on 2 cores (1 thread), estimated
+    python -m benchmarks.hierarchical_recall              # 12-16 min on 2 idle cores (1 thread), at a428f8f
     python -m benchmarks.hierarchical_recall --record     # the same, recorded
 """
 import argparse
