@@ -36,7 +36,7 @@ def test_a_long_case_reports_its_memory_load_and_accuracy(tmp_path, one_thread):
     assert 0 <= case["accuracy"] <= 1 and case["eval_targets"] == hr.NUM_PAIRS
 
 
-def test_record_refuses_a_loaded_run_by_naming_the_part():
+def test_the_load_gate_sees_every_timed_part_that_ran():
     results = {"train": {"hierarchical": {"other_load": 0.02}, "flat_sdpa": {"other_load": 0.4}},
                "long": {"flat_eager": {"8192": {"status": "not run"}, "1024": {"status": "ok", "other_load": 0.0}}}}
     assert hr.other_loads(results) == {"train hierarchical": 0.02, "train flat_sdpa": 0.4, "flat_eager T=1024": 0.0}
