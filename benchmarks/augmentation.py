@@ -90,8 +90,8 @@ from hybridrag.diffusion import (DiffusionConfig, EmbeddingDiffusion, filter_sam
 from hybridrag.retention import ContinualLearner
 from hybridrag.retrieval import DenseEncoder, NeuralRetriever
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, device_slug, environment, figure_legend, format_table, is_inside, log,
-                     progress, record_problem, record_run, write_json)
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+                     format_table, log, progress, record_run, write_json)
 from .diffusion_quality import (FIRST_SENTENCE_WORDS, MAX_CORPUS_SIMILARITY, MIN_SIMILARITY, PREDICTION, SAMPLING_STEPS,
                                 load_data)
 
@@ -403,10 +403,7 @@ def main(argv=None):
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE
-    if is_inside(out, RESULTS_ROOT):
-        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
-    if args.record and (args.quick or record_problem()):
-        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
+    check_output_options(parser, out, record=args.record, quick=args.quick)
     result = run("quick" if args.quick else "full", out, threads=args.threads, seed=args.seed)
     data = result["data"]
     print(format_table(f"{SUITE} ({result['size']}): {data['labeled']} labeled pairs, {data['test_queries']} held-out "

@@ -63,15 +63,14 @@ from hybridrag.distillation import KnowledgeBaseAnswerer, TeacherStudentCascade,
 from hybridrag.distillation.adapters import as_retrieval_encoder
 from hybridrag.encoders import HybridEncoder
 from hybridrag.encoders.retrieval import HybridTextEncoder
-from hybridrag.encoders.train import (PASSAGE_TOKENS, STUDENT_CONFIG, EncoderTrainingConfig, pydoc_passages,
-                                      summary_path, train_encoder)
+from hybridrag.encoders.train import PASSAGE_TOKENS, summary_path
 from hybridrag.retrieval import KnowledgeBase
 from hybridrag.retrieval.documents import chunk_documents
 from hybridrag.retrieval.encoder import DenseEncoder
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, device_slug, environment, figure_legend, flag_under_load,
-                     format_table, is_inside, load_column, log, plot_bars, record_problem, record_run, write_json)
-from .encoder_quality import SIZES as ENCODER_SIZES
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+                     flag_under_load, format_table, load_column, LoadMeter, log, plot_bars, record_run, write_json)
+from .encoder_quality import SIZES as ENCODER_SIZES, train_student
 from .retrieval_quality import DEPTH, _score, corpus, load_queries
 
 SUITE = "cascade_quality"
@@ -140,25 +139,6 @@ class TopicAnswerer:
         return {"result": list(best), "scores": list(best.values())}
 
     __call__ = answer
-
-
-def _train(minilm, spec, out, name, log=log):
-    """encoder_quality's student and training at `spec`'s size: (checkpoint path, summary)."""
-    torch.manual_seed(0)
-    student = HybridEncoder(STUDENT_CONFIG)
-    passages = pydoc_passages(student.tokenizer, spec["lengths"])
-    if spec["passages"] is not None:
-        passages = random.Random(0).sample(passages, spec["passages"])
-    config = EncoderTrainingConfig(steps=spec["steps"], batch_size=spec["batch_size"], warmup=spec["warmup"],
-                                   eval_every=spec["eval_every"], teacher_cache=str(out / f"{name}-teacher.npz"),
-                                   output=str(out / f"{name}.pt"))
-    log(f"[{SUITE}] training the HybridEncoder student ({student.num_parameters() / 1e6:.1f} M parameters): "
-        f"{config.steps} steps of {config.batch_size} on {len(passages)} pydoc passages ...")
-    summary = train_encoder(student, passages, config, teacher=minilm, progress=sys.stderr.isatty())
-    log(f"[{SUITE}] trained in {summary['train_seconds']:.0f} s ({summary['seconds']:.0f} s with the teacher's "
-        f"embeddings); held-out teacher cosine {summary['evals'][0]['teacher_cosine']:.3f} -> "
-        f"{summary['evals'][-1]['teacher_cosine']:.3f}")
-    return Path(summary["checkpoint"]), summary
 
 
 def select(chunks, queries, per_topic, count, seed):
@@ -303,7 +283,7 @@ def run(size, out, checkpoint=None, *, target=TARGET, seed=0, spec=None, log=log
     summary = None
     dense = [s for s in spec["students"] if s != "bm25"]
     if dense and checkpoint is None:
-        checkpoint, summary = _train(minilm, spec, out, name, log)
+        checkpoint, summary = train_student(minilm, spec, out, name, SUITE, log)
     elif dense:
         checkpoint = Path(checkpoint)
         beside = summary_path(checkpoint)
@@ -449,8 +429,6 @@ def main(argv=None):
                              "the run, a clean checkout, no row flagged)")
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE
-    if is_inside(out, RESULTS_ROOT):
-        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.target <= 1:
@@ -459,14 +437,9 @@ def main(argv=None):
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
-    if args.record:
-        if args.quick:
-            parser.error("--record records the full size: drop --quick")
-        if args.checkpoint is not None:
-            parser.error("--record records a student trained in the run: drop --checkpoint")
-        problem = record_problem()
-        if problem:
-            parser.error(problem)
+    if args.record and args.checkpoint is not None:
+        parser.error("--record records a student trained in the run: drop --checkpoint")
+    check_output_options(parser, out, record=args.record, quick=args.quick)
     if args.threads:
         torch.set_num_threads(args.threads)
     result, png = run("quick" if args.quick else "full", out, args.checkpoint, target=args.target, seed=args.seed)

@@ -496,6 +496,18 @@ def record_run(suite, payload, png=None, slug=None):
     return paths
 
 
+def check_output_options(parser, out, *, record=False, quick=False):
+    """parser.error for an `out` folder inside benchmarks/results/ (only --record writes there), for --record with
+    --quick (a recorded run is the full size) and for --record from a checkout record_problem() refuses."""
+    if is_inside(out, RESULTS_ROOT):
+        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
+    if record and quick:
+        parser.error("--record records the full size: drop --quick")
+    problem = record_problem() if record else None
+    if problem:
+        parser.error(problem)
+
+
 def is_inside(path, folder):
     """Whether `path` is `folder` or lies under it (both resolved)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()

@@ -38,13 +38,13 @@ import torch
 
 from hybridrag.encoders import HybridEncoder
 from hybridrag.encoders.retrieval import HybridTextEncoder
-from hybridrag.encoders.train import (STUDENT_CONFIG, EncoderTrainingConfig, pydoc_passages, summary_path,
-                                      train_encoder)
+from hybridrag.encoders.train import (PASSAGE_TOKENS, STUDENT_CONFIG, EncoderTrainingConfig, pydoc_passages,
+                                      summary_path, train_encoder)
 from hybridrag.retrieval import KnowledgeBase
 from hybridrag.retrieval.encoder import DenseEncoder
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, device_slug, environment, figure_legend, flag_under_load,
-                     format_table, is_inside, load_column, log, plot_bars, record_problem, record_run, write_json)
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+                     flag_under_load, format_table, load_column, LoadMeter, log, plot_bars, record_run, write_json)
 from .retrieval_quality import _score, _search_topics, corpus, load_queries
 
 SUITE = "encoder_quality"
@@ -72,20 +72,25 @@ def _minilm_size(encoder):
     return sum(p.numel() for p in module.parameters()), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _train(minilm, size, out, name, log=log):
-    spec = SIZES[size]
+def train_student(minilm, spec, out, name, suite=SUITE, log=log):
+    """The HybridEncoder student (STUDENT_CONFIG, seed 0) distilled from `minilm` at `spec`'s size: its "steps",
+    "warmup", "eval_every", "passages" (a seeded sample of that many pydoc passages, None = all) and, optional,
+    "lengths" (pydoc_passages' window lengths) and "batch_size". Writes out/<name>.pt and the teacher's embedding
+    cache beside it. Returns (checkpoint path, training summary)."""
     torch.manual_seed(0)
     student = HybridEncoder(STUDENT_CONFIG)
-    passages = pydoc_passages(student.tokenizer)
+    passages = pydoc_passages(student.tokenizer, spec.get("lengths", PASSAGE_TOKENS))
     if spec["passages"] is not None:
         passages = random.Random(0).sample(passages, spec["passages"])
-    config = EncoderTrainingConfig(steps=spec["steps"], warmup=spec["warmup"], eval_every=spec["eval_every"],
+    batch_size = spec.get("batch_size", EncoderTrainingConfig.batch_size)
+    config = EncoderTrainingConfig(steps=spec["steps"], batch_size=batch_size, warmup=spec["warmup"],
+                                   eval_every=spec["eval_every"],
                                    teacher_cache=str(out / f"{name}-teacher.npz"), output=str(out / f"{name}.pt"))
-    log(f"[{SUITE}] training the HybridEncoder ({student.num_parameters() / 1e6:.1f} M parameters): {config.steps} "
+    log(f"[{suite}] training the HybridEncoder ({student.num_parameters() / 1e6:.1f} M parameters): {config.steps} "
         f"steps of {config.batch_size} on {len(passages)} pydoc passages (MiniLM's embeddings of them first, cached "
         f"in {config.teacher_cache}) ...")
     summary = train_encoder(student, passages, config, teacher=minilm, progress=sys.stderr.isatty())
-    log(f"[{SUITE}] trained in {summary['train_seconds']:.0f} s ({summary['seconds']:.0f} s with the teacher's "
+    log(f"[{suite}] trained in {summary['train_seconds']:.0f} s ({summary['seconds']:.0f} s with the teacher's "
         f"embeddings); held-out teacher cosine {summary['evals'][0]['teacher_cosine']:.3f} -> "
         f"{summary['evals'][-1]['teacher_cosine']:.3f}")
     return Path(summary["checkpoint"]), summary
@@ -141,7 +146,7 @@ def run(size, out, checkpoint=None, log=log):
     started = time.perf_counter()
     minilm = DenseEncoder(device="cpu", show_progress=False)
     if checkpoint is None:
-        checkpoint, summary = _train(minilm, size, out, name, log)
+        checkpoint, summary = train_student(minilm, SIZES[size], out, name, log=log)
     else:
         checkpoint = Path(checkpoint)
         beside = summary_path(checkpoint)
@@ -246,20 +251,13 @@ def main(argv=None):
                              "the run, a clean checkout, no row flagged)")
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu"))
-    if is_inside(out, RESULTS_ROOT):
-        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
-    if args.record:
-        if args.quick:
-            parser.error("--record records the full size: drop --quick")
-        if args.checkpoint is not None:
-            parser.error("--record records an encoder trained in the run: drop --checkpoint")
-        problem = record_problem()
-        if problem:
-            parser.error(problem)
+    if args.record and args.checkpoint is not None:
+        parser.error("--record records an encoder trained in the run: drop --checkpoint")
+    check_output_options(parser, out, record=args.record, quick=args.quick)
     if args.threads:
         torch.set_num_threads(args.threads)
     result, png = run("quick" if args.quick else "full", out, args.checkpoint)

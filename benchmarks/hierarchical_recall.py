@@ -44,7 +44,7 @@ from hybridrag.models import HierarchicalConfig, HierarchicalHybridRAG
 from hybridrag.models.blocks import TransformerBlock
 from hybridrag.nn import RotaryEmbedding
 
-from .common import RUNS_ROOT, LoadMeter, environment, record_problem, record_run
+from .common import RUNS_ROOT, check_output_options, environment, LoadMeter, record_run
 
 QUERY, NUM_FILLER, NUM_KEYS, NUM_VALUES, NUM_PAIRS = 0, 16, 16, 16, 2
 VOCAB = 64
@@ -347,11 +347,10 @@ def main(argv=None):
         print(json.dumps(run_case(name, length, args.weights, args.case_steps, args.case_eval)))
         return 0
 
-    if args.record and (args.quick or record_problem()):
-        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
     mode = "quick" if args.quick else "full"
     settings = MODES[mode]
     out = args.out or RUNS_ROOT / f"hierarchical_recall-{mode}"
+    check_output_options(parser, out, record=args.record, quick=args.quick)
     out.mkdir(parents=True, exist_ok=True)
     log(f"hierarchical_recall ({mode}): expected ~{settings['expected_s'] / 60:.0f} min on 2 idle cores with "
         f"{args.threads} thread(s); longer under load. Output: {out}")

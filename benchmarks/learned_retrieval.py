@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from hybridrag.train import HybridRAGTrainer, MarginalRAG, RAGCollator, TinyCausalLM, TrainingConfig
 
-from .common import RESULTS_ROOT, RUNS_ROOT, device_slug, environment, is_inside, record_problem, record_run
+from .common import RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, record_run
 
 PAD, WHAT, CODE, IS, ASK = 0, 1, 2, 3, 4
 SIZES = {"quick": {"facts": 24, "steps": 1500, "eval_every": 100, "k": 8},
@@ -176,10 +176,7 @@ def main(argv=None):
                              "a clean checkout)")
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu"))
-    if is_inside(out, RESULTS_ROOT):
-        parser.error(f"--out {out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
-    if args.record and (args.quick or record_problem()):
-        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
+    check_output_options(parser, out, record=args.record, quick=args.quick)
     result = run("quick" if args.quick else "full", out)
     for e in result["evals"]:
         print(f"step {e['step']:5d}  recall@1 {e['recall@1']:.3f}  answer accuracy {e['answer_accuracy']:.3f}  "

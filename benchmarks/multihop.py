@@ -25,8 +25,7 @@ from hybridrag.retrieval import Document, KnowledgeBase
 from hybridrag.retrieval.encoder import make_encoder
 from hybridrag.train.tasks import MultiHopRAGTask
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, device_slug, environment, is_inside, log, record_problem, record_run,
-                     write_json)
+from .common import RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, log, record_run, write_json
 
 SUITE = "multihop"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "two_hop_qa.jsonl"
@@ -98,10 +97,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
-    if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
-    if args.record and record_problem():
-        parser.error(record_problem())
+    check_output_options(parser, args.out, record=args.record)
     return args
 
 

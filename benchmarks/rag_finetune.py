@@ -28,8 +28,8 @@ from hybridrag.train.finetune_model import load_base_model, load_finetuned
 from hybridrag.train.formatting import as_passages
 from hybridrag.train.rag_generate import generate_ids
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, device_slug, environment, format_seconds, is_inside, log,
-                     record_problem, record_run, write_json)
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, format_seconds, log,
+                     record_run, write_json)
 
 SUITE = "rag_finetune"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_qa.jsonl"
@@ -115,10 +115,7 @@ def parse_args(argv):
                         help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
                              "checkout)")
     args = parser.parse_args(argv)
-    if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
-    if args.record and (args.quick or record_problem()):
-        parser.error("--record records the full size: drop --quick" if args.quick else record_problem())
+    check_output_options(parser, args.out, record=args.record, quick=args.quick)
     return args
 
 

@@ -36,8 +36,8 @@ from hybridrag.system.model import load_language_model
 from hybridrag.system.reader import load_reader
 from hybridrag.train.reader_finetune import ReaderConfig, read_questions, reader_finetune
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, device_slug, environment, fmt_number, format_seconds,
-                     format_table, is_inside, log, long_step, results_dir, write_json)
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, fmt_number,
+                     format_seconds, format_table, LoadMeter, log, long_step, results_dir, write_json)
 
 SUITE = "system_accuracy"
 QUESTIONS = Path(__file__).resolve().parent / "data" / "pydoc_qa.jsonl"
@@ -106,8 +106,7 @@ def parse_args(argv):
         parser.error("--record with fewer --methods records the reader's run: add --train-reader or --reader-adapter")
     if args.reader_adapter is not None and not args.reader_adapter.is_file():
         parser.error(f"--reader-adapter {args.reader_adapter}: no such file")
-    if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
+    check_output_options(parser, args.out)
     return args
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, LoadMeter, default_device, device_slug, environment, flag_under_load,
-                     fmt_number, format_seconds, format_table, is_inside, load_column, log, progress, record_problem,
+from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, default_device, device_slug, environment,
+                     flag_under_load, fmt_number, format_seconds, format_table, load_column, LoadMeter, log, progress,
                      record_run, write_json)
 
 SUITE = "train_throughput"
@@ -289,12 +289,9 @@ def parse_args(argv, device):
                         help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (the real model, not "
                              "--quick, a clean checkout)")
     args = parser.parse_args(argv)
-    if is_inside(args.out, RESULTS_ROOT):
-        parser.error(f"--out {args.out} lies inside {RESULTS_ROOT}: pick another folder (--record writes there)")
     if args.record and (args.quick or args.tiny):
         parser.error(f"--record records the real model at a full size: drop {'--quick' if args.quick else '--tiny'}")
-    if args.record and record_problem():
-        parser.error(record_problem())
+    check_output_options(parser, args.out, record=args.record)
     return args
 
 
