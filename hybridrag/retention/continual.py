@@ -2,7 +2,7 @@
 import copy
 import math
 import re
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
@@ -142,10 +142,7 @@ class ContinualLearner:
 
     def sources(self):
         """{source label (None for unlabelled): buffered examples with it}."""
-        counts = {}
-        for source in self._sources:
-            counts[source] = counts.get(source, 0) + 1
-        return counts
+        return dict(Counter(self._sources))
 
     def remove(self, source):
         """Drop every buffered example observed with this source label (a str); returns how many. The sampler
