@@ -54,10 +54,11 @@ def test_shapes_and_loss_equal_manual_cross_entropy(length):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("local_attention", ["sliding", "hybrid"])
-def test_causal_across_segments(local_attention):
+@pytest.mark.parametrize("local_attention, selected_blocks", [("sliding", 0), ("hybrid", 0), ("sliding", 2)])
+def test_causal_across_segments(local_attention, selected_blocks):
     extra = {"num_memory_tokens": 2} if local_attention == "hybrid" else {}
-    model = tiny_model(local_attention=local_attention, retrieval=True, **extra).eval()
+    model = tiny_model(local_attention=local_attention, retrieval=True, selected_blocks=selected_blocks,
+                       **extra).eval()
     open_gates(model)
     x, passages = ids(2, 29), ids(2, 6, seed=3).view(2, 2, 3)
     with torch.no_grad():
@@ -78,8 +79,10 @@ def changed_at(x, t):
     return changed
 
 
-def test_gradients_reach_every_parameter():
-    model = tiny_model(local_attention="hybrid", num_memory_tokens=2, retrieval=True, tie_word_embeddings=False)
+@pytest.mark.parametrize("selected_blocks", [0, 2])
+def test_gradients_reach_every_parameter(selected_blocks):
+    model = tiny_model(local_attention="hybrid", num_memory_tokens=2, retrieval=True, tie_word_embeddings=False,
+                       selected_blocks=selected_blocks)
     open_gates(model)
     x = ids(2, 21)
     model(x, labels=x, retrieved=ids(2, 8, seed=5).view(2, 2, 4))["loss"].backward()
@@ -223,3 +226,20 @@ def test_backends_agree():
         torch.testing.assert_close(results[backend][0], results["reference"][0])
         for name, grad in results["reference"][1].items():
             torch.testing.assert_close(results[backend][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_selected_blocks_read_a_far_block_whole():
+    """With selected_blocks, the synthesis layer is BlockSelectionAttention: its selected branch reads tokens of
+    earlier blocks (not only their landmark), and the model stays causal and padding-blind (tests above)."""
+    from hybridrag.models.blocks import BlockSelectionAttention
+
+    model = tiny_model(selected_blocks=2, num_cross_layers=0)
+    (layer,) = [block.attention for block in model.synthesis_blocks]
+    assert isinstance(layer, BlockSelectionAttention) and layer.top_k == 2 and "top_k=2" in repr(layer)
+    x = ids(2, 24)
+    with torch.no_grad():
+        base = model(x)["logits"]
+        layer.selection_gate.bias.fill_(-1e4)  # the gate shut: only the landmark attention remains
+        shut = model(x)["logits"]
+    assert (shut[:, 8:] - base[:, 8:]).abs().amax() > 1e-6  # from the third block on, something was selected
+    torch.testing.assert_close(shut[:, :4], base[:, :4], rtol=0, atol=1e-6)  # the first block has nothing earlier

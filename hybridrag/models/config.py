@@ -57,6 +57,10 @@ class HierarchicalConfig:
         landmark_stride inside each segment, and num_memory_tokens learned memory tokens).
     num_landmark_tokens: landmarks per segment; must divide segment_length. landmark_stride =
         segment_length // num_landmark_tokens; the landmark of each block of landmark_stride tokens is its last token.
+    selected_blocks: stage 3 block retrieval (experimental; default 0, off): each query also reads every token of
+        the that many earlier blocks of landmark_stride tokens it scores highest (BlockSelectionAttention). Plain
+        PyTorch, so slower; not yet shown to make the model learn cross-segment recall (benchmarks/
+        hierarchical_recall.py).
     cross_window: stage 2 window, in landmarks. cross_landmark_stride: stage 2 global landmarks every that many
         landmarks (default num_landmark_tokens: one per segment).
     intermediate_size: SwiGLU MLP width (default 4 * hidden_size, set in __post_init__).
@@ -82,6 +86,7 @@ class HierarchicalConfig:
     num_memory_tokens: int = 0
     num_landmark_tokens: int = 4
     cross_window: int = 16
+    selected_blocks: int = 0
     cross_landmark_stride: int | None = None
     intermediate_size: int | None = None
     dropout: float = 0.0
@@ -98,7 +103,8 @@ class HierarchicalConfig:
         for name in ("vocab_size", "hidden_size", "num_heads", "segment_length", "window_size",
                      "num_landmark_tokens", "cross_window", "max_retrieved"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("num_local_layers", "num_cross_layers", "num_synthesis_layers", "num_memory_tokens"):
+        for name in ("num_local_layers", "num_cross_layers", "num_synthesis_layers", "num_memory_tokens",
+                     "selected_blocks"):
             _check_int(name, getattr(self, name), 0)
         for name in ("num_kv_heads", "head_dim", "cross_landmark_stride", "intermediate_size"):
             if getattr(self, name) is not None:

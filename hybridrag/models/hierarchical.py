@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import HybridAttention, RetrievalCrossAttention, SlidingWindowAttention, SparseGlobalAttention, quantize_model
-from .blocks import BlockEndLandmarkAttention, TransformerBlock, block_end_landmarks
+from .blocks import BlockEndLandmarkAttention, BlockSelectionAttention, TransformerBlock, block_end_landmarks
 from .config import HierarchicalConfig
 from .inputs import IGNORE_INDEX, check_forward_inputs
 
@@ -62,9 +62,8 @@ class HierarchicalHybridRAG(nn.Module):
         self.retrieval_attention = RetrievalCrossAttention(
             c.hidden_size, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, causal=True,
             backend="auto" if c.backend != "reference" else "reference") if c.retrieval else None
-        self.synthesis_blocks = nn.ModuleList(self._block(BlockEndLandmarkAttention(
-            c.hidden_size, c.num_heads, stride=c.landmark_stride, window=c.window_size, **self._heads()))
-            for _ in range(c.num_synthesis_layers))
+        self.synthesis_blocks = nn.ModuleList(self._block(self._synthesis_attention())
+                                              for _ in range(c.num_synthesis_layers))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=c.initializer_range)
@@ -84,6 +83,14 @@ class HierarchicalHybridRAG(nn.Module):
             return SlidingWindowAttention(c.hidden_size, c.num_heads, c.window_size, **self._heads())
         return HybridAttention(c.hidden_size, c.num_heads, window=c.window_size, landmark_stride=c.landmark_stride,
                                num_memory_tokens=c.num_memory_tokens, **self._heads())
+
+    def _synthesis_attention(self):
+        c = self.config
+        if c.selected_blocks:
+            return BlockSelectionAttention(c.hidden_size, c.num_heads, stride=c.landmark_stride,
+                                           top_k=c.selected_blocks, window=c.window_size, **self._heads())
+        return BlockEndLandmarkAttention(c.hidden_size, c.num_heads, stride=c.landmark_stride, window=c.window_size,
+                                         **self._heads())
 
     def _block(self, attention):
         c = self.config

@@ -129,6 +129,11 @@ class HybridAttention(nn.Module):
         return self.landmark_stride
 
     def forward(self, hidden_states, *, position_ids=None, kv_start=None, key_mask=None):
+        q, k, v = self.project(hidden_states, position_ids)
+        return self.o_proj(_merge_heads(self.attend(q, k, v, kv_start=kv_start, key_mask=key_mask)))
+
+    def project(self, hidden_states, position_ids=None):
+        """hidden_states (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D), rotary applied."""
         _check_hidden_states(hidden_states, self.hidden_size)
         length = hidden_states.shape[1]
         # (B, T, H*D) -> (B, H, T, D) views with unit last stride; the op takes any such strides.
@@ -139,10 +144,14 @@ class HybridAttention(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(length, device=hidden_states.device)
             q, k = self.rotary(q, k, position_ids)
+        return q, k, v
+
+    def attend(self, q, k, v, *, kv_start=None, key_mask=None):
+        """The layer's attention over projected heads: (B, H, T, D) before o_proj."""
+        length = q.shape[2]
         memory_k = memory_v = None
         if self.memory_k is not None:
             memory_k, memory_v = self.memory_k.to(k.dtype), self.memory_v.to(v.dtype)
-        o = hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, hidden_states.device),
-                             global_queries=self.global_queries, memory_k=memory_k, memory_v=memory_v,
-                             causal=self.causal, kv_start=kv_start, key_mask=key_mask, backend=self.backend)
-        return self.o_proj(_merge_heads(o))
+        return hybrid_attention(q, k, v, self.window, landmarks=self.landmarks_for(length, q.device),
+                                global_queries=self.global_queries, memory_k=memory_k, memory_v=memory_v,
+                                causal=self.causal, kv_start=kv_start, key_mask=key_mask, backend=self.backend)
