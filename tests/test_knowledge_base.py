@@ -81,6 +81,51 @@ def test_add_remove_and_embeddings(kb):
         kb.add([Document("loop", "again")])
 
 
+def test_precomputed_vectors_skip_the_encoder_and_may_come_without_text(kb, tmp_path, monkeypatch):
+    """add(documents, vectors=...): no encoding; a text-less document (a generated embedding) is dense-only,
+    survives a save and load, and goes with remove."""
+    encoder = HashingEncoder(512)
+    query = "anonymous function lambda"
+    generated = encoder.encode([query])[0] + 0.01  # near the query in the encoder's space
+    monkeypatch.setattr(kb.encoder, "encode", lambda texts: pytest.fail("add must not encode precomputed vectors"))
+    kb.add([Document("synthetic-0", "", metadata={"synthetic": True}),
+            Document("lambda", "A lambda expression makes a small anonymous function.")],
+           vectors=np.stack([generated, encoder.encode(["lambda expression"])[0]]))
+    monkeypatch.undo()
+    np.testing.assert_allclose(kb.embeddings_for(["synthetic-0"])[0], generated, atol=1e-6)
+    assert ids(kb.search(query, 1, "dense")) == ["synthetic-0"]
+    assert "synthetic-0" in ids(kb.search(query, 3, "hybrid"))
+    assert "synthetic-0" not in ids(kb.search(query, 10, "bm25")) and "lambda" in ids(kb.search(query, 10, "bm25"))
+    assert kb.stats()["bm25_documents"] == len(kb) - 1
+    kb.save(tmp_path / "kb")
+    loaded = KnowledgeBase.load(tmp_path / "kb")
+    assert ids(loaded.search(query, 1, "dense")) == ["synthetic-0"] and loaded.get("synthetic-0").text == ""
+    assert loaded.remove(["synthetic-0"]) == 1 and "synthetic-0" not in ids(loaded.search(query, 10, "dense"))
+    import torch
+
+    loaded.add([Document("synthetic-1", "")], vectors=torch.from_numpy(generated[None]).double())  # torch, float64
+    assert ids(loaded.search(query, 1, "dense")) == ["synthetic-1"]
+
+
+@pytest.mark.parametrize("vectors, error, match", [
+    (np.zeros((2, 512), dtype=np.float32), ValueError, r"vectors must have shape \(1, 512\) .* got \(2, 512\)"),
+    (np.zeros((1, 64), dtype=np.float32), ValueError, r"the encoder 'hashing-512''s dimension\), got \(1, 64\)"),
+    (np.zeros((1, 512), dtype=np.int64), TypeError, "vectors must be a float numpy array or torch tensor"),
+    ([[0.0] * 512], TypeError, "got list"),
+    (np.full((1, 512), np.nan, dtype=np.float32), ValueError, "vectors holds NaN or inf"),
+])
+def test_bad_precomputed_vectors_change_nothing(kb, vectors, error, match):
+    before = len(kb)
+    with pytest.raises(error, match=match):
+        kb.add([Document("new", "some text")], vectors=vectors)
+    assert len(kb) == before and "new" not in kb
+
+
+def test_without_vectors_a_text_less_document_is_refused(kb):
+    with pytest.raises(ValueError, match=r"give them text, their vectors \(add\(documents, vectors=\.\.\.\)\)"):
+        kb.add([Document("a", "text"), Document("b", "  ")])
+
+
 def test_chunked_build_keeps_sources(kb):
     long = Document("long", " ".join(f"word{i}" for i in range(50)) + " exception handling at the end")
     chunked = KnowledgeBase.build([long, *CORPUS], HashingEncoder(512), chunk_tokens=20, overlap=5)

@@ -112,19 +112,43 @@ class KnowledgeBase:
             raise KeyError(f"no document with id {doc_id!r}")
         return self._documents[doc_id]
 
-    def add(self, documents):
-        """Encode and index new documents (ids must not be in the knowledge base yet; each needs some text and
-        must survive a save, see Document). Nothing changes when any of them is refused."""
-        documents = _check_documents(documents)
+    def add(self, documents, vectors=None):
+        """Index new documents (ids must not be in the knowledge base yet; each must survive a save, see Document).
+        Nothing changes when any of them is refused.
+
+        vectors: None (the encoder encodes each document, which then needs some text), or their precomputed dense
+            vectors, float (n, dimension) numpy or torch, finite, in the encoder's space (generated embeddings, or
+            vectors encoded elsewhere): no encoding runs. With vectors a document may hold no text: it is then
+            dense-only (found by dense and hybrid search, never by BM25), as for a generated embedding with no
+            text behind it.
+        """
+        documents = _check_documents(documents, allow_empty=vectors is not None)
+        if vectors is not None:
+            vectors = self._check_vectors(vectors, len(documents))
         if not documents:
             return
         with self._lock.read():
             self._check_new(documents)  # fail before the (slow) encoding
         texts = [embedding_text(d) for d in documents]
-        vectors = self.encoder.encode(texts)
+        if vectors is None:
+            vectors = self.encoder.encode(texts)
         with self._lock.write():
             self._check_new(documents)  # again: another writer may have added one meanwhile
             self._insert(documents, texts, vectors)
+
+    def _check_vectors(self, vectors, count):
+        if hasattr(vectors, "detach"):  # a torch tensor
+            vectors = vectors.detach().cpu().numpy()
+        if not isinstance(vectors, np.ndarray) or not np.issubdtype(vectors.dtype, np.floating):
+            raise TypeError(f"vectors must be a float numpy array or torch tensor of shape ({count}, "
+                            f"{self.encoder.dimension}), got {type(vectors).__name__}"
+                            f"{f' of {vectors.dtype}' if isinstance(vectors, np.ndarray) else ''}")
+        if vectors.shape != (count, self.encoder.dimension):
+            raise ValueError(f"vectors must have shape ({count}, {self.encoder.dimension}) (one row per document, the "
+                             f"encoder {self.encoder.name!r}'s dimension), got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors holds NaN or inf: every entry must be finite")
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _check_new(self, documents):
         clashes = [d.id for d in documents if d.id in self._documents]
@@ -135,8 +159,10 @@ class KnowledgeBase:
         """Under the write lock: vectors (n, d) of `documents` into both indexes and the tables."""
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.int64)
         self.index.add(vectors, keys)  # checks the vectors (shape, NaN) before changing anything
+        lexical = [(text, d.id) for text, d in zip(texts, documents) if d.text.strip()]  # dense-only: no text
         try:
-            self.bm25.add(texts, [d.id for d in documents])
+            if lexical:
+                self.bm25.add([text for text, _ in lexical], [doc_id for _, doc_id in lexical])
         except BaseException:
             self.index.remove(keys)
             raise
@@ -267,18 +293,21 @@ class KnowledgeBase:
 
 
 
-def _check_documents(documents):
-    """The documents as a list: Document objects with unique ids, each with some text and surviving a save."""
+def _check_documents(documents, allow_empty=False):
+    """The documents as a list: Document objects with unique ids, each surviving a save and (unless allow_empty:
+    their vectors come precomputed) with some text."""
     documents = check_unique_ids(documents)
     for document in documents:
         check_document(document)  # again: metadata may have changed since the Document was made
+    if allow_empty:
+        return documents
     empty = [d.id for d in documents if not d.text.strip()]
     if empty and len(empty) == len(documents):
         raise ValueError(f"the {len(documents)} document(s) given hold no text (each is empty or whitespace only): "
                          "there is nothing to index")
     if empty:
         raise ValueError(f"{len(empty)} of the {len(documents)} documents hold no text (empty or whitespace only): "
-                         f"{empty[:5]}; give them text or leave them out")
+                         f"{empty[:5]}; give them text, their vectors (add(documents, vectors=...)), or leave them out")
     return documents
 
 
