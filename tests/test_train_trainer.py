@@ -68,6 +68,29 @@ def test_resume_is_exact_bit_for_bit(tmp_path):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+def test_a_save_that_dies_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk) leaves the old file whole and no temporary; a temporary left by
+    a writer that is gone is removed by the next save."""
+    from hybridrag.train import checkpoint
+
+    path = checkpoint.save_checkpoint({"step": 1}, tmp_path / "checkpoint-1.pt")
+    old = path.read_bytes()
+    dead = tmp_path / ".checkpoint-1.pt.999999999.abcdefgh.tmp"  # pid 999999999 runs nowhere
+    dead.write_bytes(b"half")
+
+    def dies(payload):  # called inside the temporary file's write
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", dies)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pt"]  # no temporary, the dead one gone too
+    monkeypatch.undo()
+    checkpoint.save_checkpoint({"step": 2}, path)
+    assert checkpoint.load_checkpoint(path)["step"] == 2
+
+
 def test_corrupt_truncated_or_foreign_checkpoints_are_clear_errors(tmp_path):
     trainer = HybridRAGTrainer(config(tmp_path, max_steps=2), model(), dataset())
     path = trainer.save_checkpoint()

@@ -6,14 +6,14 @@ A truncated, corrupted or foreign file is a ValueError naming it; nothing is hal
 """
 import hashlib
 import io
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic_file import write_atomically
 
 MAGIC = b"HRCKPT01"
 _HEADER = len(MAGIC) + 8 + 32
@@ -32,23 +32,16 @@ def latest_checkpoint(output_dir):
 
 
 def save_checkpoint(state, path):
-    """torch.save(state) to `path` through a temporary file in the same folder and os.replace: a reader sees the old
-    file or the whole new one, never a part."""
+    """torch.save(state) to `path` through `write_atomically` (a temporary file in the same folder, fsync,
+    os.replace; a dead writer's temporary is cleaned up on the next save): a reader sees the old file or the whole
+    new one, never a part."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest() + payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda out: out.write(MAGIC + len(payload).to_bytes(8, "little")
+                                                 + hashlib.sha256(payload).digest() + payload))
     return path
 
 
