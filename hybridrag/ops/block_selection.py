@@ -81,21 +81,41 @@ def select_blocks(q, k, block_size, top_k, scale, key_mask=None):
     return indices, valid
 
 
-def _attend_chunk(rows, key_blocks, value_blocks, indices, usable, scale):
-    """rows (B, Hkv, G, c, D) against the chosen blocks indices (B, Hkv, c, k) of key_blocks / value_blocks
-    (B, Hkv, L, s, D) -> (B, Hkv, G, c, D) float32. usable (B, Hkv, c, k * s) bool."""
+def _union_of_choices(indices, valid, block_size, count):
+    """The blocks any query of each query block chose, as a fixed number of slots, and which slots each query may
+    read (its own choices only: the union just shares one gather among the block's queries).
+
+    indices, valid (B, Hkv, T, k) -> (slots (B, Hkv, n, U) int64 block ids, allowed (B, Hkv, n, s, U) bool) with
+    n = ceil(T / s) and U = min(s * k, count); a slot no query chose is allowed to none."""
+    batch, kv_heads, length, top = indices.shape
+    blocks = -(-length // block_size)
+    pad = blocks * block_size - length
+    indices = torch.nn.functional.pad(indices, (0, 0, 0, pad)).view(batch, kv_heads, blocks, block_size, top)
+    valid = torch.nn.functional.pad(valid, (0, 0, 0, pad)).view(batch, kv_heads, blocks, block_size, top)
+    chosen = torch.where(valid, indices, count).flatten(-2)  # invalid choices land in an extra column
+    flags = torch.zeros((batch, kv_heads, blocks, count + 1), device=indices.device)
+    flags.scatter_(-1, chosen, 1.0)
+    flag, slots = flags[..., :count].topk(min(block_size * top, count), dim=-1)  # chosen blocks first
+    allowed = ((indices[..., None] == slots[:, :, :, None, None, :]) & valid[..., None]).any(-2)
+    return slots, allowed & (flag > 0)[:, :, :, None, :]
+
+
+def _attend_chunk(rows, key_blocks, value_blocks, slots, usable, scale):
+    """rows (B, Hkv, G, n, s, D) of n query blocks against the slots (B, Hkv, n, U) of key_blocks / value_blocks
+    (B, Hkv, L, s, D), usable (B, Hkv, n, s, U * s) bool -> (B, Hkv, G, n, s, D) float32."""
     batch, kv_heads, count, block_size, dim = key_blocks.shape
     # whole blocks, not token positions: one index per block, and a cheap index_add in the backward
-    flat = (indices + count * torch.arange(batch * kv_heads, device=indices.device).view(batch, kv_heads, 1, 1))
-    keys = key_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()  # (B, Hkv, c, k*s, D)
+    flat = slots + count * torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1, 1)
+    keys = key_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()  # (B, Hkv, n, U*s, D)
     values = value_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()
-    scores = torch.einsum("bhgcd,bhcnd->bhgcn", rows.float(), keys) * scale  # (B, Hkv, G, c, k*s)
+    scores = torch.einsum("bhgnsd,bhnud->bhgnsu", rows.float(), keys) * scale
     scores = scores.masked_fill(~usable[:, :, None], float("-inf"))
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min).detach()
     weights = torch.exp(scores - peak)  # a row with nothing usable: all 0, so its output is 0
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    values = values.masked_fill(~usable[..., None], 0.0)  # a padded value may hold NaN, and 0 * NaN = NaN
-    return torch.einsum("bhgcn,bhcnd->bhgcd", weights, values)
+    # a value no row of the block may read (padding, which may hold NaN: 0 * NaN = NaN) is zeroed
+    values = values.masked_fill(~usable.any(-2)[..., None], 0.0)
+    return torch.einsum("bhgnsu,bhnud->bhgnsd", weights, values)
 
 
 def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask=None):
@@ -104,9 +124,10 @@ def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask
 
     q (B, H, T, D), k and v (B, Hkv, T, D) (H a multiple of Hkv), block_size s, top_k k, key_mask (B, T) bool
     (False = padding, never attended) -> (B, H, T, D) in q's dtype. A query with no earlier block (the first block)
-    gets 0. Memory: the choices (B, Hkv, T, k) and, per chunk of ATTENTION_CHUNK queries, their gathered keys and
-    values (B, Hkv, chunk, k * s, D); under autograd each chunk is recomputed in the backward (checkpointed), so
-    O(T * k + chunk * k * s * D) beside the inputs.
+    gets 0. Each block of s queries gathers the U = min(s * k, T // s) blocks its queries chose, once, and each query
+    reads its own k of them. Memory: the choices (B, Hkv, T, k) and (B, Hkv, T, U) bool, and per chunk of
+    ATTENTION_CHUNK queries the gathered keys and values (B, Hkv, chunk / s, U * s, D) and the scores (B, H, chunk,
+    U * s), recomputed in the backward (checkpointed): O(T * U + chunk * U * s * D) beside the inputs.
     """
     _check(q, k, v, block_size, top_k, key_mask)
     batch, heads, length, dim = q.shape
@@ -114,19 +135,24 @@ def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask
     scale = check_scale(scale, dim)
     if length < block_size:
         return torch.zeros_like(q)
+    count, blocks = length // block_size, -(-length // block_size)
     indices, valid = select_blocks(q, k, block_size, top_k, scale, key_mask)
-    usable = valid.repeat_interleave(block_size, dim=-1)  # (B, Hkv, T, k*s)
+    slots, allowed = _union_of_choices(indices, valid, block_size, count)
+    usable = allowed.repeat_interleave(block_size, dim=-1)  # (B, Hkv, n, s, U*s)
     if key_mask is not None:
-        positions = (indices[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
-        usable = usable & key_mask[torch.arange(batch, device=q.device)[:, None, None, None], positions]
-    count = length // block_size
+        positions = (slots[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
+        batch_ids = torch.arange(batch, device=q.device)[:, None, None, None]
+        usable = usable & key_mask[batch_ids, positions][:, :, :, None]  # (B, Hkv, n, 1, U*s)
     key_blocks = k[:, :, :count * block_size].unflatten(2, (count, block_size))  # (B, Hkv, L, s, D)
     value_blocks = v[:, :, :count * block_size].unflatten(2, (count, block_size))
-    rows = q.view(batch, kv_heads, group, length, dim)
+    rows = torch.nn.functional.pad(q, (0, 0, 0, blocks * block_size - length))
+    rows = rows.view(batch, kv_heads, group, blocks, block_size, dim)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    step = max(1, ATTENTION_CHUNK // block_size)
     out = []
-    for start in range(0, length, ATTENTION_CHUNK):
-        part = slice(start, start + ATTENTION_CHUNK)
-        args = (rows[:, :, :, part], key_blocks, value_blocks, indices[:, :, part], usable[:, :, part], scale)
+    for start in range(0, blocks, step):
+        part = slice(start, start + step)
+        args = (rows[:, :, :, part], key_blocks, value_blocks, slots[:, :, part], usable[:, :, part], scale)
         out.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if differentiable else _attend_chunk(*args))
-    return torch.cat(out, dim=3).view(batch, heads, length, dim).to(q.dtype)
+    out = torch.cat(out, dim=3).view(batch, heads, blocks * block_size, dim)
+    return out[:, :, :length].to(q.dtype)
