@@ -140,6 +140,8 @@ def test_attention_feedback_moves_the_weights_and_is_saved(system, tmp_path):
     weights = other.weights.weight(ids)
     assert len(other.weights) == 3 and (weights != 1.0).any()
     assert weights[ids.index(result["citations"][0])] > 1.0  # the most attended passage gains
+    reranked = other.retrieve(QUESTION)  # retrieval now goes through the weights
+    assert len(reranked) == len(ids) and reranked[0].document.id == result["citations"][0]
     other.save(tmp_path / "fed")
     loaded = HybridRAGSystem.load(tmp_path / "fed", language_model=system.language_model)
     assert (loaded.weights.weight(ids) == weights).all()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..integrations.transformers import capture_attention_mass
 from ..retrieval import KnowledgeBase, SearchResult
+from ..retrieval.documents import chunk_documents
 from ..retrieval.encoder import make_encoder
 from ..retrieval.prompting import escape_boundaries
 from ..retention.feedback import FeedbackExtractor, WeightUpdater
@@ -169,6 +170,37 @@ class HybridRAGSystem:
             self.precompute_passages()
         return self.knowledge_base
 
+    def add_documents(self, documents):
+        """Chunk and index more documents into the knowledge base, as create_vectorstore does (their ids must be
+        new sources). Returns the number of passages added; nothing changes when a document is refused."""
+        knowledge_base = self._built()
+        documents = list(documents)
+        present = {d.metadata.get("source_id", d.id) for d in knowledge_base.documents}
+        clashes = [d.id for d in documents if d.id in present]
+        if clashes:
+            raise ValueError(f"documents already in the knowledge base: {clashes[:5]}; remove them first")
+        c = self.config
+        chunks = chunk_documents(documents, c.attention.segment_length, c.attention.window_overlap,
+                                 tokenizer=getattr(knowledge_base.encoder, "tokenizer", None))
+        empty = sorted({d.id for d in documents} - {chunk.metadata["source_id"] for chunk in chunks})
+        if empty:
+            raise ValueError(f"documents with no text to index: {empty[:5]}")
+        knowledge_base.add(chunks)
+        return len(chunks)
+
+    def remove_documents(self, ids):
+        """Remove the documents with these source ids (all their passages) -> the number of passages removed
+        (0 for unknown ids)."""
+        knowledge_base = self._built()
+        wanted = set(ids)
+        chunks = [d.id for d in knowledge_base.documents if d.metadata.get("source_id", d.id) in wanted]
+        return knowledge_base.remove(chunks) if chunks else 0
+
+    def _built(self):
+        if self.knowledge_base is None:
+            raise ValueError("no knowledge base yet: call create_vectorstore(documents) first")
+        return self.knowledge_base
+
     def precompute_passages(self, task_type="qa", progress=True):
         """Encode the knowledge base's passages (in document order) into the passage store for `task_type`'s
         prompt, until the store's passage or byte bound is reached. Returns the number encoded; those left out
@@ -217,7 +249,8 @@ class HybridRAGSystem:
         hits = self.knowledge_base.search(question, max(k, r.num_candidates), r.mode, candidates=r.num_candidates,
                                           rerank=rerank)
         by_id = {hit.document.id: hit for hit in hits}
-        ids, _ = self.weights.apply(list(by_id), [hit.score for hit in hits])
+        ids, _ = self.weights.apply(list(by_id), torch.tensor([hit.score for hit in by_id.values()],
+                                                              dtype=torch.float64))
         return [by_id[key] for key in ids[:k]]
 
     def _neural_scores(self, question, documents):
