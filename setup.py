@@ -22,6 +22,9 @@ RETRIEVAL = [
 # plots.
 SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6", "matplotlib>=3.7"]
 
+# hybridrag.server: the HTTP API (`hybridrag serve`); httpx is what its tests talk to it with.
+SERVER = ["fastapi>=0.110", "uvicorn>=0.30"]
+
 setup(
     name="hybridrag",
     version="0.1.0",
@@ -40,9 +43,11 @@ setup(
         "retrieval": RETRIEVAL,
         "transformers": ["transformers>=5.4"],  # hybridrag.integrations.transformers
         "system": SYSTEM + RETRIEVAL,
+        "server": SERVER + SYSTEM + RETRIEVAL,
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"] + SYSTEM + RETRIEVAL,
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "httpx>=0.27"] + SERVER
+                + SYSTEM + RETRIEVAL,
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },
 )

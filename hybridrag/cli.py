@@ -7,6 +7,7 @@
     hybridrag compare "How do I leave a loop early?" --system my-system/
     hybridrag analyze "How do I leave a loop early?" --system my-system/ --plot attention.png
     hybridrag experiment questions.jsonl --system my-system/ --out runs/top-k --sweep retriever.top_k=2,4,8
+    hybridrag serve --kb served/ --docs notes/ --port 8000      # HTTP API; later runs: hybridrag serve --kb served/
     python -m hybridrag ...                                                                  # the same
 
 --docs takes .txt, .md and .jsonl files and folders of them; --system a folder written by --save (or by
@@ -95,7 +96,8 @@ def _common_options(question=True):
 def _parser():
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0], epilog="examples:\n" + __doc__.split("\n\n")[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{ask,compare,analyze,experiment}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{ask,compare,analyze,experiment,serve}")
     common = [_common_options()]
 
     ask = commands.add_parser("ask", parents=common, help="answer a question, streaming the answer")
@@ -121,6 +123,25 @@ def _parser():
                             help="also run the configuration with FIELD set to each value (repeatable: one field "
                             "changed at a time), e.g. retriever.top_k=2,8")
     experiment.add_argument("--limit", type=positive_int, metavar="N", help="only the first N questions")
+
+    serve = commands.add_parser("serve", help="serve the system over HTTP (FastAPI + uvicorn): queries, streamed "
+                                "answers, documents added and removed, kept in --kb")
+    serve.add_argument("--kb", required=True, metavar="DIR", help="the state folder: the system saved there is "
+                       "reloaded; a new folder is built from --docs first. Every change is saved back")
+    serve.add_argument("--docs", nargs="+", metavar="PATH", help="build from these files and folders (a new --kb)")
+    serve.add_argument("--config", metavar="FILE", help="a JSON/YAML SystemConfig (with --docs)")
+    serve.add_argument("--encoder", help="override the config's encoder (with --docs)")
+    serve.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="override generation.max_new_tokens "
+                       "(with --docs)")
+    serve.add_argument("--top-k", type=positive_int, metavar="N", help="override retriever.top_k (with --docs)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", metavar="KEY", help="require header X-API-Key: KEY on the endpoints that change "
+                       "state (default: $HYBRIDRAG_API_KEY; none: open)")
+    serve.add_argument("--queue", type=positive_int, default=16, metavar="N", help="generation requests waiting at "
+                       "most (more get 429 with Retry-After; default 16)")
+    serve.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds a request may take before "
+                       "504 (default 120)")
     return parser
 
 
@@ -354,6 +375,9 @@ def _experiment_table(summary, out):
 def run(args, out=None, err=None):
     """Run the parsed command; output to `out` (default sys.stdout), reports to `err` (default sys.stderr)."""
     out, err = out or sys.stdout, err or sys.stderr
+    if args.command == "serve":
+        _serve(args)
+        return
     _check_arguments(args)
     if args.command == "experiment":
         _experiment(args, out, err)
@@ -365,6 +389,24 @@ def run(args, out=None, err=None):
         _compare(system, args, out)
     else:
         _analyze(system, args, out)
+
+
+def _serve(args):
+    from .server import open_system, serve
+
+    if args.docs is None and any(v is not None for v in (args.config, args.encoder, args.max_new_tokens, args.top_k)):
+        raise ValueError("--config, --encoder, --max-new-tokens and --top-k apply to building from --docs")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    documents = _load_documents(args.docs) if args.docs is not None else None
+    config = _config(args, args.config) if args.docs is not None else None
+    system = open_system(args.kb, documents, config)
+    _say(f"serving {len(system.knowledge_base)} passages from {args.kb} on http://{args.host}:{args.port} "
+         f"(API docs at /docs)")
+    serve(system, args.kb, host=args.host, port=args.port, api_key=args.api_key, capacity=args.queue,
+          timeout_s=args.timeout)
 
 
 def error_line(error):

@@ -112,3 +112,15 @@ def test_a_missing_transformers_says_which_extra_to_install():
     """)
     assert out.strip() == ("ImportError transformers>=5.4 is not installed (no module named 'transformers'); install "
                            "it with pip install 'hybridrag[transformers]'")
+
+
+@pytest.mark.parametrize("blocked, package", [("fastapi", "fastapi>=0.110"), ("uvicorn", "uvicorn>=0.30")])
+def test_a_missing_server_package_says_which_extra_to_install(blocked, package):
+    out = run_python(BLOCK.format(blocked=[blocked]) + """
+    try:
+        import hybridrag.server
+    except ImportError as error:
+        print(type(error).__name__, error)
+    """)
+    assert out.strip() == (f"ImportError {package} is not installed (no module named {blocked!r}); install it with "
+                           "pip install 'hybridrag[server]'")

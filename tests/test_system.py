@@ -201,3 +201,19 @@ def test_no_knowledge_base_yet():
         system.retrieve(QUESTION)
     with pytest.raises(ValueError, match="nothing to save"):
         system.save("anywhere")
+
+
+def test_documents_added_later_are_chunked_found_and_removed(system):
+    other = _sibling(system)
+    other.create_vectorstore([Document(name, topics[name], name) for name in TOPICS[:3]])
+    before = len(other.knowledge_base)
+    added = other.add_documents([Document("with", topics["with"], "with")])
+    assert added >= 2 and len(other.knowledge_base) == before + added  # chunked as create_vectorstore chunks
+    opening = " ".join(topics["with"].split()[4:30])
+    assert other.retrieve(opening)[0].document.metadata["source_id"] == "with"
+    with pytest.raises(ValueError, match=r"documents already in the knowledge base: \['with'\]"):
+        other.add_documents([Document("with", "again")])
+    with pytest.raises(ValueError, match=r"documents with no text to index: \['blank'\]"):
+        other.add_documents([Document("blank", " \n ")])
+    assert len(other.knowledge_base) == before + added  # the refused calls changed nothing
+    assert other.remove_documents(["with", "missing"]) == added and len(other.knowledge_base) == before

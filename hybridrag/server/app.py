@@ -1,0 +1,254 @@
+"""`create_app`: the FastAPI application over a HybridRAGSystem.
+
+    POST /query             answer a question (base RAG by default; "method" picks hybrid, base_rag or direct)
+    POST /query/hybrid      the hybrid method
+    POST /stream/query      the answer as server-sent events: "token" events {"i", "text"}, then one "done" event
+                            with the whole answer (the /query body), or an "error" event {"status", "detail"}
+    POST /documents         add documents (chunked and indexed as the system builds its knowledge base)   [key]
+    POST /documents/remove  remove documents by id                                                         [key]
+    GET  /documents         the documents' ids, titles and passage counts
+    POST /retention/update  move the attention-feedback weights of passages                                [key]
+    GET  /hybrid/stats      knowledge base, queue and passage-store counts
+    GET  /health            liveness
+    GET  /openapi.json, /docs  the schema and its page
+
+Generation runs through a bounded GenerationQueue: a request that finds it full gets 429 with Retry-After and is
+not queued; an accepted one is answered exactly once, gets 504 past `timeout_s` (its generation stops), and stops
+generating when its client disconnects. [key]: with `api_key` set, these need the header X-API-Key (401 without).
+Bodies over `max_body_bytes` get 413; a field that fails validation gets 422 naming it ({"detail": [{"loc",
+"msg", "type"}]}, FastAPI's form, also for the checks the system makes). With `state_dir`, every change to the
+knowledge base or the weights is saved there (HybridRAGSystem.save: each part written atomically) before the reply.
+"""
+import asyncio
+import hmac
+import json
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .generation_queue import GenerationCancelled, GenerationQueue, Job
+from .limits import BodySizeLimit
+from .schemas import (AddDocumentsRequest, DocumentsChanged, Health, HybridQueryRequest, QueryRequest, QueryResponse,
+                      RemoveDocumentsRequest, RetentionUpdateRequest, RetentionUpdateResponse, Stats)
+
+POLL_S = 0.1  # how often a waiting request looks for its client's disconnect
+
+
+def _invalid(field, message):
+    """A 422 in FastAPI's validation form, for a check the system makes."""
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+def _answer_body(job, result):
+    passages = [{"id": p["id"], "text": p["text"], "score": float(p["score"]),
+                 "attention_mass": None if p.get("attention_mass") is None else float(p["attention_mass"])}
+                for p in result["passages"]]
+    return QueryResponse(request_id=job.id, response=result["response"], method=result["method"],
+                         success=bool(result["success"]), passages=passages, citations=list(result["citations"]),
+                         timings={k: float(v) for k, v in result["timings"].items()},
+                         tokens_per_second=result.get("tokens_per_second"),
+                         prompt_tokens=int(result["prompt_tokens"])).model_dump()
+
+
+def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=4, timeout_s=120.0,
+               max_body_bytes=2_000_000):
+    """The app serving `system` (a HybridRAGSystem with a knowledge base). See the module docstring."""
+    if system.knowledge_base is None:
+        raise ValueError("system has no knowledge base: call create_vectorstore(documents) before serving it")
+    if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8):
+        raise ValueError("api_key must be None or a str of at least 8 characters")
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    started = time.monotonic()
+    write_lock = threading.Lock()  # one knowledge-base or weights change (and its save) at a time
+
+    def answer(job):
+        question, method, measure = job.payload
+        return system.generate_response(question, method=method, measure_attention=measure, on_token=job.on_token)
+
+    queue = GenerationQueue(answer, capacity=capacity, batch_size=batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        queue.start()
+        yield
+        await queue.close()
+
+    app = FastAPI(title="hybridrag", version="0.1.0", lifespan=lifespan,
+                  description="Hybrid RAG over your documents with an offline LLM on hybridrag's kernels.")
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error):  # still JSON, and says what broke (the server log has the trace)
+        return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+    app.state.queue, app.state.system = queue, system
+
+    def require_key(x_api_key: str | None = Header(None, description="needed when the server has an API key")):
+        if api_key is not None and not hmac.compare_digest((x_api_key or "").encode(), api_key.encode()):
+            raise HTTPException(401, detail="a valid X-API-Key header is needed for this endpoint",
+                                headers={"WWW-Authenticate": "X-API-Key"})
+
+    async def admit(request, payload, stream=False):
+        job = Job(payload, asyncio.get_running_loop(), stream=stream)
+        if not await queue.submit(job):
+            seconds = queue.retry_after()
+            raise HTTPException(429, detail=f"the generation queue is full ({queue.capacity} waiting); retry after "
+                                            f"{seconds} s", headers={"Retry-After": str(seconds)})
+        return job
+
+    async def settle(request, job):
+        """The job's answer; 504 past the deadline, 422 for a question the system refuses."""
+        deadline = time.monotonic() + timeout_s
+        while not job.future.done():
+            if await request.is_disconnected():
+                job.cancel()
+                raise HTTPException(499, detail="the client disconnected")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancel()
+                queue.count_timeout()
+                raise HTTPException(504, detail=f"no answer within {timeout_s} s; the generation was stopped")
+            await asyncio.wait({job.future}, timeout=min(POLL_S, remaining))
+        try:
+            return job.future.result()
+        except ValueError as refused:
+            raise _invalid("question", str(refused)) from None
+        except GenerationCancelled as cancelled:
+            raise HTTPException(499, detail=str(cancelled)) from None
+
+    async def query(request, body, method):
+        job = await admit(request, (body.question, method, body.measure_attention))
+        return _answer_body(job, await settle(request, job))
+
+    @app.post("/query", response_model=QueryResponse, summary="Answer a question (base RAG unless method says)")
+    async def query_endpoint(request: Request, body: QueryRequest):
+        return await query(request, body, body.method)
+
+    @app.post("/query/hybrid", response_model=QueryResponse, summary="Answer a question with the hybrid method")
+    async def query_hybrid(request: Request, body: HybridQueryRequest):
+        return await query(request, body, "hybrid")
+
+    @app.post("/stream/query", summary="Answer a question as server-sent events",
+              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    async def stream_query(request: Request, body: QueryRequest):
+        job = await admit(request, (body.question, body.method, body.measure_attention), stream=True)
+
+        async def events():
+            try:
+                index, deadline = 0, time.monotonic() + timeout_s
+                while True:
+                    try:
+                        piece = await asyncio.wait_for(job.pieces.get(), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        job.cancel()
+                        queue.count_timeout()
+                        yield _event("error", {"status": 504, "detail": f"no answer within {timeout_s} s"})
+                        return
+                    if piece is None:
+                        break
+                    yield _event("token", {"i": index, "text": piece})
+                    index += 1
+                try:
+                    yield _event("done", _answer_body(job, job.future.result()))
+                except ValueError as refused:
+                    yield _event("error", {"status": 422, "detail": str(refused)})
+                except GenerationCancelled as cancelled:
+                    yield _event("error", {"status": 499, "detail": str(cancelled)})
+            finally:  # the client went away (the stream is cancelled), or it ended
+                if not job.future.done():
+                    job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
+
+    def save():
+        if state_dir is not None:
+            system.save(state_dir)
+
+    def change_documents(add=None, remove=None):
+        with write_lock:
+            if add is not None:
+                from ..retrieval import Document
+
+                documents = [Document(d.id, d.text, d.title, dict(d.metadata)) for d in add]
+                try:
+                    changed = system.add_documents(documents)
+                except ValueError as refused:
+                    raise _invalid("documents", str(refused)) from None
+                count = len(documents)
+            else:
+                present = {d.metadata.get("source_id", d.id) for d in system.knowledge_base.documents}
+                count = len(set(remove) & present)
+                changed = system.remove_documents(remove)
+            save()
+            return DocumentsChanged(documents=count, passages=changed, total_passages=len(system.knowledge_base))
+
+    @app.post("/documents", response_model=DocumentsChanged, dependencies=[Depends(require_key)],
+              summary="Add documents to the knowledge base")
+    async def add_documents(body: AddDocumentsRequest):
+        return await asyncio.to_thread(change_documents, add=body.documents)
+
+    @app.post("/documents/remove", response_model=DocumentsChanged, dependencies=[Depends(require_key)],
+              summary="Remove documents (and all their passages) by id")
+    async def remove_documents(body: RemoveDocumentsRequest):
+        return await asyncio.to_thread(change_documents, remove=body.ids)
+
+    @app.get("/documents", summary="The documents: id, title and passage count")
+    async def list_documents():
+        counts, titles = {}, {}
+        for passage in system.knowledge_base.documents:
+            source = passage.metadata.get("source_id", passage.id)
+            counts[source] = counts.get(source, 0) + 1
+            titles.setdefault(source, passage.title)
+        return {"documents": [{"id": i, "title": titles[i], "passages": n} for i, n in counts.items()]}
+
+    def update_weights(body):
+        import numpy as np
+
+        if system.weights is None:
+            raise HTTPException(409, detail="this system keeps no retention weights (attention_feedback is off in "
+                                            "its config)")
+        if len(body.feedback) != len(body.passage_ids):
+            raise _invalid("feedback", f"needs one value per passage id: {len(body.passage_ids)} ids, "
+                                       f"{len(body.feedback)} values")
+        if not all(-1.0 <= value <= 1.0 for value in body.feedback):
+            raise _invalid("feedback", "every value must be in [-1, 1]")
+        unknown = [i for i in body.passage_ids if i not in system.knowledge_base]
+        if unknown:
+            raise _invalid("passage_ids", f"no such passages: {unknown[:5]}")
+        with write_lock:
+            system.weights.update(list(body.passage_ids), np.asarray(body.feedback, dtype=np.float64))
+            save()
+            weights = system.weights.weight(list(body.passage_ids))
+        return RetentionUpdateResponse(weights=dict(zip(body.passage_ids, map(float, weights))))
+
+    @app.post("/retention/update", response_model=RetentionUpdateResponse, dependencies=[Depends(require_key)],
+              summary="Feedback on passages: moves their retrieval weights")
+    async def retention_update(body: RetentionUpdateRequest):
+        return await asyncio.to_thread(update_weights, body)
+
+    @app.get("/hybrid/stats", response_model=Stats, summary="Knowledge base, queue and passage-store counts")
+    async def stats():
+        kb = system.knowledge_base
+        sources = {d.metadata.get("source_id", d.id) for d in kb.documents}
+        return Stats(documents=len(sources), passages=len(kb), queue=queue.stats(),
+                     passage_store=_plain(system.passages.stats()), uptime_s=time.monotonic() - started)
+
+    @app.get("/health", response_model=Health, summary="Liveness")
+    async def health():
+        return Health(status="ok", model=str(system.config.model_path or "SmolLM2-135M-Instruct"),
+                      passages=len(system.knowledge_base))
+
+    return app
+
+
+def _event(name, data):
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _plain(value):
+    """JSON-able copy of a stats dict (numpy numbers to Python ones)."""
+    return json.loads(json.dumps(value, default=float))

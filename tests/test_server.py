@@ -1,0 +1,287 @@
+"""The HTTP server, run as users run it: `python -m hybridrag serve` in a subprocess on a free loopback port, over
+the real offline model. Every endpoint, bad input, auth, the order of streamed tokens, a full queue (429), a client
+that disconnects mid-stream, a timeout (504), and a SIGKILL during a knowledge-base update followed by a restart."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from pydoc_data.topics import topics
+
+TOPICS = ["assert", "for", "while", "pass"]
+KEY = "test-key-0123"
+QUESTION = "What does an assert statement raise when its condition is false?"
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`python -m hybridrag serve --kb state ...` on a free port; stop() sends SIGTERM, kill() SIGKILL."""
+
+    def __init__(self, state, *extra, docs=None, config=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "hybridrag", "serve", "--kb", str(state), "--port", str(self.port),
+                   "--api-key", KEY, *extra]
+        if docs is not None:
+            command += ["--docs", str(docs), "--config", str(config)]
+        self.log = open(state.parent / f"server-{self.port}.log", "w+")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise AssertionError(f"the server did not come up in 240 s:\n{self.output()}")
+
+    def output(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    docs = root / "docs"
+    docs.mkdir()
+    for name in TOPICS:
+        (docs / f"{name}.txt").write_text(topics[name], encoding="utf-8")
+    config = root / "config.json"
+    config.write_text(json.dumps({"encoder": "hashing-256", "retriever": {"top_k": 2},
+                                  "generation": {"max_new_tokens": 6}, "attention_feedback": True}))
+    return root, docs, config
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    root, docs, config = folder
+    running = Server(root / "state", "--queue", "1", docs=docs, config=config)
+    yield running
+    running.stop()
+
+
+def post(server, path, body, **options):
+    return httpx.post(server.url + path, json=body, timeout=120, **options)
+
+
+def test_health_schema_and_stats(server):
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["passages"] >= len(TOPICS)
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert {"/query", "/query/hybrid", "/stream/query", "/documents", "/documents/remove", "/retention/update",
+            "/hybrid/stats", "/health"} <= set(paths)
+    stats = httpx.get(server.url + "/hybrid/stats").json()
+    assert stats["documents"] == len(TOPICS) and stats["queue"]["capacity"] == 1
+
+
+def test_query_answers_from_the_passages(server):
+    reply = post(server, "/query", {"question": QUESTION})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["method"] == "base_rag" and body["success"] and body["response"].strip()
+    assert body["passages"][0]["id"].startswith("assert.txt#")
+    assert all(p["attention_mass"] is not None for p in body["passages"]) and body["citations"]
+    hybrid = post(server, "/query/hybrid", {"question": QUESTION}).json()
+    assert hybrid["method"] == "hybrid" and hybrid["request_id"] != body["request_id"]
+    direct = post(server, "/query", {"question": QUESTION, "method": "direct"}).json()
+    assert direct["method"] == "direct" and direct["passages"] == []
+
+
+def read_events(lines):
+    """(name, data) of each server-sent event of an iterator of lines."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: "):])
+
+
+def test_streamed_tokens_come_in_order_and_make_the_answer(server):
+    with httpx.stream("POST", server.url + "/stream/query", json={"question": QUESTION, "method": "hybrid"},
+                      timeout=120) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        events = list(read_events(reply.iter_lines()))
+    tokens = [data for name, data in events if name == "token"]
+    (done,) = [data for name, data in events if name == "done"]
+    assert [t["i"] for t in tokens] == list(range(len(tokens))) and len(tokens) >= 1
+    assert "".join(t["text"] for t in tokens) == done["response"] and done["method"] == "hybrid"
+    assert events[-1][0] == "done"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"question": ""}, "question"), ({"question": "   "}, "question"), ({"question": 3}, "question"),
+    ({"question": "x", "method": "fast"}, "method"), ({"question": "x", "top_k": 2}, "top_k"), ({}, "question")])
+def test_bad_queries_are_422_naming_the_field(server, body, field):
+    reply = post(server, "/query", body)
+    assert reply.status_code == 422
+    assert any(error["loc"][-1] == field for error in reply.json()["detail"]), reply.text
+
+
+def test_a_body_over_the_limit_is_413(server):
+    reply = post(server, "/documents", {"documents": [{"id": "big", "text": "x" * 3_000_000}]},
+                 headers={"X-API-Key": KEY})
+    assert reply.status_code == 413 and "limit" in reply.json()["detail"]
+
+
+def test_state_changing_endpoints_need_the_key(server):
+    body = {"documents": [{"id": "with", "text": topics["with"]}]}
+    assert post(server, "/documents", body).status_code == 401
+    assert post(server, "/documents", body, headers={"X-API-Key": "wrong-key-000"}).status_code == 401
+    assert post(server, "/documents/remove", {"ids": ["assert.txt"]}).status_code == 401
+    assert post(server, "/retention/update", {"passage_ids": ["x"], "feedback": [1.0]}).status_code == 401
+    assert httpx.get(server.url + "/documents").status_code == 200  # reading needs no key
+
+
+def test_documents_are_added_found_and_removed(server):
+    headers = {"X-API-Key": KEY}
+    added = post(server, "/documents", {"documents": [{"id": "with", "text": topics["with"], "title": "with"}]},
+                 headers=headers)
+    assert added.status_code == 200, added.text
+    assert added.json()["documents"] == 1 and added.json()["passages"] >= 1
+    listed = {d["id"]: d for d in httpx.get(server.url + "/documents").json()["documents"]}
+    assert listed["with"]["title"] == "with" and listed["with"]["passages"] == added.json()["passages"]
+    again = post(server, "/documents", {"documents": [{"id": "with", "text": "again"}]}, headers=headers)
+    assert again.status_code == 422 and "already in the knowledge base" in json.dumps(again.json())
+    assert httpx.get(server.url + "/hybrid/stats").json()["passages"] == added.json()["total_passages"]
+    removed = post(server, "/documents/remove", {"ids": ["with", "nope"]}, headers=headers).json()
+    assert removed["documents"] == 1 and removed["passages"] == added.json()["passages"]
+    assert "with" not in {d["id"] for d in httpx.get(server.url + "/documents").json()["documents"]}
+
+
+def test_retention_update_moves_the_weights(server):
+    headers = {"X-API-Key": KEY}
+    passage = post(server, "/query", {"question": QUESTION}).json()["passages"][0]["id"]
+    moved = post(server, "/retention/update", {"passage_ids": [passage], "feedback": [1.0]}, headers=headers)
+    assert moved.status_code == 200 and moved.json()["weights"][passage] > 1.0
+    bad = post(server, "/retention/update", {"passage_ids": [passage, "nope#0"], "feedback": [1.0, 0.5]},
+               headers=headers)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "passage_ids"]
+    uneven = post(server, "/retention/update", {"passage_ids": [passage], "feedback": [1.0, 0.5]}, headers=headers)
+    assert uneven.status_code == 422 and uneven.json()["detail"][0]["loc"] == ["body", "feedback"]
+
+
+def test_a_full_queue_answers_429_and_loses_no_accepted_request(server):
+    """Queue of 1: of six requests sent at once, one runs, one waits and the rest find the queue full; every
+    accepted request is answered exactly once."""
+    before = httpx.get(server.url + "/hybrid/stats").json()["queue"]
+    replies = [None] * 6
+
+    def ask(slot):
+        replies[slot] = post(server, "/query", {"question": f"{QUESTION} ({slot})"})
+
+    threads = [threading.Thread(target=ask, args=(slot,)) for slot in range(len(replies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r.status_code for r in replies)
+    assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}, statuses
+    for reply in replies:
+        if reply.status_code == 429:
+            assert int(reply.headers["Retry-After"]) >= 1 and "queue is full" in reply.json()["detail"]
+    answered = [r.json()["request_id"] for r in replies if r.status_code == 200]
+    assert len(set(answered)) == len(answered)
+    after = httpx.get(server.url + "/hybrid/stats").json()["queue"]
+    assert after["accepted"] - before["accepted"] == len(answered)
+    assert after["completed"] - before["completed"] == len(answered)
+    assert after["rejected"] - before["rejected"] == statuses.count(429)
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
+    before = httpx.get(server.url + "/hybrid/stats").json()["queue"]
+    with httpx.stream("POST", server.url + "/stream/query", json={"question": QUESTION}, timeout=120) as reply:
+        for name, _ in read_events(reply.iter_lines()):
+            if name == "token":
+                break  # leave after the first token: the connection closes here
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        queue = httpx.get(server.url + "/hybrid/stats").json()["queue"]
+        if queue["cancelled"] > before["cancelled"] or queue["completed"] > before["completed"]:
+            break
+        time.sleep(0.2)
+    assert queue["cancelled"] == before["cancelled"] + 1, queue  # stopped, not run to the end
+    assert post(server, "/query", {"question": QUESTION}).status_code == 200  # and the server goes on
+
+
+def test_a_request_past_its_timeout_is_504_and_stopped(folder, tmp_path):
+    root, docs, config = folder
+    slow = Server(tmp_path / "state", "--timeout", "0.05", docs=docs, config=config)
+    try:
+        reply = post(slow, "/query", {"question": QUESTION})
+        assert reply.status_code == 504 and "no answer within 0.05 s" in reply.json()["detail"]
+        queue = httpx.get(slow.url + "/hybrid/stats").json()["queue"]
+        assert queue["timed_out"] == 1
+    finally:
+        slow.stop()
+
+
+def test_killed_during_an_update_it_restarts_consistent(folder, tmp_path):
+    """SIGKILL while batches of documents are being added one after another: the restarted server holds the
+    documents of before plus whole batches (each add is all or nothing, and so is its save), and answers."""
+    root, docs, config = folder
+    state = tmp_path / "state"
+    first = Server(state, docs=docs, config=config)
+    before = {d["id"] for d in httpx.get(first.url + "/documents").json()["documents"]}
+    names = list(topics)
+    batches = [[{"id": f"doc-{b}-{i}", "text": topics[names[(b * 20 + i) % len(names)]]} for i in range(20)]
+               for b in range(40)]
+    sender = threading.Thread(target=_quietly, args=(lambda: [post(first, "/documents", {"documents": batch},
+                                                                   headers={"X-API-Key": KEY})
+                                                              for batch in batches],))
+    sender.start()
+    time.sleep(2.0)  # some batches in, one being chunked, indexed or saved
+    first.kill()
+    sender.join()
+    second = Server(state)  # reloads the state folder, no --docs
+    try:
+        after = {d["id"] for d in httpx.get(second.url + "/documents").json()["documents"]}
+        landed = [len(after & {d["id"] for d in batch}) for batch in batches]
+        assert before <= after and set(landed) <= {0, 20}, landed  # whole batches only
+        assert landed == sorted(landed, reverse=True)  # the ones sent first
+        assert post(second, "/query", {"question": QUESTION}).status_code == 200
+    finally:
+        second.stop()
+    assert not [p for p in os.listdir(state) if p.endswith(".tmp")]
+
+
+def _quietly(function):
+    try:
+        function()
+    except httpx.TransportError:  # the server was killed under it
+        pass
+
+
+def test_serve_refuses_what_cannot_work(folder, tmp_path):
+    root, docs, config = folder
+    run = lambda *args: subprocess.run([sys.executable, "-m", "hybridrag", "serve", *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    empty = run("--kb", str(tmp_path / "new"))
+    assert empty.returncode == 2 and "holds no system yet: give --docs" in empty.stderr
+    port = run("--kb", str(tmp_path / "new"), "--port", "70000", "--docs", str(docs))
+    assert port.returncode == 2 and "--port must be in 1..65535" in port.stderr
