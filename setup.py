@@ -22,7 +22,8 @@ RETRIEVAL = [
 # plots.
 SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6", "matplotlib>=3.7"]
 
-# hybridrag.server: the HTTP API (`hybridrag serve`); httpx is what its tests talk to it with.
+# hybridrag.server: the HTTP API (`hybridrag serve`). Its tests talk to it with httpx and drive its web page in
+# Debian's chromium through playwright (install.sh installs the browser).
 SERVER = ["fastapi>=0.110", "uvicorn>=0.30"]
 
 setup(
@@ -34,6 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=packages + kernel_packages,
     package_dir={"hybridrag.kernels": "kernels"},
+    package_data={"hybridrag.server": ["static/*.html"]},
     install_requires=["torch>=2.5", "numpy"],
     entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main",
                                     "hybridrag = hybridrag.cli:main"]},
@@ -46,7 +48,8 @@ setup(
         "server": SERVER + SYSTEM + RETRIEVAL,
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "httpx>=0.27"] + SERVER
+        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "httpx>=0.27",
+                 "playwright>=1.40"] + SERVER
                 + SYSTEM + RETRIEVAL,
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },

@@ -246,6 +246,6 @@ def test_every_command_has_help(command, capsys):
 def test_python_m_hybridrag_help():
     done = subprocess.run([sys.executable, "-m", "hybridrag", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for command in ("ask", "compare", "analyze", "experiment"):
+    for command in ("ask", "compare", "analyze", "experiment", "serve"):
         assert command in done.stdout
-    assert "{ask,compare,analyze,experiment}" in done.stdout and "hybridrag experiment questions.jsonl" in done.stdout
+    assert "{ask,compare,analyze,experiment,serve}" in done.stdout and "hybridrag serve --kb" in done.stdout

@@ -10,14 +10,18 @@
     POST /retention/update  move the attention-feedback weights of passages                                [key]
     GET  /hybrid/stats      knowledge base, queue and passage-store counts
     GET  /health            liveness
+    GET  /                  the web page (static/index.html): ask, answers streaming in per method side by side,
+                            each passage's attention mass as a bar
     GET  /openapi.json, /docs  the schema and its page
 
 Generation runs through a bounded GenerationQueue: a request that finds it full gets 429 with Retry-After and is
-not queued; an accepted one is answered exactly once, gets 504 past `timeout_s` (its generation stops), and stops
+not queued; an accepted one is answered exactly once, gets 504 past `timeout_s` (or the request's own smaller
+"timeout_s"; its generation stops), and stops
 generating when its client disconnects. [key]: with `api_key` set, these need the header X-API-Key (401 without).
 Bodies over `max_body_bytes` get 413; a field that fails validation gets 422 naming it ({"detail": [{"loc",
 "msg", "type"}]}, FastAPI's form, also for the checks the system makes). With `state_dir`, every change to the
-knowledge base or the weights is saved there (HybridRAGSystem.save: each part written atomically) before the reply.
+knowledge base or the weights is saved there (each written atomically) before the reply, and the whole system
+(HybridRAGSystem.save, with the passage store) at shutdown.
 """
 import asyncio
 import hmac
@@ -25,16 +29,19 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
+from ..atomic_file import write_atomically
 from .generation_queue import GenerationCancelled, GenerationQueue, Job
 from .limits import BodySizeLimit
 from .schemas import (AddDocumentsRequest, DocumentsChanged, Health, HybridQueryRequest, QueryRequest, QueryResponse,
                       RemoveDocumentsRequest, RetentionUpdateRequest, RetentionUpdateResponse, Stats)
 
 POLL_S = 0.1  # how often a waiting request looks for its client's disconnect
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def _invalid(field, message):
@@ -75,7 +82,9 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     async def lifespan(app):
         queue.start()
         yield
-        await queue.close()
+        await queue.close()  # the accepted requests are answered first
+        if state_dir is not None:
+            await asyncio.to_thread(system.save, state_dir)  # now with the passage store
 
     app = FastAPI(title="hybridrag", version="0.1.0", lifespan=lifespan,
                   description="Hybrid RAG over your documents with an offline LLM on hybridrag's kernels.")
@@ -99,9 +108,12 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                                             f"{seconds} s", headers={"Retry-After": str(seconds)})
         return job
 
-    async def settle(request, job):
-        """The job's answer; 504 past the deadline, 422 for a question the system refuses."""
-        deadline = time.monotonic() + timeout_s
+    def limit(body):
+        return min(timeout_s, body.timeout_s) if body.timeout_s is not None else timeout_s
+
+    async def settle(request, job, seconds):
+        """The job's answer; 504 past `seconds`, 422 for a question the system refuses."""
+        deadline = time.monotonic() + seconds
         while not job.future.done():
             if await request.is_disconnected():
                 job.cancel()
@@ -110,7 +122,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             if remaining <= 0:
                 job.cancel()
                 queue.count_timeout()
-                raise HTTPException(504, detail=f"no answer within {timeout_s} s; the generation was stopped")
+                raise HTTPException(504, detail=f"no answer within {seconds} s; the generation was stopped")
             await asyncio.wait({job.future}, timeout=min(POLL_S, remaining))
         try:
             return job.future.result()
@@ -121,7 +133,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
 
     async def query(request, body, method):
         job = await admit(request, (body.question, method, body.measure_attention))
-        return _answer_body(job, await settle(request, job))
+        return _answer_body(job, await settle(request, job, limit(body)))
 
     @app.post("/query", response_model=QueryResponse, summary="Answer a question (base RAG unless method says)")
     async def query_endpoint(request: Request, body: QueryRequest):
@@ -137,15 +149,16 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         job = await admit(request, (body.question, body.method, body.measure_attention), stream=True)
 
         async def events():
+            seconds = limit(body)
             try:
-                index, deadline = 0, time.monotonic() + timeout_s
+                index, deadline = 0, time.monotonic() + seconds
                 while True:
                     try:
                         piece = await asyncio.wait_for(job.pieces.get(), max(0.0, deadline - time.monotonic()))
                     except TimeoutError:
                         job.cancel()
                         queue.count_timeout()
-                        yield _event("error", {"status": 504, "detail": f"no answer within {timeout_s} s"})
+                        yield _event("error", {"status": 504, "detail": f"no answer within {seconds} s"})
                         return
                     if piece is None:
                         break
@@ -165,8 +178,14 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
 
     def save():
-        if state_dir is not None:
-            system.save(state_dir)
+        """After a change: the knowledge base and the weights. The passage store is a cache the generation thread
+        may be filling right now; it is saved at shutdown, when no generation runs."""
+        if state_dir is None:
+            return
+        system.knowledge_base.save(Path(state_dir) / "kb")
+        if system.weights is not None:
+            payload = json.dumps(system.weights.state_dict()).encode()
+            write_atomically(Path(state_dir) / "weights.json", lambda out: out.write(payload))
 
     def change_documents(add=None, remove=None):
         with write_lock:
@@ -236,6 +255,11 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         sources = {d.metadata.get("source_id", d.id) for d in kb.documents}
         return Stats(documents=len(sources), passages=len(kb), queue=queue.stats(),
                      passage_store=_plain(system.passages.stats()), uptime_s=time.monotonic() - started)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The web page: ask, watch the answers stream in, the attention each passage got, methods side by side."""
+        return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/health", response_model=Health, summary="Liveness")
     async def health():

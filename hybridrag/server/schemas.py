@@ -21,11 +21,14 @@ class QueryRequest(_Strict):
     method: Method = Field("base_rag", description="hybrid: cached passages stitched (the hybrid method); base_rag: "
                                                    "one prompt with full attention; direct: no retrieval")
     measure_attention: bool = Field(True, description="measure the attention mass the answer gives each passage")
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="this request's time limit in seconds (at "
+                                                                     "most the server's --timeout)")
 
 
 class HybridQueryRequest(_Strict):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S")
     measure_attention: bool = True
+    timeout_s: float | None = Field(None, gt=0, le=3600)
 
 
 class Passage(BaseModel):
