@@ -15,10 +15,10 @@ esac
 case ",${1:-test}," in
     *,test,*)
         if ! command -v chromium >/dev/null; then
-            if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-                apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-            else
-                echo "install.sh: tests/test_server_page.py needs chromium (apt-get install chromium); it will skip" >&2
+            if ! { command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && apt-get update -qq &&
+                   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+                echo "install.sh: WARNING: could not install chromium (apt-get install chromium, as root):" \
+                     "tests/test_server_page.py will skip" >&2
             fi
         fi ;;
 esac
