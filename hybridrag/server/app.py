@@ -93,6 +93,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     @app.exception_handler(Exception)
     async def internal_error(request, error):  # still JSON, and says what broke (the server log has the trace)
         return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+
     app.state.queue, app.state.system = queue, system
 
     def require_key(x_api_key: str | None = Header(None, description="needed when the server has an API key")):
@@ -100,7 +101,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             raise HTTPException(401, detail="a valid X-API-Key header is needed for this endpoint",
                                 headers={"WWW-Authenticate": "X-API-Key"})
 
-    async def admit(request, payload, stream=False):
+    async def admit(payload, stream=False):
         job = Job(payload, asyncio.get_running_loop(), stream=stream)
         if not await queue.submit(job):
             seconds = queue.retry_after()
@@ -132,7 +133,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             raise HTTPException(499, detail=str(cancelled)) from None
 
     async def query(request, body, method):
-        job = await admit(request, (body.question, method, body.measure_attention))
+        job = await admit((body.question, method, body.measure_attention))
         return _answer_body(job, await settle(request, job, limit(body)))
 
     @app.post("/query", response_model=QueryResponse, summary="Answer a question (base RAG unless method says)")
@@ -146,7 +147,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     @app.post("/stream/query", summary="Answer a question as server-sent events",
               response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def stream_query(request: Request, body: QueryRequest):
-        job = await admit(request, (body.question, body.method, body.measure_attention), stream=True)
+        job = await admit((body.question, body.method, body.measure_attention), stream=True)
 
         async def events():
             seconds = limit(body)

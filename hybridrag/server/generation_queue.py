@@ -104,7 +104,7 @@ class GenerationQueue:
     def retry_after(self):
         """Seconds until a slot is likely free: the recent mean job time times the jobs ahead (at least 1)."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
-        return max(1, math.ceil(mean * (len(self._buffer) + self._running) / max(1, self._buffer.batch_size)))
+        return max(1, math.ceil(mean * (len(self._buffer) + self._running)))  # jobs run one at a time
 
     def count_timeout(self):
         self._counts["timed_out"] += 1
