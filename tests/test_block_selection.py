@@ -142,12 +142,16 @@ def test_bounds_cover_every_key_of_the_block():
 
 
 @pytest.mark.parametrize("change, error, match", [
-    ({"q": torch.zeros(2, 4, 8)}, TypeError, "q must be a 4-d tensor"),
-    ({"k": torch.zeros(1, 2, 9, 16), "v": torch.zeros(1, 2, 9, 16)}, ValueError, "must agree in B, T and D"),
-    ({"q": torch.zeros(1, 3, 8, 16)}, ValueError, r"q's heads \(3\) must be a multiple of k's \(2\)"),
+    ({"q": torch.zeros(2, 4, 8)}, ValueError, r"q must be 4-D \(batch, heads, seq, head_dim\), got shape \(2, 4, 8\)"),
+    ({"k": torch.zeros(1, 2, 9, 16), "v": torch.zeros(1, 2, 9, 16)}, ValueError,
+     r"q and k must hold the same positions \(self-attention\), got Tq=8 and Tk=9"),
+    ({"q": torch.zeros(1, 3, 8, 16)}, ValueError, r"k has 2 heads, which does not divide q's 3 heads"),
+    ({"v": torch.zeros(1, 2, 8, 16, dtype=torch.float64)}, TypeError, "v must have dtype in"),
     ({"block_size": 0}, ValueError, "block_size must be an int >= 1, got 0"),
     ({"top_k": 2.0}, ValueError, "top_k must be an int >= 1, got 2.0"),
-    ({"key_mask": torch.ones(1, 8)}, ValueError, "key_mask must be a bool tensor of shape"),
+    ({"key_mask": torch.ones(1, 8)}, TypeError, "key_mask must be a bool tensor, got dtype torch.float32"),
+    ({"key_mask": torch.ones(1, 9, dtype=torch.bool)}, ValueError,
+     r"key_mask must have shape \(1, 8\) \(batch, Tk\), got \(1, 9\)"),
 ])
 def test_bad_input_names_the_argument(change, error, match):
     args = {"q": torch.zeros(1, 2, 8, 16), "k": torch.zeros(1, 2, 8, 16), "v": torch.zeros(1, 2, 8, 16),

@@ -5,29 +5,21 @@ matching token scores high even when the rest of it does not. PyTorch, chunked: 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .validation import check_scale
+from .validation import check_attention_inputs, check_key_mask, check_scale
 
 SELECTION_CHUNK = 1024  # queries scored against every block at a time: (B, H, 1024, T / s) float32
 ATTENTION_CHUNK = 512  # queries whose chosen keys are gathered at a time: (B, Hkv, 512, top_k * s, D)
 
 
 def _check(q, k, v, block_size, top_k, key_mask):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a 4-d tensor (B, heads, T, D), got {got}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q (B, H, T, D) and k, v (B, Hkv, T, D) must agree in B, T and D, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's ({k.shape[1]})")
+    check_attention_inputs(q, k, v)
+    check_key_mask(key_mask, k)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must hold the same positions (self-attention), got Tq={q.shape[2]} and "
+                         f"Tk={k.shape[2]}")
     for name, value in (("block_size", block_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
-                                 or tuple(key_mask.shape) != (k.shape[0], k.shape[2])):
-        got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor) else repr(key_mask)
-        raise ValueError(f"key_mask must be a bool tensor of shape {(k.shape[0], k.shape[2])}, got {got}")
 
 
 def block_key_bounds(k, block_size, key_mask=None):
