@@ -115,6 +115,11 @@ def embedding_text(document):
     return f"{document.title}\n{document.text}" if document.title else document.text
 
 
+def source_id(document):
+    """The id of the document a passage was chunked from (chunk_documents' "source_id"), or its own id."""
+    return document.metadata.get("source_id", document.id)
+
+
 def check_unique_ids(documents):
     """Raise ValueError on a repeated id; returns the list of documents."""
     if isinstance(documents, (Document, str)) or not hasattr(documents, "__iter__"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bm25 import BM25Index
-from .documents import Document, check_document, check_unique_ids, chunk_documents, embedding_text
+from .documents import Document, check_document, check_unique_ids, chunk_documents, embedding_text, source_id
 from .encoder import DenseEncoder, check_encoder
 from .fusion import reciprocal_rank_fusion
 from .locking import ReadWriteLock
@@ -285,7 +285,7 @@ class KnowledgeBase:
 
     def _stats(self):
         texts = [d.text for d in self._documents.values()]
-        sources = {d.metadata.get("source_id", d.id) for d in self._documents.values()}
+        sources = {source_id(d) for d in self._documents.values()}
         return {"documents": len(self), "sources": len(sources), "characters": sum(map(len, texts)),
                 "encoder": self.encoder.name, "dimension": self.encoder.dimension, "index_kind": self.index.kind,
                 "index_on_gpu": self.index.on_gpu, "vector_bytes": 4 * self.encoder.dimension * len(self),

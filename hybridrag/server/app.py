@@ -24,6 +24,7 @@ knowledge base or the weights is saved there (each written atomically) before th
 (HybridRAGSystem.save, with the passage store) at shutdown.
 """
 import asyncio
+import collections
 import hmac
 import json
 import threading
@@ -31,10 +32,11 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from ..atomic_file import write_atomically
+from ..retrieval.documents import Document, source_id
 from .generation_queue import GenerationCancelled, GenerationQueue, Job
 from .limits import BodySizeLimit
 from .schemas import (AddDocumentsRequest, DocumentsChanged, Health, HybridQueryRequest, QueryRequest, QueryResponse,
@@ -179,20 +181,14 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
 
     def save():
-        """After a change: the knowledge base and the weights. The passage store is a cache the generation thread
-        may be filling right now; it is saved at shutdown, when no generation runs."""
-        if state_dir is None:
-            return
-        system.knowledge_base.save(Path(state_dir) / "kb")
-        if system.weights is not None:
-            payload = json.dumps(system.weights.state_dict()).encode()
-            write_atomically(Path(state_dir) / "weights.json", lambda out: out.write(payload))
+        """After a change: everything but the passage store, a cache the generation thread may be filling right
+        now; that is saved at shutdown, when no generation runs."""
+        if state_dir is not None:
+            system.save(state_dir, passages=False)
 
     def change_documents(add=None, remove=None):
         with write_lock:
             if add is not None:
-                from ..retrieval import Document
-
                 documents = [Document(d.id, d.text, d.title, dict(d.metadata)) for d in add]
                 try:
                     changed = system.add_documents(documents)
@@ -200,7 +196,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                     raise _invalid("documents", str(refused)) from None
                 count = len(documents)
             else:
-                present = {d.metadata.get("source_id", d.id) for d in system.knowledge_base.documents}
+                present = {source_id(d) for d in system.knowledge_base.documents}
                 count = len(set(remove) & present)
                 changed = system.remove_documents(remove)
             save()
@@ -218,16 +214,13 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
 
     @app.get("/documents", summary="The documents: id, title and passage count")
     async def list_documents():
-        counts, titles = {}, {}
+        counts, titles = collections.Counter(), {}
         for passage in system.knowledge_base.documents:
-            source = passage.metadata.get("source_id", passage.id)
-            counts[source] = counts.get(source, 0) + 1
-            titles.setdefault(source, passage.title)
+            counts[source_id(passage)] += 1
+            titles.setdefault(source_id(passage), passage.title)
         return {"documents": [{"id": i, "title": titles[i], "passages": n} for i, n in counts.items()]}
 
     def update_weights(body):
-        import numpy as np
-
         if system.weights is None:
             raise HTTPException(409, detail="this system keeps no retention weights (attention_feedback is off in "
                                             "its config)")
@@ -252,9 +245,8 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
 
     @app.get("/hybrid/stats", response_model=Stats, summary="Knowledge base, queue and passage-store counts")
     async def stats():
-        kb = system.knowledge_base
-        sources = {d.metadata.get("source_id", d.id) for d in kb.documents}
-        return Stats(documents=len(sources), passages=len(kb), queue=queue.stats(),
+        counts = system.knowledge_base.stats()  # "sources": the documents the passages were chunked from
+        return Stats(documents=counts["sources"], passages=counts["documents"], queue=queue.stats(),
                      passage_store=_plain(system.passages.stats()), uptime_s=time.monotonic() - started)
 
     @app.get("/", include_in_schema=False)

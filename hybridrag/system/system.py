@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..atomic_file import write_atomically
 from ..integrations.transformers import capture_attention_mass
 from ..retrieval import KnowledgeBase, SearchResult
-from ..retrieval.documents import chunk_documents
+from ..retrieval.documents import chunk_documents, source_id
 from ..retrieval.encoder import make_encoder
 from ..retrieval.prompting import escape_boundaries
 from ..retention.feedback import FeedbackExtractor, WeightUpdater
@@ -175,7 +176,7 @@ class HybridRAGSystem:
         new sources). Returns the number of passages added; nothing changes when a document is refused."""
         knowledge_base = self._built()
         documents = list(documents)
-        present = {d.metadata.get("source_id", d.id) for d in knowledge_base.documents}
+        present = {source_id(d) for d in knowledge_base.documents}
         clashes = [d.id for d in documents if d.id in present]
         if clashes:
             raise ValueError(f"documents already in the knowledge base: {clashes[:5]}; remove them first")
@@ -193,7 +194,7 @@ class HybridRAGSystem:
         (0 for unknown ids)."""
         knowledge_base = self._built()
         wanted = set(ids)
-        chunks = [d.id for d in knowledge_base.documents if d.metadata.get("source_id", d.id) in wanted]
+        chunks = [d.id for d in knowledge_base.documents if source_id(d) in wanted]
         return knowledge_base.remove(chunks) if chunks else 0
 
     def _built(self):
@@ -547,16 +548,17 @@ class HybridRAGSystem:
 
     # ---------------------------------------------------------------- persistence
 
-    def save(self, path):
+    def save(self, path, *, passages=True):
         """Write config.json, the knowledge base (kb/), the passage store (passages/, when it holds any: the KV
-        caches for this model, reloaded by `load` when the model matches) and the attention-feedback weights
-        (weights.json) into folder `path`."""
+        caches for this model, reloaded by `load` when the model matches; not with passages=False, as while a
+        generation may be filling it) and the attention-feedback weights (weights.json) into folder `path`, each
+        written atomically."""
         if self.knowledge_base is None:
             raise ValueError("nothing to save: call create_vectorstore(documents) first")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.knowledge_base.save(path / "kb")
-        if len(self.passages):
+        if passages and len(self.passages):
             self.passages.save(path / "passages", fingerprint(self.language_model))
         if self.weights is not None:
             _write_text(path / "weights.json", json.dumps(self.weights.state_dict()))
@@ -581,9 +583,8 @@ class HybridRAGSystem:
 
 
 def _write_text(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    payload = text.encode("utf-8")
+    write_atomically(path, lambda out: out.write(payload))
 
 
 def _support(answer, passage):
