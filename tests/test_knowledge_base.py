@@ -110,7 +110,7 @@ def test_precomputed_vectors_skip_the_encoder_and_may_come_without_text(kb, tmp_
 @pytest.mark.parametrize("vectors, error, match", [
     (np.zeros((2, 512), dtype=np.float32), ValueError, r"vectors must have shape \(1, 512\) .* got \(2, 512\)"),
     (np.zeros((1, 64), dtype=np.float32), ValueError, r"the encoder 'hashing-512''s dimension\), got \(1, 64\)"),
-    (np.zeros((1, 512), dtype=np.int64), TypeError, "vectors must be a float numpy array or torch tensor"),
+    (np.zeros((1, 512), dtype=np.int64), TypeError, "vectors must be floating point, got dtype int64"),
     ([[0.0] * 512], TypeError, "got list"),
     (np.full((1, 512), np.nan, dtype=np.float32), ValueError, "vectors holds NaN or inf"),
 ])

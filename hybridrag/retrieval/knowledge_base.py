@@ -137,18 +137,17 @@ class KnowledgeBase:
             self._insert(documents, texts, vectors)
 
     def _check_vectors(self, vectors, count):
+        """numpy (count, dimension); the dtype and NaN checks are the vector index's (in _insert, before any
+        change)."""
         if hasattr(vectors, "detach"):  # a torch tensor
             vectors = vectors.detach().cpu().numpy()
-        if not isinstance(vectors, np.ndarray) or not np.issubdtype(vectors.dtype, np.floating):
+        if not isinstance(vectors, np.ndarray):
             raise TypeError(f"vectors must be a float numpy array or torch tensor of shape ({count}, "
-                            f"{self.encoder.dimension}), got {type(vectors).__name__}"
-                            f"{f' of {vectors.dtype}' if isinstance(vectors, np.ndarray) else ''}")
+                            f"{self.encoder.dimension}), got {type(vectors).__name__}")
         if vectors.shape != (count, self.encoder.dimension):
             raise ValueError(f"vectors must have shape ({count}, {self.encoder.dimension}) (one row per document, the "
                              f"encoder {self.encoder.name!r}'s dimension), got {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise ValueError("vectors holds NaN or inf: every entry must be finite")
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return vectors
 
     def _check_new(self, documents):
         clashes = [d.id for d in documents if d.id in self._documents]
