@@ -4,8 +4,10 @@ process (the offline SmolLM2-135M, a few pydoc topics, short answers).
 Reports p50/p95/p99 latency and throughput per status, checks that no accepted request was lost or answered twice
 (unique request ids; the server's queue counters: accepted == completed, nothing failed), and that the server's
 memory is stable: its resident set (VmRSS, sampled every 0.25 s) at the end against after the first quarter of the
-requests. The machine's load from other processes (the server's own CPU time excluded) is measured over the run;
---record refuses above 15% and writes benchmarks/results/<device>/server_load.json and .png.
+requests (after a warm-up that asks every question with every method, so the passage caches are full; the run
+recorded at 7274ee4 warmed up on one question only). The machine's load from other processes (the server's own
+CPU time excluded) is measured over the run; --record refuses above 15% and writes
+benchmarks/results/<device>/server_load.json and .png.
 
     python -m benchmarks.server_load --quick        # 24 requests, 8 clients (~1 min on 2 cores)
     python -m benchmarks.server_load                # 200 requests, 16 clients (~4-6 min)
@@ -96,8 +98,9 @@ def run(mode, out, *, requests=None, clients=None):
     with tempfile.TemporaryDirectory() as scratch:
         process, url = start_server(Path(scratch), capacity=clients)
         try:
-            for method in METHODS:  # warm-up: the first hybrid answer encodes the passages' caches
-                httpx.post(url + "/query", json={"question": QUESTIONS[0], "method": method}, timeout=600)
+            for question in QUESTIONS:  # warm-up: every hybrid question once encodes all the passages' caches, so
+                for method in METHODS:  # the memory the load sees is the server's steady state
+                    httpx.post(url + "/query", json={"question": question, "method": method}, timeout=600)
             before = httpx.get(url + "/hybrid/stats").json()["queue"]
             records, memory = _load(url, process.pid, requests, clients)
             after = httpx.get(url + "/hybrid/stats").json()["queue"]

@@ -3,8 +3,6 @@ the real offline model. Every endpoint, bad input, auth, the order of streamed t
 that disconnects mid-stream, a timeout (504), and a SIGKILL during a knowledge-base update followed by a restart."""
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -234,11 +232,11 @@ def _quietly(function):
         pass
 
 
-def test_serve_refuses_what_cannot_work(folder, tmp_path):
+def test_serve_refuses_what_cannot_work(folder, tmp_path, capsys):
+    from hybridrag.cli import main  # in-process: both refusals come before a server or a model starts
+
     root, docs, config = folder
-    run = lambda *args: subprocess.run([sys.executable, "-m", "hybridrag", "serve", *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
-    empty = run("--kb", str(tmp_path / "new"))
-    assert empty.returncode == 2 and "holds no system yet: give --docs" in empty.stderr
-    port = run("--kb", str(tmp_path / "new"), "--port", "70000", "--docs", str(docs))
-    assert port.returncode == 2 and "--port must be in 1..65535" in port.stderr
+    assert main(["serve", "--kb", str(tmp_path / "new")]) == 2
+    assert "holds no system yet: give --docs" in capsys.readouterr().err
+    assert main(["serve", "--kb", str(tmp_path / "new"), "--port", "70000", "--docs", str(docs)]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err

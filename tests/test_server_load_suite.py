@@ -8,11 +8,11 @@ from benchmarks import server_load
 
 
 def test_a_tiny_run_answers_every_request_once_and_writes_the_results(tmp_path, capsys):
-    assert server_load.main(["--requests", "6", "--clients", "3", "--out", str(tmp_path)]) == 0
+    assert server_load.main(["--requests", "4", "--clients", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["requests"] == 6 and result["statuses"] == {"200": 6} and all(result["checks"].values())
-    assert result["queue_delta"]["accepted"] == result["queue_delta"]["completed"] == 6
-    assert len({r["request_id"] for r in result["records"]}) == 6
+    assert result["requests"] == 4 and result["statuses"] == {"200": 4} and all(result["checks"].values())
+    assert result["queue_delta"]["accepted"] == result["queue_delta"]["completed"] == 4
+    assert len({r["request_id"] for r in result["records"]}) == 4
     assert {row["method"] for row in result["rows"]} == {"base_rag", "hybrid", "all"}
     assert result["rows"][-1]["p50_s"] <= result["rows"][-1]["p95_s"] <= result["rows"][-1]["p99_s"]
     assert result["memory_samples"] and result["memory"]["peak_mib"] >= result["memory"]["start_mib"] > 0
