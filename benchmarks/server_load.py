@@ -89,29 +89,32 @@ def start_server(folder, capacity):
     raise RuntimeError(f"the server did not come up in 300 s; see {folder / 'server.log'}")
 
 
-def run(mode, out, *, requests=None, clients=None):
+def run(mode, out, *, requests=None, clients=None, questions=None):
+    """`questions`: ask only the first N of QUESTIONS (warm-up and load)."""
     import httpx
 
     settings = MODES[mode]
     requests, clients = requests or settings["requests"], clients or settings["clients"]
+    asked = QUESTIONS[:questions] if questions else QUESTIONS
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         process, url = start_server(Path(scratch), capacity=clients)
         try:
-            for question in QUESTIONS:  # warm-up: every hybrid question once encodes all the passages' caches, so
+            for question in asked:  # warm-up: every hybrid question once encodes all the passages' caches, so
                 for method in METHODS:  # the memory the load sees is the server's steady state
                     httpx.post(url + "/query", json={"question": question, "method": method}, timeout=600)
             before = httpx.get(url + "/hybrid/stats").json()["queue"]
-            records, memory = _load(url, process.pid, requests, clients)
+            records, memory = _load(url, process.pid, requests, clients, asked)
             after = httpx.get(url + "/hybrid/stats").json()["queue"]
         finally:
             process.terminate()
             process.wait(timeout=120)
-    return _summary(mode, requests, clients, records, memory, before, after, out)
+    return _summary(mode, requests, clients, len(asked), records, memory, before, after, out)
 
 
-def _load(url, pid, requests, clients):
-    """Fire `requests` from `clients` threads; sample the server's memory meanwhile."""
+def _load(url, pid, requests, clients, questions):
+    """Fire `requests` (cycling through `questions` and METHODS) from `clients` threads; sample the server's memory
+    meanwhile."""
     import httpx
 
     jobs = list(range(requests))
@@ -128,7 +131,7 @@ def _load(url, pid, requests, clients):
                     if not jobs:
                         return
                     number = jobs.pop(0)
-                body = {"question": QUESTIONS[number % len(QUESTIONS)], "method": METHODS[number % len(METHODS)]}
+                body = {"question": questions[number % len(questions)], "method": METHODS[number % len(METHODS)]}
                 sent = time.perf_counter()
                 reply = session.post(url + "/query", json=body)
                 record = {"n": number, "method": body["method"], "status": reply.status_code,
@@ -164,7 +167,7 @@ def _percentile(values, q):
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else None
 
 
-def _summary(mode, requests, clients, load, memory, before, after, out):
+def _summary(mode, requests, clients, questions, load, memory, before, after, out):
     records = load["records"]
     statuses = sorted({r["status"] for r in records})
     rows = []
@@ -185,7 +188,8 @@ def _summary(mode, requests, clients, load, memory, before, after, out):
         "nothing failed, cancelled or timed out": delta["failed"] == delta["cancelled"] == delta["timed_out"] == 0,
         "memory stable (end <= 1.1 x after the first quarter)": memory[-1]["rss_mib"] <= 1.1 * quarter,
     }
-    result = {"suite": SUITE, "size": mode, "requests": requests, "clients": clients, "config": CONFIG,
+    result = {"suite": SUITE, "size": mode, "requests": requests, "clients": clients, "questions": questions,
+              "config": CONFIG,
               "statuses": {str(s): sum(r["status"] == s for r in records) for s in statuses},
               "throughput_rps": len(ids) / load["wall_s"], "wall_s": load["wall_s"], "rows": rows,
               "queue_delta": delta, "checks": checks,
@@ -232,20 +236,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="24 requests from 8 clients (full: 200 from 16)")
     parser.add_argument("--requests", type=int, help="override the request count")
     parser.add_argument("--clients", type=int, help="override the concurrent clients")
+    parser.add_argument("--questions", type=int, help=f"ask only the first N of the {len(QUESTIONS)} questions")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the JSON and PNG (default benchmarks/runs/<device>/{SUITE}, ignored by git)")
     parser.add_argument("--record", action="store_true",
                         help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
                              "checkout, an idle machine)")
     args = parser.parse_args(argv)
-    for name in ("requests", "clients"):
+    for name in ("requests", "clients", "questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.record and (args.requests or args.clients):
-        parser.error("--record records the full size: drop --requests and --clients")
+    if args.record and (args.requests or args.clients or args.questions):
+        parser.error("--record records the full size: drop --requests, --clients and --questions")
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE
     check_output_options(parser, out, record=args.record, quick=args.quick)
-    result = run("quick" if args.quick else "full", out, requests=args.requests, clients=args.clients)
+    result = run("quick" if args.quick else "full", out, requests=args.requests, clients=args.clients,
+                 questions=args.questions)
     print(format_table(f"{SUITE}: {result['requests']} requests from {result['clients']} clients, statuses "
                        f"{result['statuses']}, {result['throughput_rps']:.2f} answers/s over {result['wall_s']:.0f} s",
                        result["rows"], COLUMNS))

@@ -11,6 +11,21 @@ import torch  # noqa: E402  (torch does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _share_the_cores():
+    """Under pytest-xdist, each worker (and every process it starts: servers, command lines) gets its share of the
+    cores as intra-op threads. Two workers of two threads each on two cores spend most of their time in each
+    other's OpenMP spin-waits: a full run took 20 minutes that way, and a module that takes 22 s alone took 168 s."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores()
+
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ from benchmarks import server_load
 
 
 def test_a_tiny_run_answers_every_request_once_and_writes_the_results(tmp_path, capsys):
-    assert server_load.main(["--requests", "4", "--clients", "2", "--out", str(tmp_path)]) == 0
+    assert server_load.main(["--requests", "4", "--clients", "2", "--questions", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["requests"] == 4 and result["statuses"] == {"200": 4} and all(result["checks"].values())
     assert result["queue_delta"]["accepted"] == result["queue_delta"]["completed"] == 4
@@ -21,7 +21,7 @@ def test_a_tiny_run_answers_every_request_once_and_writes_the_results(tmp_path, 
 
 
 @pytest.mark.parametrize("argv, message", [(["--requests", "0"], "--requests must be >= 1"),
-                                           (["--record", "--clients", "4"], "drop --requests and --clients"),
+                                           (["--record", "--clients", "4"], "drop --requests, --clients and --questions"),
                                            (["--quick", "--record"], "drop --quick")])
 def test_bad_options_are_parser_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit:
