@@ -8,6 +8,7 @@
     hybridrag analyze "How do I leave a loop early?" --system my-system/ --plot attention.png
     hybridrag experiment questions.jsonl --system my-system/ --out runs/top-k --sweep retriever.top_k=2,4,8
     hybridrag serve --kb served/ --docs notes/ --port 8000      # HTTP API; later runs: hybridrag serve --kb served/
+    hybridrag train-generator --kb served/ --out gen.pt   # synthetic passages: serve --kb served/ --generator gen.pt
     python -m hybridrag ...                                                                  # the same
 
 --docs takes .txt, .md and .jsonl files and folders of them; --system a folder written by --save (or by
@@ -97,7 +98,7 @@ def _parser():
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0], epilog="examples:\n" + __doc__.split("\n\n")[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{ask,compare,analyze,experiment,serve}")
+                                     metavar="{ask,compare,analyze,experiment,serve,train-generator}")
     common = [_common_options()]
 
     ask = commands.add_parser("ask", parents=common, help="answer a question, streaming the answer")
@@ -142,6 +143,21 @@ def _parser():
                        "most (more get 429 with Retry-After; default 16)")
     serve.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds a request may take before "
                        "504 (default 120)")
+    serve.add_argument("--cascade-measure", choices=("margin", "entropy", "attention"), default="margin",
+                       help="the confidence /distillation/cascade's student is judged by (default margin: top-1 minus "
+                       "top-2 retrieval score)")
+    serve.add_argument("--cascade-threshold", type=float, metavar="T", help="/distillation/cascade keeps the student's "
+                       "answer when its confidence is at least T (default: none, each request gives its own)")
+    serve.add_argument("--generator", metavar="FILE", help="the document generator of /diffusion/generate (written by "
+                       "train-generator for this --kb; default: none, the endpoint answers 409)")
+
+    train = commands.add_parser("train-generator", help="train the diffusion document generator of a served "
+                                "knowledge base (for serve --generator)")
+    train.add_argument("--kb", required=True, metavar="DIR", help="the state folder of `serve` (or a --save folder)")
+    train.add_argument("--out", required=True, metavar="FILE", help="the checkpoint to write")
+    train.add_argument("--steps", type=positive_int, default=600, metavar="N", help="training steps (default 600)")
+    train.add_argument("--length", type=positive_int, default=48, metavar="N", help="words per passage (default 48)")
+    train.add_argument("--seed", type=int, default=0, help="default 0")
     return parser
 
 
@@ -378,6 +394,9 @@ def run(args, out=None, err=None):
     if args.command == "serve":
         _serve(args)
         return
+    if args.command == "train-generator":
+        _train_generator(args)
+        return
     _check_arguments(args)
     if args.command == "experiment":
         _experiment(args, out, err)
@@ -392,6 +411,7 @@ def run(args, out=None, err=None):
 
 
 def _serve(args):
+    from .distillation.config import check_threshold
     from .server import open_system, serve
 
     if args.docs is None and any(v is not None for v in (args.config, args.encoder, args.max_new_tokens, args.top_k)):
@@ -400,13 +420,35 @@ def _serve(args):
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.cascade_threshold is not None:
+        check_threshold(args.cascade_threshold, args.cascade_measure, "--cascade-threshold")
     documents = _load_documents(args.docs) if args.docs is not None else None
     config = _config(args, args.config) if args.docs is not None else None
     system = open_system(args.kb, documents, config)
+    generator = None
+    if args.generator is not None:
+        from .diffusion import DocumentGenerator
+        generator = DocumentGenerator.load(args.generator, system.knowledge_base.encoder)
     _say(f"serving {len(system.knowledge_base)} passages from {args.kb} on http://{args.host}:{args.port} "
          f"(API docs at /docs)")
     serve(system, args.kb, host=args.host, port=args.port, api_key=args.api_key, capacity=args.queue,
-          timeout_s=args.timeout)
+          timeout_s=args.timeout, cascade_measure=args.cascade_measure, cascade_threshold=args.cascade_threshold,
+          generator=generator)
+
+
+def _train_generator(args):
+    from .diffusion import DocumentGenerator
+    from .diffusion.quality import SYNTHETIC
+    from .system import load_knowledge_base
+
+    knowledge_base = load_knowledge_base(args.kb)
+    texts = [d.text for d in knowledge_base.documents if d.metadata.get(SYNTHETIC) is not True]  # real ones only
+    _say(f"training a document generator on {len(texts)} passages of {args.kb} ({knowledge_base.encoder.name})")
+    start = time.perf_counter()
+    generator = DocumentGenerator.train(texts, knowledge_base.encoder, length=args.length, steps=args.steps,
+                                        seed=args.seed)
+    generator.save(args.out)
+    _say(f"wrote {args.out} ({len(generator.vocabulary)} words, {time.perf_counter() - start:.0f} s)")
 
 
 def error_line(error):

@@ -9,7 +9,7 @@ Submodules: config (the dataclasses), loading (load_documents), model (the langu
 import importlib
 
 _EXPORTS = {
-    "create_hybrid_rag_system": "system", "HybridRAGSystem": "system",
+    "create_hybrid_rag_system": "system", "HybridRAGSystem": "system", "load_knowledge_base": "system",
     "SystemConfig": "config", "AttentionConfig": "config", "RetrieverConfig": "config", "GenerationConfig": "config",
     "load_documents": "loading", "load_language_model": "model", "LanguageModel": "model",
     "stream_generate": "generation", "GenerationStats": "generation",

@@ -505,7 +505,7 @@ class HybridRAGSystem:
         return {method: self.generate_response(question, task_type=task_type, method=method, **options)
                 for method in ("hybrid", "base_rag", "direct")}
 
-    def analyze_attention_patterns(self, question, *, method="hybrid", plot=None, retrieved=None):
+    def analyze_attention_patterns(self, question, *, method="hybrid", plot=None, retrieved=None, on_token=None):
         """Where the answer's attention went: passage mass per layer and head, and four summaries.
 
         Needs attn_implementation="hybridrag". Returns a dict: response, passage_ids, mass (layers x heads x k
@@ -518,13 +518,14 @@ class HybridRAGSystem:
           answer's words come from (0 when the answer has no word).
         plot: a path: also write a PNG heatmap (layers x passages, mean over heads) there.
         retrieved: None, or the passages to answer from (see generate_response).
+        on_token: called with each decoded text piece as it comes (see generate_response).
         """
         if self.language_model.attn_implementation != "hybridrag":
             raise ValueError("analyze_attention_patterns needs attn_implementation='hybridrag' (the mass comes from "
                              f"the kernels), got {self.language_model.attn_implementation!r}")
         if method == "direct":
             raise ValueError("method='direct' retrieves no passage: nothing to analyze")
-        result, record = self._respond(question, method, retrieved=retrieved)
+        result, record = self._respond(question, method, retrieved=retrieved, on_token=on_token)
         masses = mass_by_layer(record)
         if masses is None:
             raise ValueError("no attention mass was recorded (no passage retrieved?)")
@@ -580,6 +581,16 @@ class HybridRAGSystem:
         if system.config.passage_cache and (path / "passages" / "index.json").is_file():
             system.passages.load(path / "passages", fingerprint(system.language_model))
         return system
+
+
+def load_knowledge_base(path):
+    """The knowledge base of the system saved in folder `path` (by HybridRAGSystem.save), with the encoder its
+    config names, and without loading the language model. FileNotFoundError naming what is missing."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no hybridrag system at {path} (missing config.json)")
+    config = SystemConfig.from_any(path / "config.json")
+    return KnowledgeBase.load(path / "kb", make_encoder(config.encoder))
 
 
 def _write_text(path, text):
