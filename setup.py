@@ -22,8 +22,9 @@ RETRIEVAL = [
 # plots.
 SYSTEM = ["transformers>=5.4", "gguf>=0.10", "accelerate>=1.0", "pyyaml>=6", "matplotlib>=3.7"]
 
-# hybridrag.server: the HTTP API (`hybridrag serve`). Its tests talk to it with httpx and drive its web page in
-# Debian's chromium through playwright (install.sh installs the browser).
+# hybridrag.server: the HTTP API (`hybridrag serve`). Its tests talk to it with httpx, fuzz it from its OpenAPI
+# schema with schemathesis and drive its web page in Debian's chromium through playwright (install.sh installs the
+# browser).
 SERVER = ["fastapi>=0.110", "uvicorn>=0.30"]
 
 setup(
@@ -49,7 +50,7 @@ setup(
         # faiss-gpu replaces faiss-cpu (both install the `faiss` module); the code feature-detects GPU support.
         "gpu": [name for name in RETRIEVAL if not name.startswith("faiss-cpu")] + ["faiss-gpu>=1.8"],
         "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "httpx>=0.27",
-                 "playwright>=1.40"] + SERVER
+                 "playwright>=1.40", "schemathesis>=4,<5"] + SERVER
                 + SYSTEM + RETRIEVAL,
         "bench": ["triton>=3.2", "pytest-benchmark>=4", "matplotlib>=3.7"] + RETRIEVAL,
     },

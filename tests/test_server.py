@@ -1,6 +1,8 @@
 """The HTTP server, run as users run it: `python -m hybridrag serve` in a subprocess on a free loopback port, over
 the real offline model. Every endpoint, bad input, auth, the order of streamed tokens, a full queue (429), a client
-that disconnects mid-stream, a timeout (504), and a SIGKILL during a knowledge-base update followed by a restart."""
+that disconnects mid-stream, a timeout (504), the cascade and the document generator (trained here by
+`hybridrag train-generator` on the served knowledge base), and a SIGKILL during a knowledge-base update followed by
+a restart."""
 import json
 import os
 import threading
@@ -8,11 +10,15 @@ import time
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
 from pydoc_data.topics import topics
+from schemathesis.checks import response_schema_conformance
 from server_process import KEY, Server
 
 TOPICS = ["assert", "for", "while", "pass"]
 QUESTION = "What does an assert statement raise when its condition is false?"
+FUZZ_EXAMPLES = 5  # per operation: under a minute for the whole schema
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,18 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
+    """The state folder built from the documents (as `serve --docs` builds it; no model needed), a document
+    generator trained on its knowledge base, then the server."""
+    from hybridrag.cli import main
+    from hybridrag.server import open_system
+    from hybridrag.system import SystemConfig, load_documents
+
     root, docs, config = folder
-    running = Server(root / "state", "--queue", "1", docs=docs, config=config)
+    open_system(root / "state", load_documents(docs), SystemConfig.from_any(config))
+    generator = root / "generator.pt"
+    assert main(["train-generator", "--kb", str(root / "state"), "--out", str(generator), "--steps", "20",
+                 "--length", "24"]) == 0
+    running = Server(root / "state", "--queue", "1", "--generator", str(generator))
     yield running
     running.stop()
 
@@ -45,7 +61,7 @@ def test_health_schema_and_stats(server):
     assert health["status"] == "ok" and health["passages"] >= len(TOPICS)
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
     assert {"/query", "/query/hybrid", "/stream/query", "/documents", "/documents/remove", "/retention/update",
-            "/hybrid/stats", "/health"} <= set(paths)
+            "/diffusion/generate", "/distillation/cascade", "/hybrid/stats", "/health"} <= set(paths)
     stats = httpx.get(server.url + "/hybrid/stats").json()
     assert stats["documents"] == len(TOPICS) and stats["queue"]["capacity"] == 1
 
@@ -137,6 +153,52 @@ def test_retention_update_moves_the_weights(server):
     assert uneven.status_code == 422 and uneven.json()["detail"][0]["loc"] == ["body", "feedback"]
 
 
+def test_the_cascade_keeps_confident_answers_and_escalates_the_rest(server):
+    before = httpx.get(server.url + "/hybrid/stats").json()["cascade"]
+    kept = post(server, "/distillation/cascade", {"question": QUESTION, "threshold": 0})
+    assert kept.status_code == 200, kept.text
+    kept = kept.json()
+    assert kept["answered_by"] == "student" and not kept["escalated"] and kept["seconds"]["teacher"] == 0
+    assert kept["answer"]["method"] == "base_rag" and len(kept["answer"]["passages"]) == 1
+    assert kept["answer"]["response"] == kept["student_response"] and kept["confidence"] >= 0
+    escalated = post(server, "/distillation/cascade", {"question": QUESTION, "threshold": 1e6}).json()
+    assert escalated["answered_by"] == "teacher" and escalated["escalated"] and escalated["seconds"]["teacher"] > 0
+    assert escalated["answer"]["method"] == "hybrid" and len(escalated["answer"]["passages"]) == 2  # top_k
+    assert escalated["confidence"] == pytest.approx(kept["confidence"]) and escalated["student_response"]
+    after = httpx.get(server.url + "/hybrid/stats").json()["cascade"]
+    assert after["queries"] - before["queries"] == 2 and after["kept"] - before["kept"] == 1
+    assert after["escalated"] - before["escalated"] == 1
+    for body in ({"question": QUESTION}, {"question": QUESTION, "threshold": -1}):  # no server default; negative
+        reply = post(server, "/distillation/cascade", body)
+        assert reply.status_code == 422 and reply.json()["detail"][0]["loc"][-1] == "threshold", reply.text
+
+
+def test_generated_passages_are_scored_and_added_as_synthetic_documents(server):
+    headers = {"X-API-Key": KEY}
+    body = {"condition": "what does the assert statement raise", "num_samples": 3, "seed": 1}
+    reply = post(server, "/diffusion/generate", body)
+    assert reply.status_code == 200, reply.text
+    samples = reply.json()["samples"]
+    assert 1 <= len(samples) <= 3 and reply.json()["added"] == []
+    assert all(s["accepted"] and s["text"].strip() and -1 <= s["similarity"] <= 1 for s in samples)
+    assert post(server, "/diffusion/generate", {**body, "add": True}).status_code == 401  # adding needs the key
+    added = post(server, "/diffusion/generate", {**body, "add": True}, headers=headers).json()
+    assert added["added"] == [f"synthetic-{i}" for i in range(len(samples))]
+    assert [s["text"] for s in added["samples"]] == [s["text"] for s in samples]  # the seed decides
+    listed = {d["id"]: d for d in httpx.get(server.url + "/documents").json()["documents"]}
+    assert all(listed[i]["synthetic"] for i in added["added"]) and not listed["assert.txt"]["synthetic"]
+    again = post(server, "/diffusion/generate", {**body, "num_samples": 1, "add": True}, headers=headers).json()
+    assert again["added"] == [f"synthetic-{len(samples)}"]
+    strict = post(server, "/diffusion/generate", {**body, "min_similarity": 1.0, "add": True}, headers=headers).json()
+    assert not any(s["accepted"] for s in strict["samples"]) and strict["added"] == []
+    removed = post(server, "/documents/remove", {"ids": added["added"] + again["added"]}, headers=headers).json()
+    assert removed["documents"] == len(samples) + 1
+    for bad, field in (({"condition": " "}, "condition"), ({"condition": "x", "num_samples": 0}, "num_samples"),
+                       ({"condition": "x", "temperature": -1}, "temperature")):
+        reply = post(server, "/diffusion/generate", bad)
+        assert reply.status_code == 422 and reply.json()["detail"][0]["loc"][-1] == field, reply.text
+
+
 def test_a_full_queue_answers_429_and_loses_no_accepted_request(server):
     """Queue of 1: of six requests sent at once, one runs, one waits and the rest find the queue full; every
     accepted request is answered exactly once."""
@@ -195,6 +257,28 @@ def test_a_request_past_its_timeout_is_504_and_stopped(server):
     assert post(server, "/query", {"question": QUESTION, "timeout_s": 0}).status_code == 422
 
 
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+def no_internal_error(ctx, response, case):
+    """No 5xx but the documented 504 of an answer past its time limit (a fuzzed timeout_s may be 5e-324 s)."""
+    timed_out = response.status_code == 504 and "no answer within" in response.text
+    assert response.status_code < 500 or timed_out, f"{response.status_code}: {response.text[:500]}"
+
+
+@schemathesis.pytest.from_fixture("api_schema").parametrize()
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_from_the_schema_never_get_a_500(case):
+    """Every operation with bodies drawn from its OpenAPI schema (and the key, so the state-changing ones run
+    too): no internal error, and each documented response matches its schema. Runs after the tests above: it adds
+    documents."""
+    response = case.call(headers={"X-API-Key": KEY}, timeout=120)
+    case.validate_response(response, checks=[no_internal_error, response_schema_conformance])
+
+
 def test_killed_during_an_update_it_restarts_consistent(folder, tmp_path):
     """SIGKILL while batches of documents are being added one after another: the restarted server holds the
     documents of before plus whole batches (each add is all or nothing, and so is its save), and answers."""
@@ -219,6 +303,7 @@ def test_killed_during_an_update_it_restarts_consistent(folder, tmp_path):
         assert before <= after and set(landed) <= {0, 20}, landed  # whole batches only
         assert landed == sorted(landed, reverse=True)  # the ones sent first
         assert post(second, "/query/hybrid", {"question": QUESTION}).status_code == 200
+        assert post(second, "/diffusion/generate", {"condition": QUESTION}).status_code == 409  # no --generator
     finally:
         second.stop()
     assert not [p for p in os.listdir(state) if p.endswith(".tmp")]

@@ -84,13 +84,15 @@ class SystemAnswerer:
             and "scores" holds all of them.
         attention: also measure attention_quality (analyze_attention_patterns: needs
             attn_implementation="hybridrag"; one answer, not two). Not with method="direct".
+        on_token: None or a callable given each decoded piece of the answer as generate_response's on_token (to
+            stream it, or to stop it by raising).
 
     Students and teachers of one knowledge base: an int8 student is a second system with int8=True given the
     teacher's knowledge base (student.knowledge_base = teacher.knowledge_base); a base-RAG student over fewer
     passages is SystemAnswerer(system, method="base_rag", top_k=1) next to SystemAnswerer(system) as the teacher.
     """
 
-    def __init__(self, system, *, method="hybrid", top_k=None, attention=False):
+    def __init__(self, system, *, method="hybrid", top_k=None, attention=False, on_token=None):
         for name in ("retrieve", "generate_response", "analyze_attention_patterns"):
             if not callable(getattr(system, name, None)):
                 raise TypeError(f"system must be a HybridRAGSystem (with retrieve, generate_response and "
@@ -105,13 +107,16 @@ class SystemAnswerer:
             raise TypeError(f"attention must be True or False, got {attention!r}")
         if attention and method == "direct":
             raise ValueError("attention=True measures the attention on passages; method='direct' has none")
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be None or a callable(piece), got {type(on_token).__name__}")
         self.system, self.method, self.top_k, self.attention = system, method, top_k, attention
+        self.on_token = on_token
 
     def __repr__(self):
         return f"SystemAnswerer(method={self.method!r}, top_k={self.top_k}, attention={self.attention})"
 
     def answer(self, question):
-        options = {}
+        options = {} if self.on_token is None else {"on_token": self.on_token}
         hits = None
         if self.top_k is not None:
             hits = self.system.retrieve(question, max(self.top_k, 2))

@@ -8,7 +8,11 @@
     POST /documents/remove  remove documents by id                                                         [key]
     GET  /documents         the documents' ids, titles and passage counts
     POST /retention/update  move the attention-feedback weights of passages                                [key]
-    GET  /hybrid/stats      knowledge base, queue and passage-store counts
+    POST /diffusion/generate  synthetic passages from the document generator (--generator), scored for relevance
+                            and novelty; with "add": the accepted ones become documents flagged synthetic    [key]
+    POST /distillation/cascade  the student (base RAG over the top passage) answers; the teacher (the hybrid
+                            method over top_k passages) only when the student's confidence is under the threshold
+    GET  /hybrid/stats      knowledge base, queue, passage-store and cascade counts
     GET  /health            liveness
     GET  /                  the web page (static/index.html): ask, answers streaming in per method side by side,
                             each passage's attention mass as a bar
@@ -27,23 +31,33 @@ import asyncio
 import collections
 import hmac
 import json
+import math
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
+from ..diffusion import filter_samples
+from ..diffusion.quality import SYNTHETIC
+from ..distillation import SystemAnswerer, TeacherStudentCascade
+from ..distillation.config import check_threshold
 from ..retrieval.documents import Document, source_id
 from .generation_queue import GenerationCancelled, GenerationQueue, Job
 from .limits import BodySizeLimit
-from .schemas import (AddDocumentsRequest, DocumentsChanged, Health, HybridQueryRequest, QueryRequest, QueryResponse,
+from .schemas import (AddDocumentsRequest, CascadeRequest, CascadeResponse, DocumentsChanged, GeneratedPassage,
+                      GenerateRequest, GenerateResponse, Health, HybridQueryRequest, QueryRequest, QueryResponse,
                       RemoveDocumentsRequest, RetentionUpdateRequest, RetentionUpdateResponse, Stats)
 
 POLL_S = 0.1  # how often a waiting request looks for its client's disconnect
 PAGE = Path(__file__).parent / "static" / "index.html"
+CASCADE_MEASURES = ("margin", "entropy", "attention")  # what a SystemAnswerer's answer carries
+SYNTHETIC_ID = re.compile(r"synthetic-(\d+)")
 
 
 def _invalid(field, message):
@@ -63,20 +77,35 @@ def _answer_body(job, result):
 
 
 def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=4, timeout_s=120.0,
-               max_body_bytes=2_000_000):
-    """The app serving `system` (a HybridRAGSystem with a knowledge base). See the module docstring."""
+               max_body_bytes=2_000_000, cascade_measure="margin", cascade_threshold=None, generator=None):
+    """The app serving `system` (a HybridRAGSystem with a knowledge base). See the module docstring.
+
+    cascade_measure: the student's confidence in /distillation/cascade: "margin" (top-1 minus top-2 retrieval
+    score), "entropy" (1 - the normalised entropy of the scores' softmax) or "attention" (the answer's attention
+    quality; needs attn_implementation="hybridrag"). cascade_threshold: the default threshold (None: each request
+    must give one); choose it on validation questions with TeacherStudentCascade.calibrate.
+    generator: None or the DocumentGenerator (hybridrag.diffusion) of /diffusion/generate, trained with this
+    knowledge base's encoder."""
     if system.knowledge_base is None:
         raise ValueError("system has no knowledge base: call create_vectorstore(documents) before serving it")
     if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8):
         raise ValueError("api_key must be None or a str of at least 8 characters")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if cascade_measure not in CASCADE_MEASURES:
+        raise ValueError(f"cascade_measure must be one of {CASCADE_MEASURES}, got {cascade_measure!r}")
+    cascade_threshold = check_threshold(cascade_threshold, cascade_measure, "cascade_threshold")
+    if generator is not None and getattr(generator, "encoder", None) is not None \
+            and generator.encoder.name != system.knowledge_base.encoder.name:
+        raise ValueError(f"generator is conditioned on encoder {generator.encoder.name!r} but the knowledge base "
+                         f"uses {system.knowledge_base.encoder.name!r}")
     started = time.monotonic()
     write_lock = threading.Lock()  # one knowledge-base or weights change (and its save) at a time
+    cascade_counts = {"queries": 0, "kept": 0, "escalated": 0, "student_seconds": 0.0, "teacher_seconds": 0.0}
 
     def answer(job):
-        question, method, measure = job.payload
-        return system.generate_response(question, method=method, measure_attention=measure, on_token=job.on_token)
+        """Worker thread: the job's payload is a function of its on_token callback."""
+        return job.payload(job.on_token)
 
     queue = GenerationQueue(answer, capacity=capacity, batch_size=batch_size)
 
@@ -114,8 +143,8 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     def limit(body):
         return min(timeout_s, body.timeout_s) if body.timeout_s is not None else timeout_s
 
-    async def settle(request, job, seconds):
-        """The job's answer; 504 past `seconds`, 422 for a question the system refuses."""
+    async def settle(request, job, seconds, field="question"):
+        """The job's answer; 504 past `seconds`, 422 naming `field` for an input the system refuses."""
         deadline = time.monotonic() + seconds
         while not job.future.done():
             if await request.is_disconnected():
@@ -130,12 +159,16 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         try:
             return job.future.result()
         except ValueError as refused:
-            raise _invalid("question", str(refused)) from None
+            raise _invalid(field, str(refused)) from None
         except GenerationCancelled as cancelled:
             raise HTTPException(499, detail=str(cancelled)) from None
 
+    def generation(body, method):
+        return lambda on_token: system.generate_response(body.question, method=method,
+                                                         measure_attention=body.measure_attention, on_token=on_token)
+
     async def query(request, body, method):
-        job = await admit((body.question, method, body.measure_attention))
+        job = await admit(generation(body, method))
         return _answer_body(job, await settle(request, job, limit(body)))
 
     @app.post("/query", response_model=QueryResponse, summary="Answer a question (base RAG unless method says)")
@@ -149,7 +182,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     @app.post("/stream/query", summary="Answer a question as server-sent events",
               response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def stream_query(request: Request, body: QueryRequest):
-        job = await admit((body.question, body.method, body.measure_attention), stream=True)
+        job = await admit(generation(body, body.method), stream=True)
 
         async def events():
             seconds = limit(body)
@@ -212,13 +245,14 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     async def remove_documents(body: RemoveDocumentsRequest):
         return await asyncio.to_thread(change_documents, remove=body.ids)
 
-    @app.get("/documents", summary="The documents: id, title and passage count")
+    @app.get("/documents", summary="The documents: id, title, passage count and whether it is synthetic")
     async def list_documents():
-        counts, titles = collections.Counter(), {}
+        counts, firsts = collections.Counter(), {}
         for passage in system.knowledge_base.documents:
             counts[source_id(passage)] += 1
-            titles.setdefault(source_id(passage), passage.title)
-        return {"documents": [{"id": i, "title": titles[i], "passages": n} for i, n in counts.items()]}
+            firsts.setdefault(source_id(passage), passage)
+        return {"documents": [{"id": i, "title": firsts[i].title, "passages": n,
+                               "synthetic": firsts[i].metadata.get(SYNTHETIC) is True} for i, n in counts.items()]}
 
     def update_weights(body):
         if system.weights is None:
@@ -243,11 +277,103 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     async def retention_update(body: RetentionUpdateRequest):
         return await asyncio.to_thread(update_weights, body)
 
+    def generate_passages(body):
+        """Worker thread: the generator's passages, their embeddings' similarity to the condition and to their
+        nearest knowledge-base passage (found by the index, so no N x corpus matrix), and the filter's verdict."""
+        texts = generator.generate(body.condition, body.num_samples, body.num_steps, temperature=body.temperature,
+                                   seed=body.seed)
+        knowledge_base = system.knowledge_base
+        encoder = knowledge_base.encoder
+        texts = [text for text in texts if text.strip()]  # every word [UNK]: nothing to score or index
+        if not texts:
+            return []
+        vectors = np.asarray(encoder.encode(texts), dtype=np.float32)
+        condition = np.asarray(encoder.encode([body.condition]), dtype=np.float32)[0]
+        neighbours = [hits[0].document.id for hits in knowledge_base.search_many(texts, k=1, mode="dense") if hits]
+        corpus = torch.from_numpy(knowledge_base.embeddings_for(neighbours)) if neighbours else None
+        result = filter_samples(torch.from_numpy(vectors), torch.from_numpy(condition), corpus,
+                                min_similarity=body.min_similarity, max_corpus_similarity=body.max_corpus_similarity)
+        accepted = set(result.accepted.tolist())
+        return [{"text": text, "similarity": float(result.similarity[i]),
+                 "corpus_similarity": _finite(result.corpus_similarity[i]), "score": float(result.score[i]),
+                 "accepted": i in accepted} for i, text in enumerate(texts)]
+
+    def add_synthetic(body, samples):
+        """Add the accepted samples as documents synthetic-<n> (n counting on from the largest there)."""
+        with write_lock:
+            numbers = [int(m.group(1)) for d in system.knowledge_base.documents
+                       if (m := SYNTHETIC_ID.fullmatch(source_id(d)))]
+            start = max(numbers, default=-1) + 1
+            documents = []
+            for sample in (s for s in samples if s["accepted"]):
+                sample["id"] = f"synthetic-{start + len(documents)}"
+                documents.append(Document(sample["id"], sample["text"], metadata={
+                    SYNTHETIC: True, "condition": body.condition, "similarity": sample["similarity"],
+                    "corpus_similarity": sample["corpus_similarity"], "score": sample["score"]}))
+            if documents:
+                system.add_documents(documents)
+                save()
+            return [d.id for d in documents]
+
+    @app.post("/diffusion/generate", response_model=GenerateResponse,
+              summary="Synthetic passages about a condition, filtered for relevance and novelty; optionally added")
+    async def diffusion_generate(request: Request, body: GenerateRequest,
+                                 x_api_key: str | None = Header(None, description="needed with add=true when the "
+                                                                                   "server has an API key")):
+        if body.add:
+            require_key(x_api_key)
+        if generator is None:
+            raise HTTPException(409, detail="this server has no document generator: train one with `hybridrag "
+                                            "train-generator --kb DIR --out FILE` and start the server with "
+                                            "--generator FILE")
+        job = await admit(lambda on_token: generate_passages(body))
+        samples = await settle(request, job, limit(body), "condition")
+        added = await asyncio.to_thread(add_synthetic, body, samples) if body.add else []
+        return GenerateResponse(request_id=job.id, samples=[GeneratedPassage(**s) for s in samples], added=added,
+                                total_passages=len(system.knowledge_base))
+
+    def run_cascade(question, threshold, on_token):
+        """Worker thread: one cascade answer; the counts are only touched here, on the one worker."""
+        attention = cascade_measure == "attention"
+        student = SystemAnswerer(system, method="base_rag", top_k=1, attention=attention, on_token=on_token)
+        teacher = SystemAnswerer(system, method="hybrid", attention=attention, on_token=on_token)
+        outcome = TeacherStudentCascade(student, teacher, cascade_measure, threshold).run(question)
+        cascade_counts["queries"] += 1
+        cascade_counts["escalated" if outcome["escalated"] else "kept"] += 1
+        cascade_counts["student_seconds"] += outcome["seconds"]["student"]
+        cascade_counts["teacher_seconds"] += outcome["seconds"]["teacher"]
+        return outcome
+
+    @app.post("/distillation/cascade", response_model=CascadeResponse,
+              summary="Answer with the cheap student; escalate to the teacher when it is not confident enough")
+    async def distillation_cascade(request: Request, body: CascadeRequest):
+        threshold = cascade_threshold if body.threshold is None else body.threshold
+        if threshold is None:
+            raise _invalid("threshold", "this server has no default cascade threshold (start it with "
+                                        "--cascade-threshold): give one in the request")
+        try:
+            threshold = check_threshold(threshold, cascade_measure)
+        except ValueError as refused:
+            raise _invalid("threshold", str(refused)) from None
+        job = await admit(lambda on_token: run_cascade(body.question, threshold, on_token))
+        outcome = await settle(request, job, limit(body))
+        chosen = outcome["teacher"] if outcome["escalated"] else outcome["student"]
+        return CascadeResponse(answer=_answer_body(job, chosen["response"]), answered_by=outcome["answered_by"],
+                               escalated=outcome["escalated"], confidence=_finite(outcome["confidence"]),
+                               threshold=_finite(threshold), student_response=outcome["student"]["result"],
+                               seconds={k: float(v) for k, v in outcome["seconds"].items()})
+
     @app.get("/hybrid/stats", response_model=Stats, summary="Knowledge base, queue and passage-store counts")
     async def stats():
         counts = system.knowledge_base.stats()  # "sources": the documents the passages were chunked from
         return Stats(documents=counts["sources"], passages=counts["documents"], queue=queue.stats(),
-                     passage_store=_plain(system.passages.stats()), uptime_s=time.monotonic() - started)
+                     passage_store=_plain(system.passages.stats()), cascade=cascade_stats(),
+                     uptime_s=time.monotonic() - started)
+
+    def cascade_stats():
+        counts = dict(cascade_counts)
+        counts["kept_share"] = counts["kept"] / counts["queries"] if counts["queries"] else None
+        return counts
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -264,6 +390,12 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
 
 def _event(name, data):
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _finite(value):
+    """A float for JSON: None for +-inf (JSON has no infinity)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _plain(value):

@@ -27,14 +27,13 @@ def open_system(state_dir, documents=None, config=None):
     return system
 
 
-def serve(system, state_dir, *, host="127.0.0.1", port=8000, api_key=None, capacity=16, timeout_s=120.0,
-          log_level="info"):
+def serve(system, state_dir, *, host="127.0.0.1", port=8000, api_key=None, log_level="info", **options):
     """Run the app over `system` (saving its changes into `state_dir`) until interrupted. api_key defaults to the
-    HYBRIDRAG_API_KEY environment variable (none: the state-changing endpoints are open)."""
+    HYBRIDRAG_API_KEY environment variable (none: the state-changing endpoints are open); `options` are
+    create_app's (capacity, timeout_s, cascade_measure, ...)."""
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(system, state_dir=state_dir, api_key=api_key or os.environ.get(API_KEY_ENV) or None,
-                     capacity=capacity, timeout_s=timeout_s)
+    app = create_app(system, state_dir=state_dir, api_key=api_key or os.environ.get(API_KEY_ENV) or None, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_QUESTION_CHARS = 4000
 MAX_DOCUMENT_CHARS = 1_000_000
 MAX_BATCH = 1000
+MAX_SAMPLES = 32
 
 Method = Literal["hybrid", "base_rag", "direct"]
 
@@ -49,6 +50,63 @@ class QueryResponse(BaseModel):
     timings: dict[str, float]
     tokens_per_second: float | None = None
     prompt_tokens: int
+
+
+class CascadeRequest(_Strict):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S")
+    threshold: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description="keep the student's answer when its confidence is at least this "
+                                                "(default: the server's --cascade-threshold)")
+    timeout_s: float | None = Field(None, gt=0, le=3600)
+
+
+class CascadeResponse(BaseModel):
+    answer: QueryResponse = Field(description="the answer given: the student's when kept, else the teacher's")
+    answered_by: Literal["student", "teacher"]
+    escalated: bool
+    confidence: float | None = Field(description="the student's confidence (the server's --cascade-measure); null "
+                                                 "when infinite (a margin over a single passage)")
+    threshold: float | None = Field(description="null when infinite (every answer escalates)")
+    student_response: str = Field(description="the student's answer text (also when the teacher answered)")
+    seconds: dict[str, float] = Field(description="student, teacher (0 when kept) and total")
+
+
+class GenerateRequest(_Strict):
+    condition: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S",
+                           description="what the synthetic passages should be about (a question or a topic)")
+    num_samples: int = Field(4, ge=1, le=MAX_SAMPLES)
+    num_steps: int | None = Field(None, ge=1, le=256, description="unmasking steps (default: the model's own)")
+    temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False,
+                               description="> 0 samples each word (the passages differ); 0: the most likely words")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    min_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False,
+                                         description="accept a passage only when its embedding's cosine with the "
+                                                     "condition's is at least this (null: not checked)")
+    max_corpus_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False,
+                                                description="accept a passage only when its nearest passage in the "
+                                                            "knowledge base is at most this similar (novelty; "
+                                                            "null: not checked)")
+    add: bool = Field(False, description="add the accepted passages to the knowledge base as documents flagged "
+                                         "synthetic (needs the API key when the server has one)")
+    timeout_s: float | None = Field(None, gt=0, le=3600)
+
+
+class GeneratedPassage(BaseModel):
+    text: str
+    similarity: float = Field(description="cosine of its embedding with the condition's")
+    corpus_similarity: float | None = Field(description="cosine with its nearest passage in the knowledge base "
+                                                        "(null when it is empty)")
+    score: float = Field(description="similarity x (1 - max(corpus_similarity, 0))")
+    accepted: bool
+    id: str | None = Field(None, description="the document id it was added under (add=true, accepted)")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    samples: list[GeneratedPassage] = Field(description="one per generated passage (one whose every word was out "
+                                                        "of the generator's vocabulary is left out)")
+    added: list[str] = Field(description="ids of the synthetic documents added")
+    total_passages: int
 
 
 class DocumentIn(_Strict):
@@ -101,9 +159,19 @@ class QueueStats(BaseModel):
     rejected: int
 
 
+class CascadeStats(BaseModel):
+    queries: int
+    kept: int
+    escalated: int
+    kept_share: float | None
+    student_seconds: float
+    teacher_seconds: float
+
+
 class Stats(BaseModel):
     documents: int
     passages: int
     queue: QueueStats
     passage_store: dict
+    cascade: CascadeStats
     uptime_s: float
