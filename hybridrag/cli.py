@@ -148,6 +148,8 @@ def _parser():
                        "top-2 retrieval score)")
     serve.add_argument("--cascade-threshold", type=float, metavar="T", help="/distillation/cascade keeps the student's "
                        "answer when its confidence is at least T (default: none, each request gives its own)")
+    serve.add_argument("--hybrid-encoder", metavar="FILE", help="a HybridEncoder checkpoint: /query/hybrid retrieves "
+                       "from its index of the knowledge base (built at start)")
     serve.add_argument("--generator", metavar="FILE", help="the document generator of /diffusion/generate (written by "
                        "train-generator for this --kb; default: none, the endpoint answers 409)")
 
@@ -429,11 +431,15 @@ def _serve(args):
     if args.generator is not None:
         from .diffusion import DocumentGenerator
         generator = DocumentGenerator.load(args.generator, system.knowledge_base.encoder)
+    hybrid_encoder = None
+    if args.hybrid_encoder is not None:
+        from .encoders import HybridEncoder
+        hybrid_encoder = HybridEncoder.load(args.hybrid_encoder)
     _say(f"serving {len(system.knowledge_base)} passages from {args.kb} on http://{args.host}:{args.port} "
          f"(API docs at /docs)")
     serve(system, args.kb, host=args.host, port=args.port, api_key=args.api_key, capacity=args.queue,
           timeout_s=args.timeout, cascade_measure=args.cascade_measure, cascade_threshold=args.cascade_threshold,
-          generator=generator)
+          generator=generator, hybrid_encoder=hybrid_encoder)
 
 
 def _train_generator(args):

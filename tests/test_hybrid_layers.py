@@ -545,8 +545,10 @@ def test_cross_gradients_reach_gate_and_scorer():
     layer = make_cross(gate=0.5)  # an open gate: the zero scorer's weights get gradients and leave zero
     layer(x, retrieved, mask).square().mean().backward()
     assert layer.relevance_scorer.weight.grad.abs().sum() > 0
-    # (its bias does not yet: with every segment scored alike, a shared shift of the logits is a uniform bias)
-    assert (layer.relevance_scorer.bias.grad == 0).all()
+    # (its bias does not yet: with every segment scored alike, a shared shift of the logits is a uniform bias; zero
+    # up to rounding, whose size depends on the reduction order and so on the thread count)
+    scale = layer.relevance_scorer.weight.grad.abs().max()
+    assert (layer.relevance_scorer.bias.grad.abs() <= 1e-4 * scale).all()
 
     layer = make_cross(gate=0.5, scorer=True)
     x.requires_grad_()

@@ -43,11 +43,15 @@ def server(folder):
     from hybridrag.system import SystemConfig, load_documents
 
     root, docs, config = folder
+    from hybridrag.encoders import HybridEncoder, HybridEncoderConfig
+
     open_system(root / "state", load_documents(docs), SystemConfig.from_any(config))
     generator = root / "generator.pt"
     assert main(["train-generator", "--kb", str(root / "state"), "--out", str(generator), "--steps", "20",
                  "--length", "24"]) == 0
-    running = Server(root / "state", "--queue", "1", "--generator", str(generator))
+    encoder = HybridEncoder(HybridEncoderConfig(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=64,
+                                                output_dim=64)).save(root / "hybrid-encoder.pt")
+    running = Server(root / "state", "--queue", "1", "--generator", str(generator), "--hybrid-encoder", str(encoder))
     yield running
     running.stop()
 
@@ -73,8 +77,10 @@ def test_query_answers_from_the_passages(server):
     assert body["method"] == "base_rag" and body["success"] and body["response"].strip()
     assert body["passages"][0]["id"].startswith("assert.txt#")
     assert all(p["attention_mass"] is not None for p in body["passages"]) and body["citations"]
+    assert body["encoder"] == "hashing-256"
     hybrid = post(server, "/query/hybrid", {"question": QUESTION}).json()
     assert hybrid["method"] == "hybrid" and hybrid["request_id"] != body["request_id"]
+    assert hybrid["encoder"].startswith("HybridEncoder-")  # from the --hybrid-encoder's index
     direct = post(server, "/query", {"question": QUESTION, "method": "direct"}).json()
     assert direct["method"] == "direct" and direct["passages"] == []
 
@@ -133,6 +139,8 @@ def test_documents_are_added_found_and_removed(server):
     assert added.json()["documents"] == 1 and added.json()["passages"] >= 1
     listed = {d["id"]: d for d in httpx.get(server.url + "/documents").json()["documents"]}
     assert listed["with"]["title"] == "with" and listed["with"]["passages"] == added.json()["passages"]
+    found = post(server, "/query/hybrid", {"question": "with statement __enter__ __exit__ context manager"}).json()
+    assert any(p["id"].startswith("with#") for p in found["passages"])  # the hybrid index was kept in step
     again = post(server, "/documents", {"documents": [{"id": "with", "text": "again"}]}, headers=headers)
     assert again.status_code == 422 and "already in the knowledge base" in json.dumps(again.json())
     assert httpx.get(server.url + "/hybrid/stats").json()["passages"] == added.json()["total_passages"]

@@ -246,6 +246,7 @@ def test_every_command_has_help(command, capsys):
 def test_python_m_hybridrag_help():
     done = subprocess.run([sys.executable, "-m", "hybridrag", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for command in ("ask", "compare", "analyze", "experiment", "serve"):
+    for command in ("ask", "compare", "analyze", "experiment", "serve", "train-generator"):
         assert command in done.stdout
-    assert "{ask,compare,analyze,experiment,serve}" in done.stdout and "hybridrag serve --kb" in done.stdout
+    assert "{ask,compare,analyze,experiment,serve,train-generator}" in done.stdout
+    assert "hybridrag serve --kb" in done.stdout and "hybridrag train-generator --kb" in done.stdout

@@ -1,7 +1,8 @@
 """`create_app`: the FastAPI application over a HybridRAGSystem.
 
     POST /query             answer a question (base RAG by default; "method" picks hybrid, base_rag or direct)
-    POST /query/hybrid      the hybrid method
+    POST /query/hybrid      the hybrid method; its passages come from the hybrid encoder's index when the server has one
+                            (`hybrid_encoder`: the knowledge base indexed once more with it, kept in step)
     POST /stream/query      the answer as server-sent events: "token" events {"i", "text"}, then one "done" event
                             with the whole answer (the /query body), or an "error" event {"status", "detail"}
     POST /documents         add documents (chunked and indexed as the system builds its knowledge base)   [key]
@@ -47,17 +48,28 @@ from ..diffusion import filter_samples
 from ..diffusion.quality import SYNTHETIC
 from ..distillation import SystemAnswerer, TeacherStudentCascade
 from ..distillation.config import check_threshold
+from ..pipeline.vector_store import HybridVectorStoreAdapter
 from ..retrieval.documents import Document, source_id
 from .generation_queue import GenerationCancelled, GenerationQueue, Job
 from .limits import BodySizeLimit
-from .schemas import (AddDocumentsRequest, CascadeRequest, CascadeResponse, DocumentsChanged, GeneratedPassage,
-                      GenerateRequest, GenerateResponse, Health, HybridQueryRequest, QueryRequest, QueryResponse,
-                      RemoveDocumentsRequest, RetentionUpdateRequest, RetentionUpdateResponse, Stats)
+from .schemas import (AddDocumentsRequest, CascadeRequest, CascadeResponse, DocumentsChanged, ErrorBody,
+                      GeneratedPassage, GenerateRequest, GenerateResponse, Health, HybridQueryRequest, QueryRequest,
+                      QueryResponse, RemoveDocumentsRequest, RetentionUpdateRequest, RetentionUpdateResponse, Stats)
 
 POLL_S = 0.1  # how often a waiting request looks for its client's disconnect
 PAGE = Path(__file__).parent / "static" / "index.html"
 CASCADE_MEASURES = ("margin", "entropy", "attention")  # what a SystemAnswerer's answer carries
 SYNTHETIC_ID = re.compile(r"synthetic-(\d+)")
+
+def _errors(*codes):
+    """The OpenAPI entries of the error statuses a route can answer besides 200 and 422 (bodies {"detail": str})."""
+    meaning = {401: "the X-API-Key header is missing or wrong", 409: "the server is not set up for this",
+               413: "the body is over the size limit", 429: "the generation queue is full: retry after Retry-After s",
+               504: "no answer within the time limit; the generation was stopped"}
+    return {code: {"model": ErrorBody, "description": meaning[code]} for code in (*codes, 413)}
+
+
+GENERATES = _errors(429, 504)
 
 
 def _invalid(field, message):
@@ -65,7 +77,7 @@ def _invalid(field, message):
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
-def _answer_body(job, result):
+def _answer_body(job, result, encoder=None):
     passages = [{"id": p["id"], "text": p["text"], "score": float(p["score"]),
                  "attention_mass": None if p.get("attention_mass") is None else float(p["attention_mass"])}
                 for p in result["passages"]]
@@ -73,11 +85,13 @@ def _answer_body(job, result):
                          success=bool(result["success"]), passages=passages, citations=list(result["citations"]),
                          timings={k: float(v) for k, v in result["timings"].items()},
                          tokens_per_second=result.get("tokens_per_second"),
-                         prompt_tokens=int(result["prompt_tokens"])).model_dump()
+                         prompt_tokens=int(result["prompt_tokens"]),
+                         encoder=None if result["method"] == "direct" else encoder).model_dump()
 
 
 def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=4, timeout_s=120.0,
-               max_body_bytes=2_000_000, cascade_measure="margin", cascade_threshold=None, generator=None):
+               max_body_bytes=2_000_000, cascade_measure="margin", cascade_threshold=None, generator=None,
+               hybrid_encoder=None):
     """The app serving `system` (a HybridRAGSystem with a knowledge base). See the module docstring.
 
     cascade_measure: the student's confidence in /distillation/cascade: "margin" (top-1 minus top-2 retrieval
@@ -85,7 +99,9 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     quality; needs attn_implementation="hybridrag"). cascade_threshold: the default threshold (None: each request
     must give one); choose it on validation questions with TeacherStudentCascade.calibrate.
     generator: None or the DocumentGenerator (hybridrag.diffusion) of /diffusion/generate, trained with this
-    knowledge base's encoder."""
+    knowledge base's encoder. hybrid_encoder: None or the encoder (a HybridEncoder) whose index /query/hybrid
+    retrieves from: every passage is encoded with it here, once (the index is rebuilt at each start, not saved).
+    """
     if system.knowledge_base is None:
         raise ValueError("system has no knowledge base: call create_vectorstore(documents) before serving it")
     if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8):
@@ -99,6 +115,11 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             and generator.encoder.name != system.knowledge_base.encoder.name:
         raise ValueError(f"generator is conditioned on encoder {generator.encoder.name!r} but the knowledge base "
                          f"uses {system.knowledge_base.encoder.name!r}")
+    store = None if hybrid_encoder is None else HybridVectorStoreAdapter(system.knowledge_base, hybrid_encoder)
+    if store is not None:
+        store.refresh()  # the hybrid index of every passage
+    own_encoder = system.knowledge_base.encoder.name
+    hybrid_name = own_encoder if store is None else store.encoder.name
     started = time.monotonic()
     write_lock = threading.Lock()  # one knowledge-base or weights change (and its save) at a time
     cascade_counts = {"queries": 0, "kept": 0, "escalated": 0, "student_seconds": 0.0, "teacher_seconds": 0.0}
@@ -163,24 +184,32 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         except GenerationCancelled as cancelled:
             raise HTTPException(499, detail=str(cancelled)) from None
 
-    def generation(body, method):
-        return lambda on_token: system.generate_response(body.question, method=method,
-                                                         measure_attention=body.measure_attention, on_token=on_token)
+    def generation(body, method, hybrid_index=False):
+        def run(on_token):
+            hits = None
+            if hybrid_index and store is not None:
+                r = system.config.retriever
+                hits = store.search(body.question, r.top_k, r.mode, candidates=r.num_candidates)
+            return system.generate_response(body.question, method=method, measure_attention=body.measure_attention,
+                                            on_token=on_token, retrieved=hits)
+        return run
 
-    async def query(request, body, method):
-        job = await admit(generation(body, method))
-        return _answer_body(job, await settle(request, job, limit(body)))
+    async def query(request, body, method, hybrid_index=False):
+        job = await admit(generation(body, method, hybrid_index))
+        return _answer_body(job, await settle(request, job, limit(body)), hybrid_name if hybrid_index else own_encoder)
 
-    @app.post("/query", response_model=QueryResponse, summary="Answer a question (base RAG unless method says)")
+    @app.post("/query", response_model=QueryResponse, responses=GENERATES,
+              summary="Answer a question (base RAG unless method says)")
     async def query_endpoint(request: Request, body: QueryRequest):
         return await query(request, body, body.method)
 
-    @app.post("/query/hybrid", response_model=QueryResponse, summary="Answer a question with the hybrid method")
+    @app.post("/query/hybrid", response_model=QueryResponse, responses=GENERATES,
+              summary="Answer a question with the hybrid method")
     async def query_hybrid(request: Request, body: HybridQueryRequest):
-        return await query(request, body, "hybrid")
+        return await query(request, body, "hybrid", hybrid_index=True)
 
     @app.post("/stream/query", summary="Answer a question as server-sent events",
-              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}, **_errors(429)})
     async def stream_query(request: Request, body: QueryRequest):
         job = await admit(generation(body, body.method), stream=True)
 
@@ -201,7 +230,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                     yield _event("token", {"i": index, "text": piece})
                     index += 1
                 try:
-                    yield _event("done", _answer_body(job, job.future.result()))
+                    yield _event("done", _answer_body(job, job.future.result(), own_encoder))
                 except ValueError as refused:
                     yield _event("error", {"status": 422, "detail": str(refused)})
                 except GenerationCancelled as cancelled:
@@ -214,8 +243,11 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
 
     def save():
-        """After a change: everything but the passage store, a cache the generation thread may be filling right
-        now; that is saved at shutdown, when no generation runs."""
+        """After a change: the hybrid encoder's index brought in step with the knowledge base, and everything saved
+        but the passage store, a cache the generation thread may be filling right now; that is saved at shutdown,
+        when no generation runs."""
+        if store is not None:
+            store.refresh()
         if state_dir is not None:
             system.save(state_dir, passages=False)
 
@@ -236,11 +268,13 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             return DocumentsChanged(documents=count, passages=changed, total_passages=len(system.knowledge_base))
 
     @app.post("/documents", response_model=DocumentsChanged, dependencies=[Depends(require_key)],
+              responses=_errors(401),
               summary="Add documents to the knowledge base")
     async def add_documents(body: AddDocumentsRequest):
         return await asyncio.to_thread(change_documents, add=body.documents)
 
     @app.post("/documents/remove", response_model=DocumentsChanged, dependencies=[Depends(require_key)],
+              responses=_errors(401),
               summary="Remove documents (and all their passages) by id")
     async def remove_documents(body: RemoveDocumentsRequest):
         return await asyncio.to_thread(change_documents, remove=body.ids)
@@ -273,6 +307,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         return RetentionUpdateResponse(weights=dict(zip(body.passage_ids, map(float, weights))))
 
     @app.post("/retention/update", response_model=RetentionUpdateResponse, dependencies=[Depends(require_key)],
+              responses=_errors(401, 409),
               summary="Feedback on passages: moves their retrieval weights")
     async def retention_update(body: RetentionUpdateRequest):
         return await asyncio.to_thread(update_weights, body)
@@ -315,7 +350,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                 save()
             return [d.id for d in documents]
 
-    @app.post("/diffusion/generate", response_model=GenerateResponse,
+    @app.post("/diffusion/generate", response_model=GenerateResponse, responses=_errors(401, 409, 429, 504),
               summary="Synthetic passages about a condition, filtered for relevance and novelty; optionally added")
     async def diffusion_generate(request: Request, body: GenerateRequest,
                                  x_api_key: str | None = Header(None, description="needed with add=true when the "
@@ -344,7 +379,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         cascade_counts["teacher_seconds"] += outcome["seconds"]["teacher"]
         return outcome
 
-    @app.post("/distillation/cascade", response_model=CascadeResponse,
+    @app.post("/distillation/cascade", response_model=CascadeResponse, responses=GENERATES,
               summary="Answer with the cheap student; escalate to the teacher when it is not confident enough")
     async def distillation_cascade(request: Request, body: CascadeRequest):
         threshold = cascade_threshold if body.threshold is None else body.threshold
@@ -358,9 +393,10 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         job = await admit(lambda on_token: run_cascade(body.question, threshold, on_token))
         outcome = await settle(request, job, limit(body))
         chosen = outcome["teacher"] if outcome["escalated"] else outcome["student"]
-        return CascadeResponse(answer=_answer_body(job, chosen["response"]), answered_by=outcome["answered_by"],
-                               escalated=outcome["escalated"], confidence=_finite(outcome["confidence"]),
-                               threshold=_finite(threshold), student_response=outcome["student"]["result"],
+        return CascadeResponse(answer=_answer_body(job, chosen["response"], own_encoder),
+                               answered_by=outcome["answered_by"], escalated=outcome["escalated"],
+                               confidence=_finite(outcome["confidence"]), threshold=_finite(threshold),
+                               student_response=outcome["student"]["result"],
                                seconds={k: float(v) for k, v in outcome["seconds"].items()})
 
     @app.get("/hybrid/stats", response_model=Stats, summary="Knowledge base, queue and passage-store counts")

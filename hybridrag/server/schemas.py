@@ -16,6 +16,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what went wrong and what to do")
+
+
 class QueryRequest(_Strict):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S",
                           description="the question, answered from the knowledge base")
@@ -50,6 +54,7 @@ class QueryResponse(BaseModel):
     timings: dict[str, float]
     tokens_per_second: float | None = None
     prompt_tokens: int
+    encoder: str | None = Field(None, description="the encoder whose index the passages came from (null: direct)")
 
 
 class CascadeRequest(_Strict):
@@ -134,7 +139,8 @@ class DocumentsChanged(BaseModel):
 class RetentionUpdateRequest(_Strict):
     passage_ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
     feedback: list[float] = Field(min_length=1, max_length=MAX_BATCH,
-                                  description="one value per passage in [-1, 1]: how much it helped (negative: it misled)")
+                                  description="one value per passage in [-1, 1]: how much it helped (negative: it "
+                                              "misled)")
 
 
 class RetentionUpdateResponse(BaseModel):
