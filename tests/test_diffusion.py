@@ -197,6 +197,9 @@ def test_masked_diffusion_lm_learns_a_conditional_pattern():
         assert out.shape == (6, length) and out.dtype == torch.int64
         assert not bool((out == model.mask_token_id).any())
         assert float((out == expected).all(dim=1).double().mean()) >= 5 / 6, (steps, out)
+    shuffled = model.generate(condition, length=length, num_steps=length, order="random",
+                              generator=torch.Generator().manual_seed(2))  # positions fixed in a random order
+    assert float((shuffled == expected).all(dim=1).double().mean()) >= 5 / 6, shuffled
     sampled = model.generate(condition, length=length, temperature=1.0, generator=torch.Generator().manual_seed(1))
     assert not bool((sampled == model.mask_token_id).any()) and sampled.shape == (6, length)
 
@@ -433,6 +436,8 @@ def test_text_model_refuses_bad_input():
         model.loss(torch.zeros(2, 4, dtype=torch.long), prompt[:1])
     with pytest.raises(ValueError, match="generate needs a condition, condition_ids or batch_size"):
         model.generate(length=2)
+    with pytest.raises(ValueError, match="order must be 'confidence' or 'random', got 'left'"):
+        model.generate(prompt, length=2, order="left")
     vectors = MaskedDiffusionLM(TextDiffusionConfig(vocab_size=10, max_length=8, hidden_dim=16, num_layers=1,
                                                     num_heads=2, condition_dim=3))
     with pytest.raises(ValueError, match=r"condition must have shape \(B, condition_dim=3\), got \(2, 4\)"):

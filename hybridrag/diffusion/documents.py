@@ -9,7 +9,8 @@ the knowledge base's own encoder.
 Training: every passage is cut into windows of `length` words; each window is a target and its embedding by
 `encoder` (the retrieval encoder: .name, .dimension, .encode(list) -> (N, d)) is its condition vector, so the model
 learns text whose embedding lies near the condition's. Generating embeds the condition text with the same encoder
-and samples each row with its own draw (temperature > 0), so the rows differ.
+and samples each row with its own draw (temperature > 0), so the rows differ, fixing positions in a random order
+(MaskedDiffusionLM.generate(order="random")).
 
 Words: the generator carries its own vocabulary, the words and punctuation marks of the training corpus
 (lower-cased, the `max_vocabulary` - 1 most frequent; the rest are [UNK] in training and left out of generated
@@ -142,8 +143,9 @@ class DocumentGenerator:
     def generate(self, condition, num_samples=4, num_steps=None, *, temperature=1.0, seed=0):
         """`num_samples` passages (str) for the condition text, each `length` words ([UNK]s left out).
 
-        num_steps: unmasking steps (default the model's sampling_steps); temperature: > 0 samples each word (rows
-        differ), 0 takes the most likely ones (every row the same). Time: up to num_steps forward passes over
+        num_steps: unmasking steps (default the model's sampling_steps); temperature: > 0 samples each word, 0
+        takes the most likely one at each position (rows still differ: each fixes its positions in its own random
+        order); `seed` makes the draws repeatable. Time: up to num_steps forward passes over
         num_samples x (length + 1) positions, plus one encoder call.
         """
         if not isinstance(condition, str) or not condition.strip():
@@ -152,7 +154,8 @@ class DocumentGenerator:
         temperature = _check_number("temperature", temperature, 0.0)
         vector = _embed(self.encoder, [condition]).expand(num_samples, -1)
         generator = torch.Generator().manual_seed(seed)
-        ids = self.model.generate(vector, self.length, num_steps, temperature=temperature, generator=generator)
+        ids = self.model.generate(vector, self.length, num_steps, temperature=temperature, order="random",
+                                  generator=generator)
         return [join_words(self.vocabulary[i] for i in row if i) for row in ids.tolist()]  # 0: [UNK]
 
     # ---------------------------------------------------------------- files

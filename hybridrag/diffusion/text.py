@@ -143,7 +143,7 @@ class MaskedDiffusionLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, condition=None, length=None, num_steps=None, *, condition_ids=None, batch_size=None,
-                 temperature=0.0, generator=None):
+                 temperature=0.0, order="confidence", generator=None):
         """Generate (B, length) int64 token ids (none of them [MASK]).
 
         condition: an integer tensor (B, Lc) of condition token ids, or a float tensor (B, condition_dim) (a
@@ -156,6 +156,9 @@ class MaskedDiffusionLM(nn.Module):
             step.
         temperature: 0 = each position's most likely token; > 0 = sampled from softmax(logits / temperature) with
             generator. The confidence is the chosen token's probability.
+        order: which masked positions a step fixes: "confidence" (the ones the model is surest of, LLaDA's
+            low-confidence remasking) or "random" (uniformly at random with generator, as MDLM's ancestral sampler;
+            confidence ordering of an undertrained model fills the sequence with its most frequent token first).
         """
         config = self.config
         if condition is not None and isinstance(condition, torch.Tensor) and not condition.dtype.is_floating_point:
@@ -186,6 +189,8 @@ class MaskedDiffusionLM(nn.Module):
         num_steps = config.sampling_steps if num_steps is None else num_steps
         _check_positive_int("num_steps", num_steps)
         temperature = _check_number("temperature", temperature, 0.0)
+        if order not in ("confidence", "random"):
+            raise ValueError(f"order must be 'confidence' or 'random', got {order!r}")
         condition_ids, condition = self._check_condition(condition_ids, condition, rows, length)
         device = self.head.weight.device
         condition_ids = None if condition_ids is None else condition_ids.to(device)
@@ -209,6 +214,8 @@ class MaskedDiffusionLM(nn.Module):
                     choice = choice.reshape(rows, length)
                     confidence = probs.gather(-1, choice[..., None])[..., 0]
                 masked = tokens == self.mask_token_id
+                if order == "random":
+                    confidence = torch.rand(confidence.shape, generator=generator, device=device)
                 confidence = confidence.masked_fill(~masked, -math.inf)  # fixed tokens stay
                 picked = confidence.topk(target - fixed, dim=1).indices  # [B, target - fixed]
                 tokens.scatter_(1, picked, choice.gather(1, picked))

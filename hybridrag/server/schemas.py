@@ -82,7 +82,7 @@ class GenerateRequest(_Strict):
     num_samples: int = Field(4, ge=1, le=MAX_SAMPLES)
     num_steps: int | None = Field(None, ge=1, le=256, description="unmasking steps (default: the model's own)")
     temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False,
-                               description="> 0 samples each word (the passages differ); 0: the most likely words")
+                               description="> 0 samples each word; 0: the most likely word at each position")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     min_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False,
                                          description="accept a passage only when its embedding's cosine with the "
