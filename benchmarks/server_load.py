@@ -40,10 +40,31 @@ METHODS = ("base_rag", "hybrid")
 LOAD_LIMIT = 0.15
 
 
-def _free_port():
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_until_healthy(process, url, seconds, log):
+    """Wait for GET url/health to answer 200; RuntimeError naming `log` when `process` exits first or `seconds`
+    pass (then it is killed)."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    process.wait(timeout=60)
+    raise RuntimeError(f"the server did not come up in {seconds} s; see {log}")
 
 
 def _rss_mib(pid):
@@ -62,7 +83,6 @@ def _process_cpu_seconds(pid):
 
 def start_server(folder, capacity):
     """`python -m hybridrag serve` on a free port over the TOPICS -> (process, url)."""
-    import httpx
     from pydoc_data.topics import topics
 
     docs = folder / "docs"
@@ -70,23 +90,14 @@ def start_server(folder, capacity):
     for name in TOPICS:
         (docs / f"{name}.txt").write_text(topics[name], encoding="utf-8")
     (folder / "config.json").write_text(json.dumps(CONFIG))
-    port = _free_port()
+    port = free_port()
     log = open(folder / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "hybridrag", "serve", "--kb", str(folder / "state"), "--docs",
                                 str(docs), "--config", str(folder / "config.json"), "--port", str(port), "--queue",
                                 str(capacity), "--timeout", "600"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; see {folder / 'server.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the server did not come up in 300 s; see {folder / 'server.log'}")
+    wait_until_healthy(process, url, 300, folder / "server.log")
+    return process, url
 
 
 def run(mode, out, *, requests=None, clients=None, questions=None):

@@ -1,19 +1,11 @@
 """A real `python -m hybridrag serve` process on a free loopback port, for the server's tests."""
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
+from benchmarks.server_load import free_port, wait_until_healthy
 
 KEY = "test-key-0123"
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
@@ -28,18 +20,10 @@ class Server:
             command += ["--docs", str(docs), "--config", str(config)]
         self.log = open(state.parent / f"server-{self.port}.log", "w+")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise AssertionError(f"the server did not come up in 240 s:\n{self.output()}")
+        try:
+            wait_until_healthy(self.process, self.url, 240, self.log.name)
+        except RuntimeError as failed:
+            raise AssertionError(f"{failed}:\n{self.output()}") from None
 
     def output(self):
         self.log.flush()
