@@ -90,6 +90,34 @@ def test_gradients_reach_every_parameter(selected_blocks):
     assert dead == []
 
 
+def test_stage_gates_start_closed_and_open_with_training():
+    """At g = 0 the model is its embeddings into stage 3 (the stage 1 and 2 blocks change nothing and get no
+    gradient); the gates get one, and once open the model is causal and every parameter gets a gradient."""
+    model = tiny_model(stage_gates=True, selected_blocks=2)
+    closed = tiny_model(stage_gates=True, selected_blocks=2, num_local_layers=0, num_cross_layers=0)
+    closed.load_state_dict({k: v for k, v in model.state_dict().items()
+                            if not k.startswith(("local_blocks", "cross_blocks"))})
+    x = ids(2, 37)
+    loss = model(x, labels=x)["loss"]
+    assert torch.allclose(model(x)["logits"], closed(x)["logits"], atol=1e-6)
+    loss.backward()
+    assert model.local_gate.grad.abs() > 0 and model.cross_gate.grad.abs() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.local_blocks.parameters())
+    with torch.no_grad():
+        model.local_gate.fill_(0.5)
+        model.cross_gate.fill_(0.5)
+    model.zero_grad()
+    model(x, labels=x)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.local_blocks.parameters())
+    with torch.no_grad():
+        base = model(x)["logits"]
+        later = model(changed_at(x, 30))["logits"]
+    # equal up to rounding: a block of queries gathers the union of its queries' selected blocks, so a later
+    # token changes the order of the earlier queries' sums (also without gates: ~3e-8 here)
+    torch.testing.assert_close(later[:, :30], base[:, :30], rtol=0, atol=1e-6)
+    assert (later[:, 30:] - base[:, 30:]).abs().amax() > 1e-4
+
+
 def test_padding_is_hidden():
     model = tiny_model().eval()
     x = ids(2, 19)

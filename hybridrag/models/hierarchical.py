@@ -30,6 +30,7 @@ class HierarchicalHybridRAG(nn.Module):
       passages, encoded by the stage 1 blocks; then num_synthesis_layers blocks in which each token sees its window
       of w tokens and every earlier landmark (HybridAttention with block-end landmarks), so a fact read in an early
       segment reaches the end of the sequence in one hop. Final RMSNorm, LM head (tied to the embeddings by default).
+    With stage_gates, stages 1 and 2 enter through learned scalar gates that start at 0 (see HierarchicalConfig).
     Causal throughout: logits at t depend on tokens 0..t only (and on the passages).
 
     Shapes:
@@ -64,6 +65,9 @@ class HierarchicalHybridRAG(nn.Module):
             backend="auto" if c.backend != "reference" else "reference") if c.retrieval else None
         self.synthesis_blocks = nn.ModuleList(self._block(self._synthesis_attention())
                                               for _ in range(c.num_synthesis_layers))
+        # stage_gates: x + g * (stage(x) - x), g = 0 at the start (the stage is skipped until it helps)
+        self.local_gate = nn.Parameter(torch.zeros(())) if c.stage_gates else None
+        self.cross_gate = nn.Parameter(torch.zeros(())) if c.stage_gates else None
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=c.initializer_range)
@@ -134,16 +138,16 @@ class HierarchicalHybridRAG(nn.Module):
         length = input_ids.shape[1]
         device = input_ids.device
         x = self.embed_dropout(self.embed_tokens(input_ids))
-        x = self._local(x, key_mask)
+        x = _gated(x, self._local(x, key_mask), self.local_gate)
 
         landmarks = block_end_landmarks(length, self.config.landmark_stride, device)
         if self.cross_blocks and landmarks.numel():
-            summary = x[:, landmarks]  # (B, L, d)
+            summary = start = x[:, landmarks]  # (B, L, d)
             summary_mask = None if key_mask is None else key_mask[:, landmarks]
             summary_positions = torch.arange(landmarks.numel(), device=device)
             for block in self.cross_blocks:
                 summary = self._run(block, summary, summary_positions, summary_mask)
-            x = x.index_copy(1, landmarks, summary)
+            x = x.index_copy(1, landmarks, _gated(start, summary, self.cross_gate))
 
         if retrieved is not None:
             states = self.encode_passages(retrieved, retrieved_mask) if not retrieved.dtype.is_floating_point \
@@ -179,3 +183,8 @@ class HierarchicalHybridRAG(nn.Module):
     def num_parameters(self):
         """Parameters counted once (tied weights once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def _gated(before, after, gate):
+    """`after` without a gate, else before + gate * (after - before)."""
+    return after if gate is None else before + gate * (after - before)
