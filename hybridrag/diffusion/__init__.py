@@ -12,6 +12,7 @@ from .schedules import (Schedule, alpha_bars, cosine_alpha_bar, cosine_beta_sche
 from .text import MaskedDiffusionLM, train_text_diffusion
 
 __all__ = ["DiffusionConfig", "TextDiffusionConfig", "EmbeddingDiffusion", "train_embedding_diffusion",
-           "timestep_embedding", "MaskedDiffusionLM", "DocumentGenerator", "train_text_diffusion", "filter_samples", "FilterResult",
+           "timestep_embedding", "MaskedDiffusionLM", "DocumentGenerator", "train_text_diffusion", "filter_samples",
+           "FilterResult",
            "precision_recall", "frechet_distance", "hand_over", "synthetic_ids", "Schedule", "make_schedule",
            "linear_beta_schedule", "cosine_beta_schedule", "cosine_alpha_bar", "alpha_bars", "ddim_timesteps"]

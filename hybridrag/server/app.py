@@ -346,7 +346,10 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
                     SYNTHETIC: True, "condition": body.condition, "similarity": sample["similarity"],
                     "corpus_similarity": sample["corpus_similarity"], "score": sample["score"]}))
             if documents:
-                system.add_documents(documents)
+                try:
+                    system.add_documents(documents)
+                except ValueError as refused:  # nothing was added
+                    raise _invalid("add", str(refused)) from None
                 save()
             return [d.id for d in documents]
 
