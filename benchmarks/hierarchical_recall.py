@@ -6,11 +6,13 @@ apart; random filler tokens elsewhere), then every key is queried at the end in 
 value can only come from the pair, segments away. Chance = 1 / NUM_VALUES.
 
 Models (equal parameter count, printed): HierarchicalHybridRAG (2 local + 1 cross-segment + 1 synthesis blocks,
-segment 64, window 32, 4 landmarks per segment) and a flat 4-block transformer of the same blocks with full causal
-attention, `sdpa` (F.scaled_dot_product_attention, is_causal) or `eager` (an explicit (B, H, T, T) softmax; the same
-function, so it reuses sdpa's trained weights).
-1. Training: both models get the same budget (steps x batch at TRAIN_LENGTH, Adam), then accuracy on held-out data
-   at TRAIN_LENGTH.
+segment 64, window 32, 4 landmarks per segment); hierarchical_selected, the same with selected_blocks=4 (stage 3
+also reads the 4 best-scoring earlier blocks of 16 tokens whole; plain PyTorch) and stage_gates (stages 1 and 2
+enter through scalar gates that start at 0; with the selection gate 262 parameters more, 0.1%); and a flat 4-block
+transformer of the same blocks with full causal attention, `sdpa` (F.scaled_dot_product_attention, is_causal) or
+`eager` (an explicit (B, H, T, T) softmax; the same function, so it reuses sdpa's trained weights).
+1. Training: the three trained models get the same budget (steps x batch at TRAIN_LENGTH, Adam), then accuracy on
+   held-out data at TRAIN_LENGTH.
 2. Long cases, one subprocess per (model, T), T = 8k and 32k (quick: 1k and 2k), batch 1: training tokens/s over
    forward + backward steps (median), peak memory = the case process's peak resident set during the steps (VmHWM of
    /proc/self/status, reset just before them through /proc/self/clear_refs) and its growth over the resident set
@@ -24,7 +26,7 @@ The other processes' share of the CPU is measured over the training and over eac
 and refuses when any of those shares is above 15% (the timings would not be ours).
 
     python -m benchmarks.hierarchical_recall --quick      # ~1-2 min on 2 cores (1 thread)
-    python -m benchmarks.hierarchical_recall              # 12-16 min on 2 idle cores (1 thread), at a428f8f
+    python -m benchmarks.hierarchical_recall              # ~30-35 min on 2 idle cores (1 thread) with the selection arm
     python -m benchmarks.hierarchical_recall --record     # the same, recorded
 """
 import argparse
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +52,8 @@ from .common import RUNS_ROOT, check_output_options, environment, LoadMeter, rec
 QUERY, NUM_FILLER, NUM_KEYS, NUM_VALUES, NUM_PAIRS = 0, 16, 16, 16, 2
 VOCAB = 64
 BLOCK = 16  # minimum spacing of the pairs
-MODELS = ("hierarchical", "flat_sdpa", "flat_eager")
+MODELS = ("hierarchical", "hierarchical_selected", "flat_sdpa", "flat_eager")
+TRAINED = ("hierarchical", "hierarchical_selected", "flat_sdpa")  # flat_eager runs flat_sdpa's weights
 MODES = {
     "quick": {"train_length": 256, "batch": 8, "steps": 20, "eval": 32, "lengths": (1024, 2048), "long_steps": 2,
               "long_eval": 2, "case_timeout": 120, "expected_s": 120},
@@ -57,7 +61,7 @@ MODES = {
     # 2 pairs, 0.33 s a step on a loaded core; with 4 pairs it took 800 steps to reach 0.30), flat_sdpa at 32k ~4 min,
     # flat_eager at 8k ~4.5 min (timed at the earlier 512-token setting)
     "full": {"train_length": 256, "batch": 16, "steps": 600, "eval": 128, "lengths": (8192, 32768), "long_steps": 2,
-             "long_eval": 2, "case_timeout": 420, "expected_s": 1200},
+             "long_eval": 2, "case_timeout": 420, "expected_s": 2100},
 }
 LR = 3e-3
 LOAD_LIMIT = 0.15
@@ -129,7 +133,17 @@ def build(name):
     torch.manual_seed(0)
     if name == "hierarchical":
         return HierarchicalHybridRAG(model_config())
+    if name == "hierarchical_selected":  # stage 3 reads the 4 best earlier blocks whole; stages 1-2 gated from 0
+        return HierarchicalHybridRAG(replace(model_config(), selected_blocks=4, stage_gates=True))
     return FlatTransformer(model_config(), name.removeprefix("flat_"))
+
+
+def gate_parameters():
+    """What hierarchical_selected has more than the others: its selection gate (a per-token, per-head sigmoid gate
+    of the selected branch) and its two stage gates."""
+    model = build("hierarchical_selected")
+    return sum(p.numel() for name, p in model.named_parameters()
+               if "selection_gate" in name or name in ("local_gate", "cross_gate"))
 
 
 def num_parameters(model):
@@ -294,11 +308,11 @@ def plot(results, path):
               ("step_peak_growth_bytes", "memory of the steps: peak RSS - resting RSS (MiB)", 2**20)]
     lengths = results["settings"]["lengths"]
     for ax, (key, title, unit) in zip(axes, panels):
-        width = 0.27
+        width = 0.2
         for i, name in enumerate(MODELS):
             for j, length in enumerate(lengths):
                 case = results["long"][name][str(length)]
-                x = j + (i - 1) * width
+                x = j + (i - (len(MODELS) - 1) / 2) * width
                 if case["status"] == "ok":
                     ax.bar(x, case[key] / unit, width, color=f"C{i}", label=name if j == 0 else None)
                 else:
@@ -313,7 +327,9 @@ def plot(results, path):
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     loads = ", ".join(f"{load:.0%}" for load in sorted(set(round(v, 2) for v in other_loads(results).values())))
-    fig.suptitle(f"key-value recall, {results['parameters']['hierarchical']:,} parameters each; "
+    extra = results["parameters"]["hierarchical_selected"] - results["parameters"]["hierarchical"]
+    fig.suptitle(f"key-value recall, {results['parameters']['hierarchical']:,} parameters each "
+                 f"(hierarchical_selected +{extra}: its gates); "
                  f"{results['environment']['device']}, other processes' CPU share {loads or '-'}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -358,7 +374,7 @@ def main(argv=None):
                "pairs": NUM_PAIRS, "values": NUM_VALUES,
                "memory": "VmHWM of a subprocess per case, reset before the steps (clear_refs)"},
                "environment": environment(torch.device("cpu")), "parameters": {}, "train": {}, "long": {}}
-    for name in ("hierarchical", "flat_sdpa"):
+    for name in TRAINED:
         model = build(name)
         results["parameters"][name] = num_parameters(model)
         log(f"  training {name} ({results['parameters'][name]:,} parameters): {settings['steps']} steps x "
@@ -371,8 +387,9 @@ def main(argv=None):
         results["train"][name] = record
         torch.save(model.state_dict(), out / f"{name}.pt")
     results["parameters"]["flat_eager"] = results["parameters"]["flat_sdpa"]
-    if results["parameters"]["hierarchical"] != results["parameters"]["flat_sdpa"]:
-        raise RuntimeError(f"parameter counts differ: {results['parameters']}")
+    counts = results["parameters"]
+    if not counts["hierarchical"] == counts["flat_sdpa"] == counts["hierarchical_selected"] - gate_parameters():
+        raise RuntimeError(f"parameter counts differ: {counts}")
 
     for name in MODELS:
         weights = out / ("flat_sdpa.pt" if name == "flat_eager" else f"{name}.pt")
@@ -414,18 +431,18 @@ def other_loads(results):
 
 
 def summary(results):
-    lines = [f"{'model':14s} {'T':>6s} {'accuracy':>9s} {'tokens/s':>9s} {'peak RSS MiB':>13s} {'step +MiB':>10s}"]
+    lines = [f"{'model':22s} {'T':>6s} {'accuracy':>9s} {'tokens/s':>9s} {'peak RSS MiB':>13s} {'step +MiB':>10s}"]
     train_length = results["settings"]["train_length"]
     for name, record in results["train"].items():
-        lines.append(f"{name:14s} {train_length:6d} {record['accuracy']:9.3f} {record['train_tokens_per_s']:9.0f} "
+        lines.append(f"{name:22s} {train_length:6d} {record['accuracy']:9.3f} {record['train_tokens_per_s']:9.0f} "
                      f"{'(training run)':>13s}")
     for name, cases in results["long"].items():
         for length, case in cases.items():
             if case["status"] == "ok":
-                lines.append(f"{name:14s} {int(length):6d} {case['accuracy']:9.3f} {case['tokens_per_s']:9.0f} "
+                lines.append(f"{name:22s} {int(length):6d} {case['accuracy']:9.3f} {case['tokens_per_s']:9.0f} "
                              f"{case['peak_rss_bytes'] / 2**20:13.0f} {case['step_peak_growth_bytes'] / 2**20:10.0f}")
             else:
-                lines.append(f"{name:14s} {int(length):6d}  not run: {case['reason']}")
+                lines.append(f"{name:22s} {int(length):6d}  not run: {case['reason']}")
     return "\n".join(lines)
 
 

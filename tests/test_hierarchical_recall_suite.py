@@ -24,16 +24,24 @@ def test_the_task_queries_every_pair_and_labels_only_the_values():
             assert first.numel() == 1 and row[first + 1] == value
 
 
-def test_a_long_case_reports_its_memory_load_and_accuracy(tmp_path, one_thread):
-    weights = tmp_path / "hierarchical.pt"
-    torch.save(hr.build("hierarchical").state_dict(), weights)
+@pytest.mark.parametrize("name", ["hierarchical", "hierarchical_selected"])
+def test_a_long_case_reports_its_memory_load_and_accuracy(name, tmp_path, one_thread):
+    weights = tmp_path / f"{name}.pt"
+    torch.save(hr.build(name).state_dict(), weights)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert hr.main(["--case", "hierarchical", "256", "--weights", str(weights), "--case-steps", "1",
+        assert hr.main(["--case", name, "256", "--weights", str(weights), "--case-steps", "1",
                         "--case-eval", "1"]) == 0
     case = json.loads(stdout.getvalue().strip().splitlines()[-1])
     assert case["tokens_per_s"] > 0 and case["peak_rss_bytes"] > 0 and 0 <= case["other_load"] <= 1
     assert 0 <= case["accuracy"] <= 1 and case["eval_targets"] == hr.NUM_PAIRS
+
+
+def test_the_arms_have_equal_parameter_counts_but_the_gates():
+    counts = {name: hr.num_parameters(hr.build(name)) for name in hr.TRAINED}
+    assert counts["hierarchical"] == counts["flat_sdpa"] == counts["hierarchical_selected"] - hr.gate_parameters()
+    assert hr.gate_parameters() == 262  # 64 x 4 + 4 (the selection gate) + 2 (the stage gates), as the docstring says
+    assert hr.build("hierarchical_selected").config.selected_blocks == 4
 
 
 def test_the_load_gate_sees_every_timed_part_that_ran():
