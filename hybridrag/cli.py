@@ -424,6 +424,9 @@ def _serve(args):
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.cascade_threshold is not None:
         check_threshold(args.cascade_threshold, args.cascade_measure, "--cascade-threshold")
+    for flag, path in (("--generator", args.generator), ("--hybrid-encoder", args.hybrid_encoder)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     documents = _load_documents(args.docs) if args.docs is not None else None
     config = _config(args, args.config) if args.docs is not None else None
     system = open_system(args.kb, documents, config)

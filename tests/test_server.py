@@ -333,3 +333,5 @@ def test_serve_refuses_what_cannot_work(folder, tmp_path, capsys):
     assert "holds no system yet: give --docs" in capsys.readouterr().err
     assert main(["serve", "--kb", str(tmp_path / "new"), "--port", "70000", "--docs", str(docs)]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
+    assert main(["serve", "--kb", str(tmp_path / "new"), "--generator", str(tmp_path / "none.pt")]) == 2
+    assert f"--generator {tmp_path / 'none.pt'}: no such file" in capsys.readouterr().err
