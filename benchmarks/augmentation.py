@@ -80,7 +80,6 @@ benchmarks/results/<device>/augmentation.json and .png (a clean checkout).
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,7 +89,7 @@ from hybridrag.diffusion import (DiffusionConfig, EmbeddingDiffusion, filter_sam
 from hybridrag.retention import ContinualLearner
 from hybridrag.retrieval import DenseEncoder, NeuralRetriever
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
                      format_table, log, progress, record_run, write_json)
 from .diffusion_quality import (FIRST_SENTENCE_WORDS, MAX_CORPUS_SIMILARITY, MIN_SIMILARITY, PREDICTION, SAMPLING_STEPS,
                                 load_data)
@@ -394,11 +393,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0,
                         help="split and subset seed; the seeds run are SEED, SEED+1, ... (default 0)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the JSON and PNG (default benchmarks/runs/<device>/{SUITE}, ignored by git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
-                             "checkout)")
+    add_output_options(parser, SUITE, record_needs='full size, a clean checkout')
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")

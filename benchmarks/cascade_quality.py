@@ -68,7 +68,7 @@ from hybridrag.retrieval import KnowledgeBase
 from hybridrag.retrieval.documents import chunk_documents
 from hybridrag.retrieval.encoder import DenseEncoder
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
                      flag_under_load, format_table, load_column, LoadMeter, log, plot_bars, record_run, write_json)
 from .encoder_quality import SIZES as ENCODER_SIZES, train_student
 from .retrieval_quality import DEPTH, _score, corpus, load_queries
@@ -421,12 +421,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="validation/test split and --quick's sample of questions (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the JSON, PNG and checkpoint (default benchmarks/runs/<device>/{SUITE}, "
-                             "ignored by git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, trained in "
-                             "the run, a clean checkout, no row flagged)")
+    add_output_options(parser, SUITE, files='the JSON, PNG and checkpoint', record_needs='full size, trained in the run, a clean checkout, no row flagged')
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu")) / SUITE
     if args.threads is not None and args.threads < 1:

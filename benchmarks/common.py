@@ -496,6 +496,18 @@ def record_run(suite, payload, png=None, slug=None):
     return paths
 
 
+def add_output_options(parser, suite, *, files="the JSON and PNG", default=None, default_text=None,
+                       record_needs="a clean checkout"):
+    """The --out and --record options every recording benchmark takes: --out a folder for `files` (default
+    `default`, or None for the caller's benchmarks/runs/<device>/<suite>, which `default_text` names), --record
+    also writing benchmarks/results/<device>/<suite>.json and .png, which needs `record_needs`."""
+    where = "%(default)s" if default is not None else (default_text or f"benchmarks/runs/<device>/{suite}")
+    parser.add_argument("--out", type=Path, default=default,
+                        help=f"folder for {files} (default {where}, ignored by git)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write {RESULTS_ROOT.name}/<device>/{suite}.json and .png ({record_needs})")
+
+
 def check_output_options(parser, out, *, record=False, quick=False):
     """parser.error for an `out` folder inside benchmarks/results/ (only --record writes there), for --record with
     --quick (a recorded run is the full size) and for --record from a checkout record_problem() refuses."""

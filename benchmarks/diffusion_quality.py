@@ -56,7 +56,6 @@ import argparse
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,7 +65,7 @@ from hybridrag.diffusion import (DiffusionConfig, EmbeddingDiffusion, filter_sam
 from hybridrag.retrieval import DenseEncoder
 from hybridrag.retrieval.documents import chunk_documents
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, format_table, log,
+from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, format_table, log,
                      record_run, write_json)
 from .retrieval_quality import corpus
 
@@ -264,12 +263,7 @@ def main(argv=None):
                         help="400 chunks, a smaller model, 1500 steps (full: 821 chunks, 6000 steps)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="split, subset, noise and training seed (default 0)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the JSON and PNG (default benchmarks/runs/<device>/diffusion_quality, "
-                             "ignored by git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
-                             "checkout)")
+    add_output_options(parser, SUITE, record_needs='full size, a clean checkout')
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")

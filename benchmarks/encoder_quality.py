@@ -43,7 +43,7 @@ from hybridrag.encoders.train import (PASSAGE_TOKENS, STUDENT_CONFIG, EncoderTra
 from hybridrag.retrieval import KnowledgeBase
 from hybridrag.retrieval.encoder import DenseEncoder
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, figure_legend,
+from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
                      flag_under_load, format_table, load_column, LoadMeter, log, plot_bars, record_run, write_json)
 from .retrieval_quality import _score, _search_topics, corpus, load_queries
 
@@ -243,12 +243,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="evaluate this HybridEncoder checkpoint instead of training one")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the JSON, PNG and checkpoint (default benchmarks/runs/<device>/, ignored by "
-                             "git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, trained in "
-                             "the run, a clean checkout, no row flagged)")
+    add_output_options(parser, SUITE, files='the JSON, PNG and checkpoint', default_text='benchmarks/runs/<device>/', record_needs='full size, trained in the run, a clean checkout, no row flagged')
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu"))
     if args.threads is not None and args.threads < 1:

@@ -15,7 +15,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .common import format_table, target_checks, verdict_text
+from .common import target_checks, verdict_text
 from .report import SUITE_MODULES
 
 LINES_PER_SUITE = 12  # the rest of a suite's rows are in its JSON

@@ -23,7 +23,6 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,7 +31,9 @@ from torch.utils.data import Dataset
 
 from hybridrag.train import HybridRAGTrainer, MarginalRAG, RAGCollator, TinyCausalLM, TrainingConfig
 
-from .common import RESULTS_ROOT, RUNS_ROOT, check_output_options, device_slug, environment, record_run
+from .common import RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, record_run
+
+SUITE = "learned_retrieval"
 
 PAD, WHAT, CODE, IS, ASK = 0, 1, 2, 3, 4
 SIZES = {"quick": {"facts": 24, "steps": 1500, "eval_every": 100, "k": 8},
@@ -130,7 +131,7 @@ def run(size, out, seed=0):
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.history if "loss" in h]
     final = evals[-1]
     result = {
-        "suite": "learned_retrieval", "size": size, "facts": spec["facts"], "questions": len(dataset), "k": spec["k"],
+        "suite": SUITE, "size": size, "facts": spec["facts"], "questions": len(dataset), "k": spec["k"],
         "chance_recall@1": 1 / spec["facts"], "steps": spec["steps"], "train_seconds": seconds,
         "evals": evals, "losses": losses,
         "final": {key: final[key] for key in ("recall@1", "answer_accuracy", "oracle_answer_accuracy")},
@@ -138,7 +139,7 @@ def run(size, out, seed=0):
         "environment": environment(torch.device("cpu")),
     }
     out.mkdir(parents=True, exist_ok=True)
-    name = "learned_retrieval" + ("-quick" if size == "quick" else "")
+    name = SUITE + ("-quick" if size == "quick" else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"{name}.png")
     return result
@@ -169,11 +170,7 @@ def plot(result, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.learned_retrieval", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="24 facts, 1500 steps (full: 32 facts, 4000 steps)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the JSON and PNG (default benchmarks/runs/<device>/, ignored by git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/learned_retrieval.json and .png (full size, "
-                             "a clean checkout)")
+    add_output_options(parser, SUITE, default_text='benchmarks/runs/<device>/', record_needs='full size, a clean checkout')
     args = parser.parse_args(argv)
     out = args.out or RUNS_ROOT / device_slug(torch.device("cpu"))
     check_output_options(parser, out, record=args.record, quick=args.quick)
@@ -187,7 +184,7 @@ def main(argv=None):
           f"{final['answer_accuracy']:.3f}; target recall@1 >= 0.9 {'met' if result['target']['met'] else 'NOT met'}")
     print(f"wrote {out}")
     if args.record:
-        for path in record_run("learned_retrieval", result, out / "learned_retrieval.png"):
+        for path in record_run(SUITE, result, out / f"{SUITE}.png"):
             print(f"wrote {path}")
     return 0 if result["target"]["met"] else 1
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (RESULTS_ROOT, RUNS_ROOT, _busy_cpu_seconds, check_output_options, cpu_count, device_slug,
+from .common import (RUNS_ROOT, _busy_cpu_seconds, add_output_options, check_output_options, cpu_count, device_slug,
                      environment, format_table, record_run, write_json)
 
 SUITE = "server_load"
@@ -248,11 +248,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, help="override the request count")
     parser.add_argument("--clients", type=int, help="override the concurrent clients")
     parser.add_argument("--questions", type=int, help=f"ask only the first N of the {len(QUESTIONS)} questions")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the JSON and PNG (default benchmarks/runs/<device>/{SUITE}, ignored by git)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"also write {RESULTS_ROOT.name}/<device>/{SUITE}.json and .png (full size, a clean "
-                             "checkout, an idle machine)")
+    add_output_options(parser, SUITE, record_needs='full size, a clean checkout, an idle machine')
     args = parser.parse_args(argv)
     for name in ("requests", "clients", "questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -2,16 +2,19 @@
 
     b"hybridrag.<Kind> checkpoint <format> sha256=<64 hex digits>\n" + payload
 
-read back with weights_only=True. The HybridEncoder and the ContinualLearner write them (through
-atomic_file.write_atomically); a missing, empty, foreign, truncated or altered file is a clear error naming it,
+read back with weights_only=True. The HybridEncoder, the DocumentGenerator and the ContinualLearner write them
+(`write_checked`, through atomic_file.write_atomically); a missing, empty, foreign, truncated or altered file is a clear error naming it,
 never a half-loaded state.
 """
 import hashlib
 import io
 import pickle
 import re
+from pathlib import Path
 
 import torch
+
+from .atomic_file import write_atomically
 
 # what torch.load raises on a payload it cannot read (besides the checksum, which catches most damage first)
 _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
@@ -24,6 +27,16 @@ def checked_bytes(kind, version, state):
     torch.save(state, buffer)
     payload = buffer.getvalue()
     return f"hybridrag.{kind} checkpoint {version} sha256={hashlib.sha256(payload).hexdigest()}\n".encode() + payload
+
+
+def write_checked(path, kind, version, state):
+    """Write `state` as a `kind` checkpoint of format `version` to `path` (its folder made if missing), atomically:
+    a reader sees the old file or the whole new one. Returns the path as a Path."""
+    data = checked_bytes(kind, version, state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda out: out.write(data))
+    return path
 
 
 def read_checked(path, kind, version, keys, map_location="cpu"):

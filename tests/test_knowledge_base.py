@@ -57,6 +57,21 @@ def test_k_larger_than_the_corpus_returns_everything_once(kb):
     assert ids(kb.search("zebra", 5, "bm25")) == []  # no shared term: a defined empty result
 
 
+def test_search_vectors_is_dense_search_without_the_encoder(kb, monkeypatch):
+    queries = ["handle an exception with try", "keys and values"]
+    expected = [[(r.document.id, r.score, r.rank) for r in hits] for hits in kb.search_many(queries, 3, "dense")]
+    vectors = kb.encoder.encode(queries)
+    monkeypatch.setattr(kb.encoder, "encode", lambda texts: pytest.fail("search_vectors encoded a text"))
+    found = [[(r.document.id, r.score, r.rank) for r in hits] for hits in kb.search_vectors(vectors, k=3)]
+    assert found == expected
+    assert [len(hits) for hits in kb.search_vectors(vectors, k=50)] == [len(CORPUS)] * 2
+    assert kb.search_vectors(np.zeros((0, kb.encoder.dimension), np.float32)) == []
+    with pytest.raises(ValueError, match=r"vectors must have shape \(Q, 512\), got \(2, 3\)"):
+        kb.search_vectors(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+        kb.search_vectors(vectors, k=0)
+
+
 def test_rerank_orders_the_candidates_by_the_rerankers_scores(kb):
     def by_first_letter(query, documents):
         return np.array([ord(d.id[0]) for d in documents], dtype=float)

@@ -8,7 +8,6 @@ and what it got. `to_dict()` gives plain JSON that `from_any` reads back equal.
 
 The file loader is hybridrag.config_file's, the one every layer's config shares.
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 

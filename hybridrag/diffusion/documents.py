@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic_file import write_atomically
-from ..checked_file import checked_bytes, read_checked, state_mismatches
+from ..checked_file import read_checked, state_mismatches, write_checked
 from ..nn.common import _check_positive_int
 from .config import TextDiffusionConfig, _check_number
 from .text import MaskedDiffusionLM, train_text_diffusion
@@ -165,11 +164,7 @@ class DocumentGenerator:
         and the encoder's name. Returns the path."""
         state = {"format": FORMAT, "config": self.model.config.to_dict(), "state_dict": self.model.state_dict(),
                  "vocabulary": self.vocabulary, "length": self.length, "encoder": self.encoder.name}
-        data = checked_bytes("DocumentGenerator", FORMAT, state)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda out: out.write(data))
-        return path
+        return write_checked(path, "DocumentGenerator", FORMAT, state)
 
     @classmethod
     def load(cls, path, encoder):

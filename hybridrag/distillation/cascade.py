@@ -355,7 +355,6 @@ class TeacherStudentCascade:
             student, student_seconds = self._ask(self._student, "student", query)
             teacher, teacher_seconds = self._ask(self._teacher, "teacher", query)
             keep = self._keeps(self._confidence(student))
-            answer = student["result"] if keep else teacher["result"]
             kept.append(keep)
             student_agrees = _agrees(agree, student["result"], teacher["result"], index)
             student_with_teacher.append(student_agrees)

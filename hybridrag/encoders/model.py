@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import import_optional
-from ..atomic_file import write_atomically
-from ..checked_file import checked_bytes, read_checked, state_mismatches
+from ..checked_file import read_checked, state_mismatches, write_checked
 from ..nn import HybridAttention, SlidingWindowAttention, quantize_model
 from ..nn.common import check_positive
 from ..nn.quantize import _tensor_bytes
@@ -484,11 +483,7 @@ class HybridEncoder(nn.Module):
                  "quantization": None if self.quantization is None else self.quantization.to_dict(),
                  "state_dict": {name: value.detach().cpu() if isinstance(value, torch.Tensor) else value
                                 for name, value in self.state_dict().items()}}
-        data = checked_bytes("HybridEncoder", FORMAT, state)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda out: out.write(data))
-        return path
+        return write_checked(path, "HybridEncoder", FORMAT, state)
 
     @classmethod
     def load(cls, path, config=None, *, backend="auto", map_location="cpu"):

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checked_file import checked_bytes, read_checked, state_mismatches
+from ..checked_file import read_checked, state_mismatches, write_checked
 from ..nn.common import _check_flag, _check_positive_int
 from ..retrieval.neural import NeuralRetriever, _check_number
-from .memory import remove_stale_temporaries, write_atomically
+from .memory import remove_stale_temporaries
 
 FORMAT = 3  # 3: the buffer's source labels
 _AUTO_NAME = r"step-\d{8}\.pt"  # the names of automatic checkpoints in checkpoint_dir
@@ -238,17 +238,13 @@ class ContinualLearner:
             path = self.checkpoint_dir / f"step-{self.step_count:08d}.pt"
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.checkpoint_dir, _AUTO_NAME)  # earlier steps' names are not written again
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {"format": FORMAT, "config": self._config(), "model": self.retriever.state_dict(),
                  "optimizer_class": _class_name(self.optimizer), "optimizer": self.optimizer.state_dict(),
                  "step": self.step_count, "dropped": self.dropped,
                  "buffer": [list(example) for example in self.buffer], "sources": list(self._sources),
                  "generator": self._generator.get_state(),
                  "order": self._order, "cursor": self._cursor}
-        data = checked_bytes("ContinualLearner", FORMAT, state)
-        write_atomically(path, lambda file: file.write(data))
-        return path
+        return write_checked(path, "ContinualLearner", FORMAT, state)
 
     def load_checkpoint(self, path):
         """Restore the state save_checkpoint wrote, all or nothing. The learner's buffer_size, batch_size and

@@ -238,6 +238,20 @@ class KnowledgeBase:
                             for rank, (document, score) in enumerate(ranking[:k], start=1)])
         return results
 
+    def search_vectors(self, vectors, k=5):
+        """Dense search for query vectors already encoded: `vectors` (Q, d) float array of the knowledge base's
+        encoder; the best k documents per row, best first, as `search` with mode="dense" returns them."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dimension:
+            raise ValueError(f"vectors must have shape (Q, {self.encoder.dimension}), got {vectors.shape}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        with self._lock.read():
+            depth = min(k, len(self._documents))
+            rankings = self._dense(vectors, depth) if depth and len(vectors) else [[] for _ in vectors]
+            return [[SearchResult(self._documents[doc_id], score, rank)
+                     for rank, (doc_id, score) in enumerate(ranking, start=1)] for ranking in rankings]
+
     def _rank(self, queries, vectors, depth, mode, weights):
         """Under the read lock: per query [(doc_id, score)], best first, at most `depth`."""
         dense = self._dense(vectors, depth) if mode in ("dense", "hybrid") else None

@@ -111,8 +111,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
     if cascade_measure not in CASCADE_MEASURES:
         raise ValueError(f"cascade_measure must be one of {CASCADE_MEASURES}, got {cascade_measure!r}")
     cascade_threshold = check_threshold(cascade_threshold, cascade_measure, "cascade_threshold")
-    if generator is not None and getattr(generator, "encoder", None) is not None \
-            and generator.encoder.name != system.knowledge_base.encoder.name:
+    if generator is not None and generator.encoder.name != system.knowledge_base.encoder.name:
         raise ValueError(f"generator is conditioned on encoder {generator.encoder.name!r} but the knowledge base "
                          f"uses {system.knowledge_base.encoder.name!r}")
     store = None if hybrid_encoder is None else HybridVectorStoreAdapter(system.knowledge_base, hybrid_encoder)
@@ -324,7 +323,7 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             return []
         vectors = np.asarray(encoder.encode(texts), dtype=np.float32)
         condition = np.asarray(encoder.encode([body.condition]), dtype=np.float32)[0]
-        neighbours = [hits[0].document.id for hits in knowledge_base.search_many(texts, k=1, mode="dense") if hits]
+        neighbours = [hits[0].document.id for hits in knowledge_base.search_vectors(vectors, k=1) if hits]
         corpus = torch.from_numpy(knowledge_base.embeddings_for(neighbours)) if neighbours else None
         result = filter_samples(torch.from_numpy(vectors), torch.from_numpy(condition), corpus,
                                 min_similarity=body.min_similarity, max_corpus_similarity=body.max_corpus_similarity)

@@ -8,7 +8,6 @@ targets, layers} or null}) and adapter_model.safetensors (LoRA) or model/ (full:
 import json
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
