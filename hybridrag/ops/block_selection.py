@@ -8,7 +8,9 @@ from torch.utils.checkpoint import checkpoint
 from .validation import check_attention_inputs, check_key_mask, check_scale
 
 SELECTION_CHUNK = 1024  # queries scored against every block at a time: (B, H, 1024, T / s) float32
-ATTENTION_CHUNK = 512  # queries whose chosen keys are gathered at a time: (B, Hkv, 512, top_k * s, D)
+ATTENTION_CHUNK = 4096  # at most this many queries gather their chosen keys at a time (fewer chunks: fewer
+# full-size gradient buffers in the backward)
+GATHER_BUDGET = 2 ** 22  # and at most this many gathered elements: 16 MiB of float32 keys (as much again of values)
 
 
 def _check(q, k, v, block_size, top_k, key_mask):
@@ -48,8 +50,10 @@ def select_blocks(q, k, block_size, top_k, scale, key_mask=None):
     batch, heads, length, _ = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    kmax, kmin = (t.repeat_interleave(group, dim=1) for t in block_key_bounds(k, block_size, key_mask))
-    count = kmax.shape[2]
+    kmax, kmin = block_key_bounds(k, block_size, key_mask)
+    # one matmul per chunk: [q+, q-] . [kmax, kmin] is the bound; (B, H, L, 2D) with the key heads repeated
+    bounds = torch.cat([kmax, kmin], dim=-1).repeat_interleave(group, dim=1)
+    count = bounds.shape[2]
     top = min(top_k, count)
     indices = torch.zeros((batch, kv_heads, length, top), dtype=torch.int64, device=q.device)
     valid = torch.zeros((batch, kv_heads, length, top), dtype=torch.bool, device=q.device)
@@ -58,56 +62,45 @@ def select_blocks(q, k, block_size, top_k, scale, key_mask=None):
     block_ids = torch.arange(count, device=q.device)
     real = None if key_mask is None else key_mask[:, :count * block_size].reshape(batch, count, block_size).any(-1)
     for start in range(0, length, SELECTION_CHUNK):
-        rows = q[:, :, start:start + SELECTION_CHUNK].float()  # (B, H, c, D)
-        own_block = torch.arange(start, start + rows.shape[2], device=q.device) // block_size
-        allowed = block_ids < own_block[:, None]  # (c, L)
-        allowed = allowed if real is None else allowed & real[:, None, None, :]
-        bound = rows.clamp(min=0) @ kmax.transpose(-1, -2) + rows.clamp(max=0) @ kmin.transpose(-1, -2)
-        bound = (bound * scale).masked_fill(~allowed, float("-inf"))
-        shares = torch.softmax(bound, dim=-1).nan_to_num_(0.0)  # a row with no earlier block: 0
-        totals = shares.view(batch, kv_heads, group, rows.shape[2], count).sum(2)
-        totals = totals.masked_fill(~allowed, float("-inf"))
-        best, chosen = totals.topk(top, dim=-1)
-        indices[:, :, start:start + rows.shape[2]] = chosen
-        valid[:, :, start:start + rows.shape[2]] = best > float("-inf")
+        rows = q[:, :, start:start + SELECTION_CHUNK].float() * scale  # (B, H, c, D); scale > 0
+        stop = start + rows.shape[2]
+        columns = min(count, (stop - 1) // block_size)  # the blocks before the chunk's last query's own
+        if columns == 0:  # every query of the chunk is in the first block: nothing to choose
+            continue
+        own_block = torch.arange(start, stop, device=q.device) // block_size
+        allowed = block_ids[:columns] < own_block[:, None]  # (c, columns)
+        allowed = allowed if real is None else allowed & real[:, None, None, :columns]
+        bound = torch.cat([rows.clamp(min=0), rows.clamp(max=0)], dim=-1) @ bounds[:, :, :columns].transpose(-1, -2)
+        bound = bound.masked_fill_(~allowed, float("-inf"))
+        if group == 1:  # one query head per key head: the softmax keeps the bounds' order, so rank them directly
+            totals = bound
+        else:
+            shares = torch.softmax(bound, dim=-1).nan_to_num_(0.0)  # a row with no earlier block: 0
+            totals = shares.view(batch, kv_heads, group, rows.shape[2], columns).sum(2)
+            totals = totals.masked_fill_(~allowed, float("-inf"))
+        best, chosen = totals.topk(min(top, columns), dim=-1)
+        indices[:, :, start:stop, :chosen.shape[-1]] = chosen
+        valid[:, :, start:stop, :chosen.shape[-1]] = best > float("-inf")
     return indices, valid
 
 
-def _union_of_choices(indices, valid, block_size, count):
-    """The blocks any query of each query block chose, as a fixed number of slots, and which slots each query may
-    read (its own choices only: the union just shares one gather among the block's queries).
-
-    indices, valid (B, Hkv, T, k) -> (slots (B, Hkv, n, U) int64 block ids, allowed (B, Hkv, n, s, U) bool) with
-    n = ceil(T / s) and U = min(s * k, count); a slot no query chose is allowed to none."""
-    batch, kv_heads, length, top = indices.shape
-    blocks = -(-length // block_size)
-    pad = blocks * block_size - length
-    indices = torch.nn.functional.pad(indices, (0, 0, 0, pad)).view(batch, kv_heads, blocks, block_size, top)
-    valid = torch.nn.functional.pad(valid, (0, 0, 0, pad)).view(batch, kv_heads, blocks, block_size, top)
-    chosen = torch.where(valid, indices, count).flatten(-2)  # invalid choices land in an extra column
-    flags = torch.zeros((batch, kv_heads, blocks, count + 1), device=indices.device)
-    flags.scatter_(-1, chosen, 1.0)
-    flag, slots = flags[..., :count].topk(min(block_size * top, count), dim=-1)  # chosen blocks first
-    allowed = ((indices[..., None] == slots[:, :, :, None, None, :]) & valid[..., None]).any(-2)
-    return slots, allowed & (flag > 0)[:, :, :, None, :]
-
-
-def _attend_chunk(rows, key_blocks, value_blocks, slots, usable, scale):
-    """rows (B, Hkv, G, n, s, D) of n query blocks against the slots (B, Hkv, n, U) of key_blocks / value_blocks
-    (B, Hkv, L, s, D), usable (B, Hkv, n, s, U * s) bool -> (B, Hkv, G, n, s, D) float32."""
+def _attend_chunk(rows, key_blocks, value_blocks, chosen, readable, scale):
+    """rows (B, Hkv, G, c, D) of c queries against their own chosen blocks `chosen` (B, Hkv, c, k) of key_blocks /
+    value_blocks (B, Hkv, L, s, D); readable (B, Hkv, c, k * s) bool, the gathered keys a query may read
+    -> (B, Hkv, G, c, D) float32."""
     batch, kv_heads, count, block_size, dim = key_blocks.shape
     # whole blocks, not token positions: one index per block, and a cheap index_add in the backward
-    flat = slots + count * torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1, 1)
-    keys = key_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()  # (B, Hkv, n, U*s, D)
+    flat = chosen + count * torch.arange(batch * kv_heads, device=chosen.device).view(batch, kv_heads, 1, 1)
+    keys = key_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()  # (B, Hkv, c, k*s, D)
     values = value_blocks.reshape(-1, block_size, dim)[flat].flatten(-3, -2).float()
-    scores = torch.einsum("bhgnsd,bhnud->bhgnsu", rows.float(), keys) * scale
-    scores = scores.masked_fill(~usable[:, :, None], float("-inf"))
+    scores = torch.einsum("bhgcd,bhcud->bhgcu", rows.float(), keys) * scale
+    scores = scores.masked_fill(~readable[:, :, None], float("-inf"))
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min).detach()
-    weights = torch.exp(scores - peak)  # a row with nothing usable: all 0, so its output is 0
+    weights = torch.exp(scores - peak)  # a row with nothing readable: all 0, so its output is 0
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    # a value no row of the block may read (padding, which may hold NaN: 0 * NaN = NaN) is zeroed
-    values = values.masked_fill(~usable.any(-2)[..., None], 0.0)
-    return torch.einsum("bhgnsu,bhnud->bhgnsd", weights, values)
+    # a value its query may not read (padding, which may hold NaN: 0 * NaN = NaN) is zeroed
+    values = values.masked_fill(~readable[..., None], 0.0)
+    return torch.einsum("bhgcu,bhcud->bhgcd", weights, values)
 
 
 def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask=None):
@@ -116,10 +109,10 @@ def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask
 
     q (B, H, T, D), k and v (B, Hkv, T, D) (H a multiple of Hkv), block_size s, top_k k, key_mask (B, T) bool
     (False = padding, never attended) -> (B, H, T, D) in q's dtype. A query with no earlier block (the first block)
-    gets 0. Each block of s queries gathers the U = min(s * k, T // s) blocks its queries chose, once, and each query
-    reads its own k of them. Memory: the choices (B, Hkv, T, k) and (B, Hkv, T, U) bool, and per chunk of
-    ATTENTION_CHUNK queries the gathered keys and values (B, Hkv, chunk / s, U * s, D) and the scores (B, H, chunk,
-    U * s), recomputed in the backward (checkpointed): O(T * U + chunk * U * s * D) beside the inputs.
+    gets 0. Each query gathers the k * s keys and values of its own choices (shared by the H / Hkv query heads of a
+    key head) and reads nothing else. Memory: the choices (B, Hkv, T, k), and per chunk of queries the gathered keys
+    and values (B, Hkv, chunk, k * s, D) float32 (chunk sized to GATHER_BUDGET elements) and the scores (B, H,
+    chunk, k * s), recomputed in the backward (checkpointed): O(T * k + GATHER_BUDGET) beside the inputs.
     """
     _check(q, k, v, block_size, top_k, key_mask)
     batch, heads, length, dim = q.shape
@@ -127,24 +120,23 @@ def selected_block_attention(q, k, v, block_size, top_k, *, scale=None, key_mask
     scale = check_scale(scale, dim)
     if length < block_size:
         return torch.zeros_like(q)
-    count, blocks = length // block_size, -(-length // block_size)
+    count = length // block_size
     indices, valid = select_blocks(q, k, block_size, top_k, scale, key_mask)
-    slots, allowed = _union_of_choices(indices, valid, block_size, count)
-    usable = allowed.repeat_interleave(block_size, dim=-1)  # (B, Hkv, n, s, U*s)
-    if key_mask is not None:
-        positions = (slots[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
-        batch_ids = torch.arange(batch, device=q.device)[:, None, None, None]
-        usable = usable & key_mask[batch_ids, positions][:, :, :, None]  # (B, Hkv, n, 1, U*s)
+    top = indices.shape[-1]
+    offsets = torch.arange(block_size, device=q.device)
     key_blocks = k[:, :, :count * block_size].unflatten(2, (count, block_size))  # (B, Hkv, L, s, D)
     value_blocks = v[:, :, :count * block_size].unflatten(2, (count, block_size))
-    rows = torch.nn.functional.pad(q, (0, 0, 0, blocks * block_size - length))
-    rows = rows.view(batch, kv_heads, group, blocks, block_size, dim)
+    rows = q.view(batch, kv_heads, group, length, dim)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    step = max(1, ATTENTION_CHUNK // block_size)
+    step = max(1, min(ATTENTION_CHUNK, GATHER_BUDGET // (batch * kv_heads * top * block_size * max(dim, group))))
     out = []
-    for start in range(0, blocks, step):
+    for start in range(0, length, step):
         part = slice(start, start + step)
-        args = (rows[:, :, :, part], key_blocks, value_blocks, slots[:, :, part], usable[:, :, part], scale)
+        chosen = indices[:, :, part]
+        readable = valid[:, :, part].repeat_interleave(block_size, dim=-1)  # (B, Hkv, c, k*s)
+        if key_mask is not None:
+            positions = (chosen[..., None] * block_size + offsets).flatten(-2)
+            readable = readable & key_mask[torch.arange(batch, device=q.device)[:, None, None, None], positions]
+        args = (rows[:, :, :, part], key_blocks, value_blocks, chosen, readable, scale)
         out.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if differentiable else _attend_chunk(*args))
-    out = torch.cat(out, dim=3).view(batch, heads, blocks * block_size, dim)
-    return out[:, :, :length].to(q.dtype)
+    return torch.cat(out, dim=3).view(batch, heads, length, dim).to(q.dtype)
