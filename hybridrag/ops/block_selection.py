@@ -1,5 +1,5 @@
-"""`selected_block_attention`: each block of queries also attends to every token of the top-k earlier key blocks it
-scores highest (block retrieval, as in Landmark Attention and the selection branch of Native Sparse Attention). A
+"""`selected_block_attention`: each query also attends to every token of the top-k earlier key blocks it scores
+highest (block retrieval, as in Landmark Attention and the selection branch of Native Sparse Attention). A
 block's score is the Quest bound on its best key, from the per-channel max and min of its keys, so a block holding one
 matching token scores high even when the rest of it does not. PyTorch, chunked: no Tq x Tk matrix."""
 import torch
@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .validation import check_attention_inputs, check_key_mask, check_scale
 
-SELECTION_CHUNK = 1024  # queries scored against every block at a time: (B, H, 1024, T / s) float32
+SELECTION_CHUNK = 1024  # queries scored against the blocks before them at a time: (B, H, 1024, <= T / s) float32
 ATTENTION_CHUNK = 4096  # at most this many queries gather their chosen keys at a time (fewer chunks: fewer
 # full-size gradient buffers in the backward)
 GATHER_BUDGET = 2 ** 22  # and at most this many gathered elements: 16 MiB of float32 keys (as much again of values)
