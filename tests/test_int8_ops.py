@@ -2,6 +2,7 @@
 and bad input refused before any kernel runs."""
 import pytest
 import torch
+from int8_checks import assert_cpu_matches_reference
 from tolerance import tolerance_error
 
 import hybridrag as hr
@@ -61,29 +62,6 @@ MODES = [(case, activations) for case in CASES for activations in ("fp", "int8")
          if activations == "fp" or case[3] is None]
 
 
-def assert_cpu_matches_reference(x, qweight, bias=None, activations="fp"):
-    """y, dx and dbias of backend="cpu" against the float64 reference under the tolerance rule (baseline: the
-    dequantized weight in x's dtype, one matmul)."""
-    dtype, (m, n) = x.dtype, (x.shape[0], qweight.out_features)
-    x_ref = x.detach().double().requires_grad_(True)
-    bias_ref = None if bias is None else bias.detach().double().requires_grad_(True)
-    truth = hr.int8_matmul(x_ref, qweight, bias_ref, activations=activations, backend="reference")
-    baseline = x @ qweight.dequantize(dtype).T + (0 if bias is None else bias)
-    x_got = x.detach().requires_grad_(True)
-    bias_got = None if bias is None else bias.detach().requires_grad_(True)
-    got = hr.int8_matmul(x_got, qweight, bias_got, activations=activations, backend="cpu")
-    assert got.dtype == dtype and got.shape == (m, n)
-    failures = [tolerance_error("y", got, truth, baseline, dtype)]
-    grad_out = torch.randn(m, n).to(dtype)
-    truth_grads = torch.autograd.grad(truth, [t for t in (x_ref, bias_ref) if t is not None], grad_out.double())
-    got_grads = torch.autograd.grad(got, [t for t in (x_got, bias_got) if t is not None], grad_out)
-    base_grads = [grad_out @ qweight.dequantize(dtype)] + ([grad_out.sum(0)] if bias is not None else [])
-    for name, g, t, b in zip(("dx", "dbias"), got_grads, truth_grads, base_grads):
-        failures.append(tolerance_error(name, g, t, b, dtype))
-    failures = [f for f in failures if f is not None]
-    assert not failures, "\n".join(failures)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case, activations", MODES,
                          ids=lambda c: "M{}K{}N{}g{}{}".format(*c[:4], "b" if c[4] else "") if isinstance(c, tuple)
@@ -102,7 +80,7 @@ def test_cpu_path_matches_reference(case, activations, dtype):
 # one ragged (blocks of 10 of the 72 rows, forward and gradient).
 # ------------------------------------------------------------------------------------------------------------------
 
-ROUTE_CASES = [  # (dtype, M, K, group_size, route)
+ROUTE_CASES = [  # (dtype, M, K, group_size, route without the C++ kernels; with them every M <= 8 takes "cpp")
     (torch.bfloat16, 1, 64, None, "int8pack"),
     (torch.bfloat16, 8, 64, None, "int8pack"),
     (torch.bfloat16, 9, 64, None, "bf16"),
@@ -140,11 +118,12 @@ def int8pack_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype, m, k, group_size, route", ROUTE_CASES,
                          ids=[f"{str(c[0])[6:]}-M{c[1]}K{c[2]}g{c[3]}" for c in ROUTE_CASES])
-def test_cpu_route_choice_and_accuracy(dtype, m, k, group_size, route, small_blocks, int8pack_calls):
+def test_cpu_route_choice_and_accuracy(dtype, m, k, group_size, route, small_blocks, int8pack_calls, cpu_kernels):
     from hybridrag.kernels.int8.cpu import grad_input_route
     from hybridrag.ops.int8 import cpu_route
     qweight = hr.quantize_int8(torch.randn(72, k), group_size=group_size)
     x = torch.randn(m, k).to(dtype)
+    route = "cpp" if cpu_kernels == "cpp" and m <= 8 else route
     assert cpu_route(x, qweight) == route
     assert grad_input_route(torch.empty(m, 72, dtype=dtype)) == ("bf16" if dtype == torch.bfloat16 and m > 2 else
                                                                   "fp32")
@@ -152,7 +131,8 @@ def test_cpu_route_choice_and_accuracy(dtype, m, k, group_size, route, small_blo
     assert len(int8pack_calls) == (1 if route == "int8pack" else 0)  # the forward only; its gradient widens
 
 
-def test_int8pack_route_takes_unaligned_and_strided_x(int8pack_calls):
+@pytest.mark.parametrize("cpu_kernels", ["blockwise"], indirect=True)
+def test_int8pack_route_takes_unaligned_and_strided_x(int8pack_calls, cpu_kernels):
     """_weight_int8pack_mm loads rows of x 32-byte aligned: views that are not get copied first, not misread."""
     qweight = hr.quantize_int8(torch.randn(24, 64))
     base = torch.randn(3 * 64 + 8).bfloat16()
@@ -185,12 +165,15 @@ def test_cpu_path_ignores_autocast():
 @pytest.mark.parametrize("cache, dtype", [("fp32", torch.float32), ("fp32", torch.float16), ("fp32", torch.bfloat16),
                                           ("bf16", torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("group_size", [None, 16], ids=lambda g: f"g{g}")
-def test_cpu_cache_route(cache, dtype, group_size, int8pack_calls):
+def test_cpu_cache_route(cache, dtype, group_size, int8pack_calls, cpu_kernels):
     from hybridrag.ops.int8 import cpu_route
     qweight = hr.quantize_int8(torch.randn(72, 64), group_size=group_size)
     qweight.cpu_cache = cache
     x = torch.randn(3, 64).to(dtype)
-    if dtype == torch.bfloat16 and group_size is None:  # decode sizes keep _weight_int8pack_mm, faster than the cache
+    if cpu_kernels == "cpp":  # decode sizes keep the C++ kernel, which reads a byte per weight, faster than the cache
+        assert cpu_route(x, qweight) == "cpp"
+        x = torch.randn(9, 64).to(dtype)
+    elif dtype == torch.bfloat16 and group_size is None:  # and _weight_int8pack_mm, for the same reason
         assert cpu_route(x, qweight) == "int8pack"
         x = torch.randn(9, 64).to(dtype)
     assert cpu_route(x, qweight) == "cached"

@@ -58,7 +58,7 @@ class HierarchicalConfig:
     num_landmark_tokens: landmarks per segment; must divide segment_length. landmark_stride =
         segment_length // num_landmark_tokens; the landmark of each block of landmark_stride tokens is its last token.
     selected_blocks: stage 3 block retrieval (experimental; default 0, off): each query also reads every token of
-        the that many earlier blocks of landmark_stride tokens it scores highest (BlockSelectionAttention). Plain
+        the selected_blocks earlier blocks of landmark_stride tokens it scores highest (BlockSelectionAttention). Plain
         PyTorch, so slower. With stage_gates it makes the model learn cross-segment recall (benchmarks/
         hierarchical_recall.py, recorded at 6b93043: 0.500 held-out accuracy against chance without it).
     stage_gates: stage 1's and stage 2's outputs enter as x + g * (stage(x) - x) with a learned scalar g per stage

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hybridrag.kernels.int8 import MAX_INT8_REDUCTION, dequantize_weight, int8_matmul_reference, quantize_weight
-from hybridrag.kernels.int8.cpu import int8pack_layout, w8a16_route
+from hybridrag.kernels.int8.cpu import int8pack_layout, takes_cpp, w8a16_route
 
 from .backend import resolve_backend
 from .library_int8 import backend_functions, int8_matmul_fwd
@@ -233,14 +233,14 @@ def _check_matmul_inputs(x, qweight, bias, activations, accumulate, backend):
 
 def cpu_route(x, qweight, activations="fp"):
     """Which CPU computation `int8_matmul(x, qweight, activations=..., backend="cpu")` runs for x (M, K):
-    "int_mm" (W8A8), or the W8A16 route of `hybridrag.kernels.int8.cpu.w8a16_route` ("int8pack", "bf16" or
-    "fp32"), where a qweight with a cpu_cache takes "cached" instead of "bf16" and "fp32" ("int8pack", bfloat16
-    decode sizes, measured faster than the dense bfloat16 matmul at N = K = 1024 and 4096). Chosen from dtypes, sizes
-    and layout only."""
+    "int_mm" (W8A8), or the W8A16 route of `hybridrag.kernels.int8.cpu.w8a16_route` ("cpp", "int8pack", "bf16"
+    or "fp32"), where a qweight with a cpu_cache takes "cached" instead of "bf16" and "fp32" ("cpp" and "int8pack",
+    decode sizes reading one byte per weight, measured faster than the dense matmul at N = K = 1024 and 4096).
+    Chosen from dtypes, sizes, layout and the CPU kernels in use (`hybridrag.kernels.cpp`) only."""
     if activations == "int8":
         return "int_mm"
     route = w8a16_route(x, qweight.data, qweight.group_size)
-    return "cached" if qweight.cpu_cache is not None and route != "int8pack" else route
+    return "cached" if qweight.cpu_cache is not None and route not in ("cpp", "int8pack") else route
 
 
 def _takes_cache(x, qweight, activations):
@@ -250,7 +250,8 @@ def _takes_cache(x, qweight, activations):
     "fp32" there where eager takes "cached")."""
     if not torch.compiler.is_compiling():
         return cpu_route(x, qweight, activations) == "cached"
-    return activations == "fp" and not int8pack_layout(x, qweight.data, qweight.group_size)
+    return (activations == "fp" and not takes_cpp(x, qweight.data)
+            and not int8pack_layout(x, qweight.data, qweight.group_size))
 
 
 def _cached_matmul(x, qweight, bias):
@@ -291,8 +292,9 @@ def int8_matmul(x, qweight, bias=None, *, activations="fp", accumulate="fp32", b
         A NaN weight scale (a hand-built QuantizedWeight; quantize_int8 refuses non-finite weights) makes its output
         column NaN. A NaN or inf bias makes its column non-finite as it would in nn.Linear.
 
-    CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): bfloat16 x with M <= 8 and a
-    per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a
+    CPU (backend "cpu"): W8A8 on `torch._int_mm`; W8A16 by route (`cpu_route`): M <= 8 on the C++ kernel
+    (csrc/int8_matmul.cpp, the weight widened in registers; `hybridrag.kernels.cpp` says when it is in use), else
+    bfloat16 x with M <= 8 and a per-channel weight on `torch._weight_int8pack_mm`, other bfloat16 x widening the weight to bfloat16 a block at a
     time, float16 and float32 x in float32 the same way (bfloat16 x with M <= 8 that `_weight_int8pack_mm` cannot
     take too); or, when the qweight has a `cpu_cache`, one dense matmul on its cached dequantized weight.
 

@@ -1,7 +1,11 @@
-"""int8 matmul on CPU. W8A8 runs on PyTorch's int8 kernel `_int_mm` (int8 x int8 -> int32). W8A16 takes one of three
-routes, chosen per call by `w8a16_route` from x's dtype, M and the weight's layout (never by timing):
+"""int8 matmul on CPU. W8A8 runs on PyTorch's int8 kernel `_int_mm` (int8 x int8 -> int32). W8A16 takes one of four
+routes, chosen per call by `w8a16_route` from x's dtype, M, the weight's layout and which CPU kernels are in use
+(`hybridrag.kernels.cpp`; never by timing):
 
-- "int8pack": bfloat16 x, per-channel weight, M <= SMALL_M: PyTorch's `_weight_int8pack_mm`, which reads the
+- "cpp": M <= SMALL_M, a contiguous weight, and the C++ kernels in use (csrc/int8_matmul.cpp): every int8 weight
+  widened in registers next to its product, x in float32, fp32 accumulation, per-channel or group-wise scales; the
+  weight is read once per call and never copied. Any float dtype of x, any K.
+- "int8pack": without the C++ kernels, bfloat16 x, per-channel weight, M <= SMALL_M: PyTorch's `_weight_int8pack_mm`, which reads the
   int8 weight once and dequantizes in registers (fp32 accumulation; the scales rounded to bfloat16, the dtype it takes).
   Its AVX-512 kernel reads x and the weight 16 elements at a time with aligned loads and checks neither, so the route
   needs K % 16 == 0, contiguous operands and 32-byte-aligned rows (x is copied to aligned memory when it is not).
@@ -32,6 +36,7 @@ import threading
 
 import torch
 
+from ..cpp import cpp_ops
 from .quantize import quantize_activations
 
 SMALL_M = 8  # _weight_int8pack_mm re-reads the weight per 4 rows of x: measured slower than widened bf16 from M = 16
@@ -46,8 +51,17 @@ def int8pack_layout(x, data, group_size):
             and data.is_contiguous())
 
 
+def takes_cpp(x, data):
+    """Whether x (M, K) on int8 data (N, K) takes the "cpp" route: M <= SMALL_M, data contiguous and the C++
+    kernels in use (the first such call builds them)."""
+    return x.shape[0] <= SMALL_M and data.is_contiguous() and cpp_ops() is not None
+
+
 def w8a16_route(x, data, group_size):
-    """The W8A16 route for x (M, K) and int8 data (N, K): "int8pack", "bf16" or "fp32" (module docstring)."""
+    """The W8A16 route for x (M, K) and int8 data (N, K): "cpp", "int8pack", "bf16" or "fp32" (module docstring).
+    The first call that could take "cpp" builds the C++ kernels (`hybridrag.kernels.cpp`) unless they are built."""
+    if takes_cpp(x, data):
+        return "cpp"
     if x.dtype != torch.bfloat16:
         return "fp32"
     if x.shape[0] > SMALL_M:
@@ -142,7 +156,9 @@ def int8_matmul_cpu(x, data, scale, group_size, bias=None, activations="fp"):
         out = torch._int_mm(x_data, data.T).float() * x_scale[:, None] * scale[None, :]
     else:
         route = w8a16_route(x, data, group_size)
-        if route == "int8pack":
+        if route == "cpp":
+            out = cpp_ops().w8a16_matmul(x.to(torch.float32).contiguous(), data, scale.contiguous(), group_size or 0)
+        elif route == "int8pack":
             out = _int8pack(x, data, scale)
         else:
             out = _widened_matmul(x, data, scale, group_size, _compute_dtype(route))

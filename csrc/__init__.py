@@ -1,0 +1,1 @@
+"""C++ sources of the CPU kernels (installed as `hybridrag.csrc`, built by `hybridrag.kernels.cpp`)."""
