@@ -104,6 +104,7 @@ def environment(device):
         "hybridrag": package_version("hybridrag"),
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 or AVX512: one "AMD EPYC" may be either
         "load_avg_1m": os.getloadavg()[0],  # other work on the machine skews CPU timings
         "platform": platform.platform(),
         "git_commit": git_commit(),

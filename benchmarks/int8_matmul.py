@@ -46,7 +46,7 @@ from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, Prep
                      time_ms, verdict_text)
 
 SUITE = "int8_matmul"
-EXPECTED_S = {"quick": 15, "full": 45}  # on the 2-core AMD EPYC of the recorded results
+EXPECTED_S = {"quick": 15, "full": 570}  # on the 2-core AMD EPYC (AVX2) of the recorded results, W8A8 most of it
 GROUP_SIZE = 128
 PEERS = ("ours_w8a16", "ours_w8a16_g128", "ours_w8a16_fp16acc", "ours_w8a8", "ours_w8a16_cached",
          "ours_w8a16_blockwise", "ours_w8a16_g128_blockwise", "torch_matmul",
