@@ -5,8 +5,12 @@ attribute access (PEP 562), so `import hybridrag` costs only the ops and their k
 """
 import importlib
 
-from .ops import (QuantizedWeight, StreamingKVCache, attention_mass, hybrid_attention, int8_matmul, quantize_int8,
-                  sliding_window_attention, streaming_attention)
+from ._checkout import import_hub_kernels_first
+
+import_hub_kernels_first()
+
+from .ops import (QuantizedWeight, StreamingKVCache, attention_mass, hybrid_attention,  # noqa: E402 (after that call)
+                  int8_matmul, quantize_int8, sliding_window_attention, streaming_attention)
 
 __version__ = "0.1.0"
 __all__ = ["sliding_window_attention", "hybrid_attention", "attention_mass", "quantize_int8", "int8_matmul",

@@ -26,6 +26,8 @@ def _share_the_cores():
 
 _share_the_cores()
 
+import hybridrag  # noqa: E402,F401  (first: it keeps the checkout's kernels/ folder from shadowing PyPI's `kernels`)
+
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
