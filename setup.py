@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=packages + kernel_packages + ["hybridrag.csrc"],
     package_dir={"hybridrag.kernels": "kernels", "hybridrag.csrc": "csrc"},
-    package_data={"hybridrag.server": ["static/*.html"], "hybridrag.csrc": ["*.cpp"]},
+    package_data={"hybridrag.server": ["static/*.html"], "hybridrag.csrc": ["*.cpp", "*.h"]},
     install_requires=["torch>=2.5", "numpy", "ninja"],
     entry_points={"console_scripts": ["hybridrag-kb = hybridrag.retrieval.cli:main",
                                     "hybridrag = hybridrag.cli:main"]},

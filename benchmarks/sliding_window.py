@@ -8,12 +8,14 @@ Every peer is credited with the same band FLOPs, so TFLOP/s compares like with l
 more work than it is credited for; that is the point of the comparison).
 """
 import gc
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import hybridrag as hr
+from hybridrag.kernels.cpp import set_cpu_kernels
 from hybridrag.kernels.patterns import UNBOUNDED, resolve_window, visible_key_counts, window_mask
 
 from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, compare_to_truth, compared_to,
@@ -22,13 +24,15 @@ from .common import (TOLERANCE_CHECK_COLUMNS, PeerSkipped, PeerUnavailable, comp
 
 SUITE = "sliding_window"
 EXPECTED_S = {"quick": 40, "full": 150}  # on the 2-core AMD EPYC of the recorded results (FlexAttention compiles)
-PEERS = ("ours", "sdpa_dense_mask", "flex_attention", "flash_attn")
+PEERS = ("ours", "ours_blockwise", "sdpa_dense_mask", "flex_attention", "flash_attn")
 MODES = ("fwd", "fwd+bwd")
 BACKWARD_FACTOR = 2.5
 DENSE_MASK_MEMORY_FRACTION = 0.25  # the dense-mask peer runs only if its T x T tensors fit in this share of free memory
 
 PEER_NOTES = {
-    "ours": 'hr.sliding_window_attention(backend="auto")',
+    "ours": 'hr.sliding_window_attention(backend="auto")' + " (on CPU tensors: the C++ kernels where they build)",
+    "ours_blockwise": "as ours on the CPU backend's PyTorch path (HYBRIDRAG_CPU_KERNELS=blockwise), forward and "
+                      "backward; CPU only",
     "sdpa_dense_mask": "F.scaled_dot_product_attention with a dense bool (T, T) mask built outside the timed call; "
                        "when H != Hkv, k/v are expanded to H heads outside the timed call (SDPA's fused kernels that "
                        "take a mask reject grouped heads; enable_gqa=True would route to the math path)",
@@ -120,6 +124,21 @@ def _ours(case, device, mode):
     return attend, (q, k, v)
 
 
+def _ours_blockwise(case, device, mode):
+    if device.type != "cpu":
+        raise PeerUnavailable("the PyTorch path of the CPU backend (CPU only)")
+    return _ours(case, device, mode)
+
+
+@contextmanager
+def _cpu_kernels(choice):
+    previous = set_cpu_kernels(choice)
+    try:
+        yield
+    finally:
+        set_cpu_kernels(previous)
+
+
 def dense_mask_bytes(case):
     """The bool (T, T) mask plus the additive copy SDPA makes of it in the input dtype."""
     return case.seqlen * case.seqlen * (1 + torch.finfo(case.torch_dtype).bits // 8)
@@ -177,7 +196,7 @@ def _flash_attn(case, device, mode):
     return attend, (q, k, v)
 
 
-BUILDERS = {"ours": _ours, "sdpa_dense_mask": _sdpa_dense_mask, "flex_attention": _flex_attention,
+BUILDERS = {"ours": _ours, "ours_blockwise": _ours_blockwise, "sdpa_dense_mask": _sdpa_dense_mask, "flex_attention": _flex_attention,
             "flash_attn": _flash_attn}
 
 # Failures seen on the first call that mean "this peer cannot do this here", recorded rather than raised.
@@ -189,8 +208,18 @@ FIRST_CALL_FAILURES = {
 
 def prepare(peer, case, device, mode):
     """Build the peer's timed call for one case and mode, and make its first call (compile, warm caches)."""
-    return prepare_attention(lambda: BUILDERS[peer](case, device, mode), device, mode,
-                             FIRST_CALL_FAILURES.get(peer, ((), None)))
+    if peer != "ours_blockwise":
+        return prepare_attention(lambda: BUILDERS[peer](case, device, mode), device, mode,
+                                 FIRST_CALL_FAILURES.get(peer, ((), None)))
+    with _cpu_kernels("blockwise"):  # the backward reads the choice when it runs: the whole call holds it
+        prepared = prepare_attention(lambda: BUILDERS[peer](case, device, mode), device, mode)
+    if prepared.run is None:
+        return prepared
+
+    def run():
+        with _cpu_kernels("blockwise"):
+            return prepared.run()
+    return replace(prepared, run=run)
 
 
 def forward_output(peer, case, device):

@@ -10,6 +10,7 @@ warning says why and the PyTorch path runs), "cpp" (the C++ kernel or an error s
 
 Compiled with -O3 -march=native -fopenmp: for the machine that builds them (the cache is per machine).
 """
+import hashlib
 import importlib.resources
 import os
 import threading
@@ -20,7 +21,8 @@ import torch
 CPU_KERNELS = ("auto", "cpp", "blockwise")
 ENV = "HYBRIDRAG_CPU_KERNELS"
 NAME = "hybridrag_cpu"
-SOURCES = ("int8_matmul.cpp",)
+SOURCES = ("int8_matmul.cpp", "window_attention.cpp")
+HEADERS = ("gemm.h", "vector_math.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -53,17 +55,27 @@ def set_cpu_kernels(choice):
     return previous
 
 
-def source_paths():
+def source_paths(names=SOURCES):
     """The C++ sources, as paths of the installed package (hybridrag.csrc) or the checkout's csrc/."""
     folder = importlib.resources.files("hybridrag.csrc")
-    return [str(folder / name) for name in SOURCES]
+    return [str(folder / name) for name in names]
+
+
+def _headers_flag():
+    """A -D flag holding the headers' digest: torch rebuilds a JIT extension when its sources or flags change, and
+    does not read the headers the sources include."""
+    digest = hashlib.sha256()
+    for path in source_paths(HEADERS):
+        with open(path, "rb") as file:
+            digest.update(file.read())
+    return f"-DHYBRIDRAG_HEADERS_DIGEST={digest.hexdigest()[:16]}"
 
 
 def build(verbose=False):
     """Build (or load from the cache) and register the ops; raises what the build raised."""
     from torch.utils.cpp_extension import load
 
-    load(name=NAME, sources=source_paths(), extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+    load(name=NAME, sources=source_paths(), extra_cflags=FLAGS + [_headers_flag()], extra_ldflags=["-fopenmp"], is_python_module=False,
          verbose=verbose)
 
 
@@ -72,6 +84,14 @@ def _register_fakes():
     @torch.library.register_fake(f"{NAME}::w8a16_matmul")
     def _(x, data, scale, group_size):
         return x.new_empty((x.shape[0], data.shape[0]))
+
+    @torch.library.register_fake(f"{NAME}::window_attention_fwd")
+    def _(q, k, v, left, right, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), True
+
+    @torch.library.register_fake(f"{NAME}::window_attention_bwd")
+    def _(q, k, v, out, lse, grad_out, grad_lse, left, right, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), True
 
 
 def _try_build():

@@ -10,9 +10,23 @@ import hybridrag as hr
 # Triton takes bfloat16 only on a GPU: the interpreter's bf16 dot multiplies bit patterns.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BACKEND_DTYPES = [("triton", dtype) for dtype in TRITON_DTYPES]
-if DEVICE == "cpu":
-    BACKEND_DTYPES += [("cpu", dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+if DEVICE == "cpu":  # both CPU implementations: the C++ kernels and the blockwise PyTorch path
+    BACKEND_DTYPES += [(f"cpu-{kernels}", dtype) for kernels in ("cpp", "blockwise")
+                       for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backend, dtype in BACKEND_DTYPES]
+
+
+@pytest.fixture
+def backend(request):
+    """The backend to call: "cpu-cpp" / "cpu-blockwise" run backend "cpu" on that CPU implementation."""
+    name = request.param
+    if not name.startswith("cpu-"):
+        yield name
+        return
+    from hybridrag.kernels import cpp
+    previous = cpp.set_cpu_kernels(name.removeprefix("cpu-"))
+    yield "cpu"
+    cpp.set_cpu_kernels(previous)
 
 
 def make_inputs(batch, heads, kv_heads, tq, tk, dim, dtype, device=DEVICE, non_contiguous=False):
@@ -69,14 +83,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}q{}k{}D{}w{}{}".format(*c[:7], "c" if c[7] else "b"))
 def test_matches_reference(case, backend, dtype):
     failures = compare(backend, *case, dtype=dtype)
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 def test_non_contiguous_inputs(backend, dtype):
     failures = compare(backend, 2, 4, 2, 113, 113, 64, 24, True, dtype, non_contiguous=True)
     assert not failures, "\n".join(failures)

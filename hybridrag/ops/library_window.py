@@ -3,7 +3,7 @@
 through lse too). Inputs are checked and laid out by `hybridrag.ops.sliding_window`; the ops only dispatch."""
 import torch
 
-from hybridrag.kernels.sliding_window import sliding_window_bwd_blockwise, sliding_window_fwd_blockwise
+from hybridrag.kernels.sliding_window.cpu import sliding_window_bwd_cpu, sliding_window_fwd_cpu
 
 from .validation import unit_last_stride
 
@@ -14,7 +14,7 @@ def backend_functions(backend):
         # Imported on first use: CPU-only installs need not have Triton.
         from hybridrag.kernels.sliding_window import triton_kernels
         return triton_kernels.sliding_window_fwd_triton, triton_kernels.sliding_window_bwd_triton
-    return sliding_window_fwd_blockwise, sliding_window_bwd_blockwise
+    return sliding_window_fwd_cpu, sliding_window_bwd_cpu
 
 
 torch.library.define(

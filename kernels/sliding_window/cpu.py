@@ -1,0 +1,34 @@
+"""Sliding-window attention on CPU tensors: the C++ kernels (csrc/window_attention.cpp) where they are in use
+(`hybridrag.kernels.cpp`), else the blockwise PyTorch path.
+
+The C++ kernels multiply whole key tiles, so a NaN or inf hidden by the band can reach a row through a zero
+probability (0 * NaN). They report whether every output is finite; where one is not, the call is repeated on the
+blockwise path, which keeps non-finite values to the rows that see them (kernels/nonfinite.py). Finite inputs never
+take that second pass.
+
+Memory: the outputs, float32 dk/dv buffers of k's size in the backward, and per thread a few (rows, 1024) float32
+tiles (csrc/window_attention.cpp); never a Tq x Tk matrix.
+"""
+from ..cpp import cpp_ops
+from .blockwise import sliding_window_bwd_blockwise, sliding_window_fwd_blockwise
+
+
+def sliding_window_fwd_cpu(q, k, v, left, right, scale):
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), unit last strides -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq)
+    float32)."""
+    ops = cpp_ops()
+    if ops is not None:
+        out, lse, finite = ops.window_attention_fwd(q, k, v, left, right, scale)
+        if finite:
+            return out, lse
+    return sliding_window_fwd_blockwise(q, k, v, left, right, scale)
+
+
+def sliding_window_bwd_cpu(q, k, v, o, lse, grad_o, grad_lse, left, right, scale):
+    """(dq, dk, dv) in the dtypes of q, k, v; grad_lse (B, H, Tq) float32 or None."""
+    ops = cpp_ops()
+    if ops is not None:
+        dq, dk, dv, finite = ops.window_attention_bwd(q, k, v, o, lse, grad_o, grad_lse, left, right, scale)
+        if finite:
+            return dq, dk, dv
+    return sliding_window_bwd_blockwise(q, k, v, o, lse, grad_o, grad_lse, left, right, scale)
