@@ -56,6 +56,14 @@ inline void scale_in_place(float* x, int64_t n, float factor) {
   for (; i < n; ++i) x[i] *= factor;
 }
 
+// out += factor * x
+inline void add_scaled(float* out, const float* x, int64_t n, float factor) {
+  const Vec f(factor);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(Vec::loadu(x + i), f, Vec::loadu(out + i)).store(out + i);
+  for (; i < n; ++i) out[i] += factor * x[i];
+}
+
 // d = p * (d - delta)
 inline void times_difference(const float* p, float* d, int64_t n, float delta) {
   const Vec vdelta(delta);

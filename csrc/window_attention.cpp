@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "gemm.h"
+#include "online_softmax.h"
 #include "vector_math.h"
 
 #include <algorithm>
@@ -139,25 +140,10 @@ bool forward_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
     float* scores = w.scores.data();  // (m, n), leading dimension n
     gemm(false, true, m, n, dim, 1.f, w.query.data(), dim, keys, ldk, 0.f, scores, n);
     for (int64_t i = 0; i < m; ++i) {
-      float* row = scores + i * n;
       const int64_t r = first + i % rows;
-      const int64_t lo = std::max(band.lo(r), tile_lo) - tile_lo, hi = std::min(band.hi(r), tile_lo + n) - tile_lo;
-      const float seen = hi > lo ? hybridrag_cpu::max_of(row + lo, hi - lo) * scale : kNegInf;
-      const float previous = w.max[i], now = std::max(previous, seen);
-      if (now == kNegInf) {  // nothing seen yet (or only -inf scores: q or k held inf, which the caller redoes)
-        std::fill_n(row, n, 0.f);
-        continue;
-      }
-      const float total = hybridrag_cpu::exp_in_place(row + lo, hi - lo, scale, now);
-      std::fill(row, row + lo, 0.f);
-      std::fill(row + hi, row + n, 0.f);
-      if (previous != now && previous != kNegInf) {
-        const float rescale = std::exp(previous - now);
-        w.sum[i] *= rescale;
-        hybridrag_cpu::scale_in_place(&w.acc[i * dim], dim, rescale);
-      }
-      w.sum[i] += total;
-      w.max[i] = now;
+      const hybridrag_cpu::Interval seen{std::max(band.lo(r), tile_lo) - tile_lo,
+                                         std::min(band.hi(r), tile_lo + n) - tile_lo};
+      hybridrag_cpu::online_softmax_row(scores + i * n, n, &seen, 1, scale, w.max[i], w.sum[i], &w.acc[i * dim], dim);
     }
     gemm(false, false, m, dim, n, 1.f, scores, n, values, ldv, 1.f, w.acc.data(), dim);
   }

@@ -21,8 +21,8 @@ import torch
 CPU_KERNELS = ("auto", "cpp", "blockwise")
 ENV = "HYBRIDRAG_CPU_KERNELS"
 NAME = "hybridrag_cpu"
-SOURCES = ("int8_matmul.cpp", "window_attention.cpp")
-HEADERS = ("gemm.h", "vector_math.h")
+SOURCES = ("int8_matmul.cpp", "window_attention.cpp", "streaming_decode.cpp")
+HEADERS = ("gemm.h", "online_softmax.h", "vector_math.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -88,6 +88,10 @@ def _register_fakes():
     @torch.library.register_fake(f"{NAME}::window_attention_fwd")
     def _(q, k, v, left, right, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), True
+
+    @torch.library.register_fake(f"{NAME}::streaming_decode")
+    def _(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):
+        return q.new_empty(q.shape), True
 
     @torch.library.register_fake(f"{NAME}::window_attention_bwd")
     def _(q, k, v, out, lse, grad_out, grad_lse, left, right, scale):

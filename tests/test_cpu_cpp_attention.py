@@ -1,6 +1,7 @@
-"""The C++ sliding-window kernels (csrc/window_attention.cpp) as ops: schema and fake (opcheck), their own checks,
-the route that takes them, and the second pass that a non-finite output triggers. Their accuracy over shapes, GQA,
-dtypes and strides is tested with every backend in test_sliding_window_kernel.py and test_attention_nonfinite.py."""
+"""The C++ attention kernels as ops (csrc/window_attention.cpp, csrc/streaming_decode.cpp): schema and fake
+(opcheck), their own checks, the routes that take them, and the second pass that a non-finite output triggers.
+Their accuracy over shapes, GQA, dtypes, strides and chunk schedules is tested with every backend in
+test_sliding_window_kernel.py, test_streaming_ops.py and test_attention_nonfinite.py."""
 import pytest
 import torch
 
@@ -69,3 +70,56 @@ def test_the_op_refuses_what_it_cannot_compute(change, match, cpu_kernels):
     args = {"q": q, "k": k, "v": v, "scale": 0.25, **change}
     with pytest.raises(RuntimeError, match=match):
         torch.ops.hybridrag_cpu.window_attention_fwd(args["q"], args["k"], args["v"], 7, 0, args["scale"])
+
+
+def decode_state(window=16, sinks=4, length=40, dtype=torch.float32):
+    cache = hr.StreamingKVCache(1, 2, 32, window, sinks=sinks, dtype=dtype)
+    for t in (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v):
+        t.normal_()
+    cache.length = length
+    return cache, torch.randn(1, 4, 1, 32, dtype=dtype), torch.randn(1, 2, 1, 32, dtype=dtype), \
+        torch.randn(1, 2, 1, 32, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_decode_op_passes_opcheck(dtype, cpu_kernels):
+    cache, q, k, v = decode_state(dtype=dtype)
+    torch.library.opcheck(torch.ops.hybridrag_cpu.streaming_decode.default,
+                          (q, k, v, cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, 40, 4, 16, 0.25))
+
+
+def test_streaming_decode_runs_the_cpp_kernel_and_prefill_the_pytorch_path(cpu_kernels):
+    cache, q, k, v = decode_state()
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hr.streaming_attention(q, k, v, cache, backend="cpu")
+        long = torch.randn(1, 4, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)
+        hr.streaming_attention(*long, cache, backend="cpu")
+    calls = [event.name for event in prof.events() if event.name == "hybridrag_cpu::streaming_decode"]
+    assert len(calls) == 1 and cache.length == 40 + 1 + 17
+
+
+def test_a_nan_in_the_slot_no_query_sees_stays_out_of_the_decode(cpu_kernels):
+    """After 40 tokens (sinks 4, window 16), the new token's query at 40 cannot see position 24, which the ring
+    still holds in slot (24 - 4) % 16 = 4 until the token takes it; a NaN there meets a zero probability in the
+    kernel's matmul, which reports it, and the route's second pass keeps it out."""
+    cache, q, k, v = decode_state()
+    cache.ring_k[:, :, 4] = float("nan")
+    cache.ring_v[:, :, 4] = float("nan")
+    *_, finite = torch.ops.hybridrag_cpu.streaming_decode(q, k, v, cache.sink_k, cache.sink_v, cache.ring_k,
+                                                          cache.ring_v, 40, 4, 16, 0.25)
+    state = [t.clone() for t in (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v)]
+    with torch.no_grad():
+        out = hr.streaming_attention(q, k, v, cache, scale=0.25, backend="cpu")
+    truth = hr.kernels.streaming.streaming_attention_reference(q.double(), k.double(), v.double(),
+                                                              *(t.double() for t in state), 40, 4, 16, 0.25)
+    assert not finite and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+
+
+def test_the_decode_op_refuses_what_it_cannot_compute(cpu_kernels):
+    cache, q, k, v = decode_state()
+    args = [q, k, v, cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v]
+    with pytest.raises(RuntimeError, match=r"ring_k/v \(B, Hkv, window, D\)"):
+        torch.ops.hybridrag_cpu.streaming_decode(*args, 40, 4, 15, 0.25)
+    with pytest.raises(RuntimeError, match="of q's dtype"):
+        torch.ops.hybridrag_cpu.streaming_decode(q.double(), *args[1:], 40, 4, 16, 0.25)

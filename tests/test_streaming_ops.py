@@ -1,4 +1,5 @@
-"""StreamingKVCache and streaming_attention on the CPU path and the reference: any chunk schedule gives what
+"""StreamingKVCache and streaming_attention on the CPU backend (both implementations: the C++ decode kernel takes
+chunks of up to 16 tokens) and the reference: any chunk schedule gives what
 hybrid_attention gives over the whole sequence (window = the cache's, landmarks = the sinks, global_queries=False),
 in constant memory; bad input refused."""
 import pytest
@@ -47,7 +48,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}T{}D{}w{}s{}c{}".format(*c))
-def test_any_schedule_matches_one_shot(case, dtype):
+def test_any_schedule_matches_one_shot(case, dtype, cpu_kernels):
     batch, heads, kv_heads, total, dim, window, sinks, largest = case
     q = torch.randn(batch, heads, total, dim, dtype=torch.float64)
     k, v = (torch.randn(batch, kv_heads, total, dim, dtype=torch.float64) for _ in range(2))
@@ -61,7 +62,7 @@ def test_any_schedule_matches_one_shot(case, dtype):
         assert error is None, f"schedule {schedule}: {error}"
 
 
-def test_decode_after_prefill_and_reset():
+def test_decode_after_prefill_and_reset(cpu_kernels):
     q = torch.randn(1, 4, 70, 32, dtype=torch.float64)
     k, v = (torch.randn(1, 2, 70, 32, dtype=torch.float64) for _ in range(2))
     truth = one_shot(q, k, v, 16, 4)

@@ -5,7 +5,7 @@ keep the stream position symbolic instead of compiling a graph per position. Inp
 `hybridrag.ops.streaming`; the op only dispatches."""
 import torch
 
-from hybridrag.kernels.streaming import streaming_attention_blockwise
+from hybridrag.kernels.streaming.cpu import streaming_attention_cpu
 
 
 def backend_function(backend):
@@ -14,7 +14,7 @@ def backend_function(backend):
         # Imported on first use: CPU-only installs need not have Triton.
         from hybridrag.kernels.streaming import triton_kernels
         return triton_kernels.streaming_attention_triton
-    return streaming_attention_blockwise
+    return streaming_attention_cpu
 
 
 torch.library.define(

@@ -2,6 +2,7 @@
 import torch
 
 from hybridrag.kernels.streaming import streaming_attention_reference
+from hybridrag.kernels.streaming.cpu import streaming_attention_cpu
 
 from .backend import resolve_backend
 from .library_streaming import streaming_attention_op
@@ -72,13 +73,23 @@ class StreamingKVCache:
         """Store a chunk k/v (B, Hkv, C, D) at positions length .. length + C - 1, in place (no host sync).
         Checked first (`check_chunk`): a bad chunk leaves the cache as it was."""
         self.check_chunk(k, v)
+        self._store(k, v)
+
+    def _store(self, k, v):
+        """`append` without the checks, for chunks already checked."""
         chunk = k.shape[2]
         to_sinks = max(0, min(self.sinks - self.length, chunk))  # the chunk's first tokens may still be sinks
         if to_sinks:
             self.sink_k[:, :, self.length:self.length + to_sinks] = k[:, :, :to_sinks]
             self.sink_v[:, :, self.length:self.length + to_sinks] = v[:, :, :to_sinks]
         ring_first = max(to_sinks, chunk - self.window)  # older tokens of a long chunk would be overwritten anyway
-        if ring_first < chunk:
+        if chunk == 1 and ring_first == 0 and not torch.compiler.is_compiling():
+            # one token for the ring (decode): a slice copy, no index tensor (under torch.compile the index_copy_
+            # below keeps one graph for every position: a slot computed from the position specialises on it)
+            slot = (self.length - self.sinks) % self.window
+            self.ring_k.select(2, slot).copy_(k.select(2, 0))
+            self.ring_v.select(2, slot).copy_(v.select(2, 0))
+        elif ring_first < chunk:
             positions = torch.arange(self.length + ring_first, self.length + chunk, device=k.device)
             slots = (positions - self.sinks) % self.window
             self.ring_k.index_copy_(2, slots, k[:, :, ring_first:])
@@ -101,7 +112,8 @@ def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
         landmarks=torch.arange(cache.sinks), global_queries=False)` gives these rows over the whole sequence.
 
     Inference only: inputs that require grad are refused (train with `hybrid_attention`). Memory: the output, plus
-    the CPU path's temporaries (B, H, 128, window) float32; never a C x (sinks + window + C) matrix except "reference".
+    the CPU path's temporaries: for chunks of up to 16 tokens (the C++ decode kernel) (G * C, <= 1024) float32 scores
+    per tile of keys, else (B, H, 128, window) float32; never a C x (sinks + window + C) matrix except "reference".
     """
     check_tensor("q", q)
     if not isinstance(cache, StreamingKVCache):
@@ -118,7 +130,9 @@ def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
     state = (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, cache.length, cache.sinks, cache.window, scale)
     if backend == "reference":
         out = streaming_attention_reference(q, k, v, *state)
+    elif backend == "cpu" and not torch.compiler.is_compiling():
+        out = streaming_attention_cpu(q, k, v, *state)  # what the op runs, without its dispatch (a decode step's ~10%)
     else:
         out = streaming_attention_op(q, k, v, *state, backend)
-    cache.append(k, v)  # outside the op, which is functional: torch.compile sees the in-place copies
+    cache._store(k, v)  # outside the op, which is functional: torch.compile sees the in-place copies
     return out

@@ -16,7 +16,7 @@ from .blockwise import sliding_window_bwd_blockwise, sliding_window_fwd_blockwis
 def sliding_window_fwd_cpu(q, k, v, left, right, scale):
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), unit last strides -> (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq)
     float32)."""
-    ops = cpp_ops()
+    ops = cpp_ops() if q.numel() else None  # an empty batch or head dim: nothing to compute, the PyTorch path's shapes
     if ops is not None:
         out, lse, finite = ops.window_attention_fwd(q, k, v, left, right, scale)
         if finite:
@@ -26,7 +26,7 @@ def sliding_window_fwd_cpu(q, k, v, left, right, scale):
 
 def sliding_window_bwd_cpu(q, k, v, o, lse, grad_o, grad_lse, left, right, scale):
     """(dq, dk, dv) in the dtypes of q, k, v; grad_lse (B, H, Tq) float32 or None."""
-    ops = cpp_ops()
+    ops = cpp_ops() if q.numel() else None
     if ops is not None:
         dq, dk, dv, finite = ops.window_attention_bwd(q, k, v, o, lse, grad_o, grad_lse, left, right, scale)
         if finite:

@@ -1,0 +1,241 @@
+// Streaming attention for a few new tokens (decode): the chunk's queries against the rolling KV cache read in place
+// (the sink slots, the ring in slot order) and against the chunk itself, with no gather and no Tq x Tk matrix.
+// Positions and visibility are kernels/streaming/cache_layout.py's: after `length` tokens, sink slot s holds position
+// s (s < min(sinks, length)); with N = length - sinks > 0 tokens past the sinks, ring slot r holds position
+// sinks + r + window * floor((N - 1 - r) / window), or nothing when that floor is negative; the chunk's key c is at
+// length + c. A query at p sees key j iff j <= p and (j < sinks or j > p - window). Along the ring the positions are
+// two linear runs (the slots up to the newest one, and the older slots after it), so what a row sees of a tile of
+// slots is at most two intervals, found by arithmetic.
+//
+// Tasks (at::parallel_for) are (batch, kv head, tile of keys): a tile's scores for the kv head's G * C query rows
+// come from one float32 matmul (gemm.h), then the softmax of each row over the keys it sees (online_softmax.h), then
+// probabilities @ values in a second matmul; the tiles' results merge by their log-sum-exp. bfloat16 and float16
+// tiles are widened to float32 first. Each call reads the cache once. A NaN or inf that a row cannot see can still
+// meet a zero probability in a matmul: the op's second output says whether every output is finite, and the caller
+// (kernels/streaming/cpu.py) then runs the PyTorch path.
+//
+// Memory: the output, and per task (G * C, tile) float32 scores, (G * C, D) float32 partial outputs and, for other
+// dtypes, the widened tile.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "gemm.h"
+#include "online_softmax.h"
+#include "vector_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using hybridrag_cpu::Interval;
+using hybridrag_cpu::kNegInf;
+constexpr int64_t kMaxTile = 1024;  // keys per task at most
+
+enum class Part { sinks, ring, chunk };
+
+struct Tile {
+  Part part;
+  int64_t first, count;  // slots [first, first + count) of its part
+};
+
+struct Stream {
+  int64_t length, sinks, window, chunk;
+  int64_t cached_sinks() const { return std::min(sinks, length); }
+  int64_t past_sinks() const { return std::max<int64_t>(length - sinks, 0); }
+
+  // What the query at chunk row c sees of `tile`, as intervals of the tile's keys; returns how many.
+  int seen(const Tile& tile, int64_t c, Interval* out) const {
+    const int64_t p = length + c, lo = tile.first, hi = tile.first + tile.count;
+    auto clip = [&](int64_t a, int64_t b) { return Interval{std::clamp(a, lo, hi) - lo, std::clamp(b, lo, hi) - lo}; };
+    if (tile.part == Part::sinks) {
+      out[0] = clip(0, p + 1);
+      return 1;
+    }
+    if (tile.part == Part::chunk) {  // key c2 at length + c2: a sink while length + c2 < sinks, else in the window
+      const Interval sink_keys = clip(0, std::clamp<int64_t>(sinks - length, 0, c + 1));
+      const Interval recent = clip(std::max<int64_t>(0, c - window + 1), c + 1);
+      if (sink_keys.hi >= recent.lo) {
+        out[0] = Interval{0, recent.hi};
+        return 1;
+      }
+      out[0] = sink_keys;
+      out[1] = recent;
+      return 2;
+    }
+    // ring: slots [0, newest] hold sinks + r + window * base; slots after it, a lap earlier (when there was one)
+    const int64_t n = past_sinks(), base = (n - 1) / window, newest = (n - 1) % window;
+    int count = 0;
+    for (const int64_t lap : {base, base - 1}) {
+      if (lap < 0) continue;
+      const int64_t offset = sinks + window * lap;  // position of slot r = offset + r
+      const int64_t run_lo = lap == base ? 0 : newest + 1, run_hi = lap == base ? newest + 1 : window;
+      const Interval part = clip(std::max(run_lo, p - window - offset + 1), std::min(run_hi, p - offset + 1));
+      if (part.hi > part.lo) out[count++] = part;
+    }
+    if (count == 2 && out[1].lo < out[0].lo) std::swap(out[0], out[1]);
+    return count;
+  }
+};
+
+template <typename T>
+struct Heads {  // a (B, Hkv, N, D) tensor with unit last stride
+  const T* data;
+  int64_t s0, s1, s2;
+  explicit Heads(const at::Tensor& x)
+      : data(static_cast<const T*>(x.data_ptr())), s0(x.stride(0)), s1(x.stride(1)), s2(x.stride(2)) {}
+  const T* row(int64_t b, int64_t h, int64_t t) const { return data + b * s0 + h * s1 + t * s2; }
+};
+
+template <typename T>
+struct Cache {
+  Heads<T> sinks, ring, chunk;
+  const Heads<T>& of(Part part) const { return part == Part::sinks ? sinks : part == Part::ring ? ring : chunk; }
+};
+
+// `count` rows from `first` of head (b, h) as a float32 matrix: the memory itself for float32, else widened into
+// `buffer`. Returns (pointer, leading dimension).
+template <typename T>
+std::pair<const float*, int64_t> as_float(const Heads<T>& x, int64_t b, int64_t h, int64_t first, int64_t count,
+                                          int64_t dim, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {x.row(b, h, first), x.s2};
+  } else {
+    buffer.resize(count * dim);
+    for (int64_t r = 0; r < count; ++r) hybridrag_cpu::to_float(x.row(b, h, first + r), &buffer[r * dim], dim);
+    return {buffer.data(), dim};
+  }
+}
+
+struct Partial {  // one tile's softmax, per query row
+  std::vector<float> max, sum, out;
+};
+
+template <typename T>
+void attend_tile(const Heads<T>& q, const Cache<T>& keys, const Cache<T>& values, const Stream& stream,
+                 const Tile& tile, float scale, int64_t b, int64_t hkv, int64_t group, int64_t dim, Partial& part) {
+  const int64_t chunk = stream.chunk, m = group * chunk, n = tile.count;
+  std::vector<float> query(m * dim), scores(m * n), key_buffer, value_buffer;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < chunk; ++c)
+      hybridrag_cpu::to_float(q.row(b, hkv * group + g, c), &query[(g * chunk + c) * dim], dim);
+  part.max.assign(m, kNegInf);
+  part.sum.assign(m, 0.f);
+  part.out.assign(m * dim, 0.f);
+  const auto [k, ldk] = as_float(keys.of(tile.part), b, hkv, tile.first, n, dim, key_buffer);
+  const auto [v, ldv] = as_float(values.of(tile.part), b, hkv, tile.first, n, dim, value_buffer);
+  hybridrag_cpu::gemm(false, true, m, n, dim, 1.f, query.data(), dim, k, ldk, 0.f, scores.data(), n);
+  for (int64_t i = 0; i < m; ++i) {
+    Interval seen[2];
+    const int count = stream.seen(tile, i % chunk, seen);
+    hybridrag_cpu::online_softmax_row(&scores[i * n], n, seen, count, scale, part.max[i], part.sum[i],
+                                      &part.out[i * dim], dim);
+  }
+  hybridrag_cpu::gemm(false, false, m, dim, n, 1.f, scores.data(), n, v, ldv, 0.f, part.out.data(), dim);
+}
+
+std::vector<Tile> tiles_of(const Stream& stream, int64_t tile) {
+  std::vector<Tile> out;
+  if (stream.cached_sinks() > 0) out.push_back({Part::sinks, 0, stream.cached_sinks()});
+  if (stream.past_sinks() > 0) {
+    const int64_t filled = std::min(stream.past_sinks(), stream.window);  // the ring fills slot 0 first
+    for (int64_t first = 0; first < filled; first += tile) out.push_back({Part::ring, first, std::min(tile, filled - first)});
+  }
+  out.push_back({Part::chunk, 0, stream.chunk});
+  return out;
+}
+
+template <typename T>
+bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& sink_k,
+            const at::Tensor& sink_v, const at::Tensor& ring_k, const at::Tensor& ring_v, const Stream& stream,
+            float scale, at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = k.size(1);
+  const int64_t group = heads / kv_heads, m = group * stream.chunk, heads_total = batch * kv_heads;
+  const Heads<T> qs(q);
+  const Cache<T> keys{Heads<T>(sink_k), Heads<T>(ring_k), Heads<T>(k)};
+  const Cache<T> values{Heads<T>(sink_v), Heads<T>(ring_v), Heads<T>(v)};
+  // enough ring tiles for every thread to have about two tasks, none longer than kMaxTile keys
+  const int64_t wanted = std::max<int64_t>(1, (2 * at::get_num_threads() + heads_total - 1) / heads_total);
+  const int64_t tile = std::clamp<int64_t>((stream.window + wanted - 1) / wanted, 64, kMaxTile);
+  const std::vector<Tile> tiles = tiles_of(stream, tile);
+  const int64_t per_head = static_cast<int64_t>(tiles.size());
+  std::vector<Partial> parts(heads_total * per_head);
+  at::parallel_for(0, heads_total * per_head, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / per_head;
+      attend_tile(qs, keys, values, stream, tiles[task % per_head], scale, bh / kv_heads, bh % kv_heads, group, dim,
+                  parts[task]);
+    }
+  });
+  // the merge is small ((B * Hkv * G * C) rows of D over a few tiles): one thread, no second parallel region
+  T* out_data = static_cast<T*>(out.data_ptr());
+  std::vector<float> row(dim);
+  bool finite = true;
+  for (int64_t bh = 0; bh < heads_total; ++bh) {
+    for (int64_t i = 0; i < m; ++i) {
+      float best = kNegInf;
+      for (int64_t t = 0; t < per_head; ++t) best = std::max(best, parts[bh * per_head + t].max[i]);
+      std::fill(row.begin(), row.end(), 0.f);
+      float sum = 0.f;
+      for (int64_t t = 0; t < per_head; ++t) {
+        const Partial& part = parts[bh * per_head + t];
+        if (part.max[i] == kNegInf) continue;  // the tile holds no key this row sees
+        const float weight = std::exp(part.max[i] - best);
+        sum += weight * part.sum[i];
+        hybridrag_cpu::add_scaled(row.data(), &part.out[i * dim], dim, weight);
+      }
+      hybridrag_cpu::scale_in_place(row.data(), dim, sum > 0 ? 1.f / sum : 0.f);
+      finite = finite && hybridrag_cpu::all_finite(row.data(), dim);
+      const int64_t b = bh / kv_heads, h = (bh % kv_heads) * group + i / stream.chunk, c = i % stream.chunk;
+      hybridrag_cpu::from_float(row.data(), out_data + ((b * heads + h) * stream.chunk + c) * dim, dim);
+    }
+  }
+  return finite;
+}
+
+std::tuple<at::Tensor, bool> streaming_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& sink_k, const at::Tensor& sink_v,
+                                              const at::Tensor& ring_k, const at::Tensor& ring_v, int64_t length,
+                                              int64_t sinks, int64_t window, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v, &sink_k, &sink_v, &ring_k, &ring_v}) {
+    TORCH_CHECK(t->dim() == 4 && t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->stride(3) == 1,
+                "streaming decode: 4-d CPU tensors of q's dtype with unit last strides");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "streaming decode: float32, bfloat16 or float16 inputs");
+  const int64_t batch = q.size(0), kv_heads = k.size(1), chunk = q.size(2), dim = q.size(3);
+  TORCH_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "streaming decode: H must be a multiple of Hkv");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == batch && k.size(2) == chunk && k.size(3) == dim && chunk > 0,
+              "streaming decode: k and v must be (B, Hkv, C, D) for q (B, H, C, D), C >= 1");
+  TORCH_CHECK(sink_k.sizes() == sink_v.sizes() && ring_k.sizes() == ring_v.sizes() && sink_k.size(0) == batch &&
+                  ring_k.size(0) == batch && sink_k.size(1) == kv_heads && ring_k.size(1) == kv_heads &&
+                  sink_k.size(2) == sinks && ring_k.size(2) == window && sink_k.size(3) == dim &&
+                  ring_k.size(3) == dim,
+              "streaming decode: sink_k/v must be (B, Hkv, sinks, D) and ring_k/v (B, Hkv, window, D)");
+  TORCH_CHECK(length >= 0 && sinks >= 0 && window >= 1 && scale > 0,
+              "streaming decode: length >= 0, sinks >= 0, window >= 1, scale > 0");
+  const Stream stream{length, sinks, window, chunk};
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const float s = static_cast<float>(scale);
+  bool finite;
+  switch (q.scalar_type()) {
+    case at::kFloat: finite = decode<float>(q, k, v, sink_k, sink_v, ring_k, ring_v, stream, s, out); break;
+    case at::kBFloat16:
+      finite = decode<c10::BFloat16>(q, k, v, sink_k, sink_v, ring_k, ring_v, stream, s, out);
+      break;
+    default: finite = decode<c10::Half>(q, k, v, sink_k, sink_v, ring_k, ring_v, stream, s, out); break;
+  }
+  return {out, finite};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hybridrag_cpu, m) {
+  m.def("streaming_decode(Tensor q, Tensor k, Tensor v, Tensor sink_k, Tensor sink_v, Tensor ring_k, "
+        "Tensor ring_v, int length, int sinks, int window, float scale) -> (Tensor, bool)");
+}
+
+TORCH_LIBRARY_IMPL(hybridrag_cpu, CPU, m) { m.impl("streaming_decode", &streaming_decode); }

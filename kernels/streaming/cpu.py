@@ -1,0 +1,28 @@
+"""Streaming attention on CPU tensors: the C++ decode kernel (csrc/streaming_decode.cpp) for chunks of up to
+DECODE_CHUNK tokens where the C++ kernels are in use (`hybridrag.kernels.cpp`), else the blockwise PyTorch path.
+
+The decode kernel reads the sink slots and the ring in place, once per kv head, and skips every key a row cannot
+see. It reports whether every output is finite; where one is not (a NaN or inf that a row sees), the call is
+repeated on the blockwise path, whose non-finite semantics are the contract's (kernels/nonfinite.py).
+
+Memory: the output, and per task (G * C) x (its run of keys) float32 scores and (G * C, D) float32 partial outputs.
+"""
+from ..cpp import cpp_ops
+from .blockwise import streaming_attention_blockwise
+
+DECODE_CHUNK = 16  # longer chunks are prefill: the blockwise path's matmuls serve them
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def streaming_attention_cpu(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):
+    """As `streaming_attention_blockwise` (same arguments and result)."""
+    ops = cpp_ops() if 0 < q.shape[2] <= DECODE_CHUNK and q.numel() else None
+    if ops is not None:
+        tensors = [_unit_last_stride(t) for t in (q, k, v, sink_k, sink_v, ring_k, ring_v)]
+        out, finite = ops.streaming_decode(*tensors, length, sinks, window, scale)
+        if finite:
+            return out
+    return streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
