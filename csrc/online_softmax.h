@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace hybridrag_cpu {
 
@@ -20,13 +21,24 @@ struct Interval {  // keys [lo, hi) of a tile that a row sees
 inline void online_softmax_row(float* row, int64_t n, const Interval* seen, int count, float scale, float& max,
                                float& sum, float* acc, int64_t dim) {
   float tile_max = kNegInf;
-  for (int s = 0; s < count; ++s)
-    if (seen[s].hi > seen[s].lo) tile_max = std::max(tile_max, max_of(row + seen[s].lo, seen[s].hi - seen[s].lo));
-  const float previous = max, now = std::max(previous, tile_max * scale);
-  if (now == kNegInf) {  // nothing seen yet (or only -inf scores: q or k held inf, which the caller redoes)
+  bool any = false;
+  for (int s = 0; s < count; ++s) {
+    if (seen[s].hi <= seen[s].lo) continue;
+    any = true;
+    tile_max = nan_max(tile_max, max_of(row + seen[s].lo, seen[s].hi - seen[s].lo));
+  }
+  if (!any) {
     std::fill_n(row, n, 0.f);
     return;
   }
+  if (!(tile_max > kNegInf) || std::isnan(max)) {
+    // NaN or only -inf among seen scores: a non-finite q or k. The row becomes NaN, which the caller sees in the
+    // output and redoes on the path whose non-finite semantics are the contract's.
+    std::fill_n(row, n, std::numeric_limits<float>::quiet_NaN());
+    max = sum = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const float previous = max, now = std::max(previous, tile_max * scale);
   int64_t done = 0;
   float total = 0.f;
   for (int s = 0; s < count; ++s) {

@@ -176,8 +176,8 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   bool finite = true;
   for (int64_t bh = 0; bh < heads_total; ++bh) {
     for (int64_t i = 0; i < m; ++i) {
-      float best = kNegInf;
-      for (int64_t t = 0; t < per_head; ++t) best = std::max(best, parts[bh * per_head + t].max[i]);
+      float best = kNegInf;  // NaN when a tile's row is NaN (a non-finite q or k): then the whole row is
+      for (int64_t t = 0; t < per_head; ++t) best = hybridrag_cpu::nan_max(best, parts[bh * per_head + t].max[i]);
       std::fill(row.begin(), row.end(), 0.f);
       float sum = 0.f;
       for (int64_t t = 0; t < per_head; ++t) {

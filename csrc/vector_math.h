@@ -22,12 +22,16 @@ namespace hybridrag_cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// max(a, b), NaN when either is NaN (std::max keeps its first argument when the second is NaN)
+inline float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
+
+// The largest of n values; NaN when one is NaN (at::vec::maximum propagates NaN).
 inline float max_of(const float* x, int64_t n) {
   int64_t i = 0;
   Vec best(kNegInf);
   for (; i + Vec::size() <= n; i += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + i));
   float out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; i < n; ++i) out = std::max(out, x[i]);
+  for (; i < n; ++i) out = nan_max(out, x[i]);
   return out;
 }
 

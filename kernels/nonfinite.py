@@ -55,3 +55,23 @@ def poison_output(out, visible, v_bad):
 def output_grad_products(out, grad_out):
     """out * grad_out with 0 where grad_out is 0: a NaN output nobody takes a gradient of stays out of delta."""
     return torch.where(grad_out == 0, torch.zeros((), dtype=out.dtype, device=out.device), out * grad_out)
+
+
+
+
+def finite_copy(t, *, keep_negative_inf=False):
+    """t with NaN and +-inf set to 0 (-inf kept with keep_negative_inf: an lse's row that sees no key); None stays."""
+    if t is None:
+        return None
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=float("-inf") if keep_negative_inf else 0.0)
+
+
+def take_exact_where_non_finite(clean, exact, *, lse=False):
+    """The C++ kernels' second pass, where their first output held a non-finite value: `exact` is the blockwise
+    path's result (the contract's non-finite values), `clean` the C++ kernels' on finite copies of the inputs
+    (`finite_copy`). A hidden entry meets only zero probabilities there, whatever its value, so where `exact` is
+    finite `clean` is what the C++ kernels give for any finite value in place of the non-finite ones: bit for bit
+    the rows of a call without them. Elsewhere `exact`'s non-finite values. With lse, -inf (a row that sees no key,
+    in both) counts as finite."""
+    keep = torch.isfinite(exact) | (exact == float("-inf")) if lse else torch.isfinite(exact)
+    return torch.where(keep, clean, exact)

@@ -6,7 +6,8 @@ Every tensor argument is already checked and laid out by `hybridrag.ops.hybrid`;
 backend's forward or backward."""
 import torch
 
-from hybridrag.kernels.hybrid import attention_mass_blockwise, hybrid_bwd_blockwise, hybrid_fwd_blockwise
+from hybridrag.kernels.hybrid import attention_mass_blockwise
+from hybridrag.kernels.hybrid.cpu import hybrid_bwd_cpu, hybrid_fwd_cpu
 
 from .validation import unit_last_stride
 
@@ -18,7 +19,7 @@ def backend_functions(backend):
         from hybridrag.kernels.hybrid import triton_kernels
         return (triton_kernels.hybrid_fwd_triton, triton_kernels.hybrid_bwd_triton,
                 triton_kernels.attention_mass_triton)
-    return hybrid_fwd_blockwise, hybrid_bwd_blockwise, attention_mass_blockwise
+    return hybrid_fwd_cpu, hybrid_bwd_cpu, attention_mass_blockwise
 
 
 # Defined with the low-level torch.library API rather than @torch.library.custom_op, whose wrapper imports

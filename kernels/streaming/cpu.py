@@ -3,11 +3,14 @@ DECODE_CHUNK tokens where the C++ kernels are in use (`hybridrag.kernels.cpp`), 
 
 The decode kernel reads the sink slots and the ring in place, once per kv head, and skips every key a row cannot
 see. It reports whether every output is finite; where one is not (a NaN or inf that a row sees), the call is
-repeated on the blockwise path, whose non-finite semantics are the contract's (kernels/nonfinite.py).
+repeated on the blockwise path, whose non-finite semantics are the contract's (kernels/nonfinite.py), and on the
+kernel with finite copies of the inputs; the result takes the first's non-finite values and the second's finite
+ones (`take_exact_where_non_finite`).
 
 Memory: the output, and per task (G * C) x (its run of keys) float32 scores and (G * C, D) float32 partial outputs.
 """
 from ..cpp import cpp_ops
+from ..nonfinite import finite_copy, take_exact_where_non_finite
 from .blockwise import streaming_attention_blockwise
 
 DECODE_CHUNK = 16  # longer chunks are prefill: the blockwise path's matmuls serve them
@@ -25,4 +28,7 @@ def streaming_attention_cpu(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sin
         out, finite = ops.streaming_decode(*tensors, length, sinks, window, scale)
         if finite:
             return out
+        exact = streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
+        clean, _ = ops.streaming_decode(*(finite_copy(t) for t in tensors), length, sinks, window, scale)
+        return take_exact_where_non_finite(clean, exact)
     return streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
