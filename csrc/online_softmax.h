@@ -21,19 +21,22 @@ struct Interval {  // keys [lo, hi) of a tile that a row sees
 inline void online_softmax_row(float* row, int64_t n, const Interval* seen, int count, float scale, float& max,
                                float& sum, float* acc, int64_t dim) {
   float tile_max = kNegInf;
-  bool any = false;
+  bool any = false, finite = true;
   for (int s = 0; s < count; ++s) {
     if (seen[s].hi <= seen[s].lo) continue;
     any = true;
-    tile_max = nan_max(tile_max, max_of(row + seen[s].lo, seen[s].hi - seen[s].lo));
+    bool part_finite;
+    tile_max = nan_max(tile_max, max_of_finite(row + seen[s].lo, seen[s].hi - seen[s].lo, part_finite));
+    finite = finite && part_finite;
   }
   if (!any) {
     std::fill_n(row, n, 0.f);
     return;
   }
-  if (!(tile_max > kNegInf) || std::isnan(max)) {
-    // NaN or only -inf among seen scores: a non-finite q or k. The row becomes NaN, which the caller sees in the
-    // output and redoes on the path whose non-finite semantics are the contract's.
+  if (!finite || std::isnan(max)) {
+    // A non-finite score seen: a non-finite q or k (finite ones give finite scores). The contract makes the row
+    // NaN (a -inf score must not vanish in the softmax); so does this, which the caller sees in the output and
+    // redoes on the path whose non-finite semantics are the contract's.
     std::fill_n(row, n, std::numeric_limits<float>::quiet_NaN());
     max = sum = std::numeric_limits<float>::quiet_NaN();
     return;

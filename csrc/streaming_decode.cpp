@@ -12,7 +12,7 @@
 // probabilities @ values in a second matmul; the tiles' results merge by their log-sum-exp. bfloat16 and float16
 // tiles are widened to float32 first. Each call reads the cache once. A NaN or inf that a row cannot see can still
 // meet a zero probability in a matmul: the op's second output says whether every output is finite, and the caller
-// (kernels/streaming/cpu.py) then runs the PyTorch path.
+// (kernels/streaming/cpu.py) then runs the PyTorch path, and this kernel on finite copies for every other value.
 //
 // Memory: the output, and per task (G * C, tile) float32 scores, (G * C, D) float32 partial outputs and, for other
 // dtypes, the widened tile.
@@ -23,15 +23,18 @@
 
 #include "gemm.h"
 #include "online_softmax.h"
+#include "tensor_rows.h"
 #include "vector_math.h"
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using hybridrag_cpu::Interval;
+using hybridrag_cpu::Rows;
 using hybridrag_cpu::kNegInf;
 constexpr int64_t kMaxTile = 1024;  // keys per task at most
 
@@ -82,51 +85,33 @@ struct Stream {
 };
 
 template <typename T>
-struct Heads {  // a (B, Hkv, N, D) tensor with unit last stride
-  const T* data;
-  int64_t s0, s1, s2;
-  explicit Heads(const at::Tensor& x)
-      : data(static_cast<const T*>(x.data_ptr())), s0(x.stride(0)), s1(x.stride(1)), s2(x.stride(2)) {}
-  const T* row(int64_t b, int64_t h, int64_t t) const { return data + b * s0 + h * s1 + t * s2; }
-};
-
-template <typename T>
 struct Cache {
-  Heads<T> sinks, ring, chunk;
-  const Heads<T>& of(Part part) const { return part == Part::sinks ? sinks : part == Part::ring ? ring : chunk; }
+  Rows<const T> sinks, ring, chunk;
+  const Rows<const T>& of(Part part) const { return part == Part::sinks ? sinks : part == Part::ring ? ring : chunk; }
 };
-
-// `count` rows from `first` of head (b, h) as a float32 matrix: the memory itself for float32, else widened into
-// `buffer`. Returns (pointer, leading dimension).
-template <typename T>
-std::pair<const float*, int64_t> as_float(const Heads<T>& x, int64_t b, int64_t h, int64_t first, int64_t count,
-                                          int64_t dim, std::vector<float>& buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {x.row(b, h, first), x.s2};
-  } else {
-    buffer.resize(count * dim);
-    for (int64_t r = 0; r < count; ++r) hybridrag_cpu::to_float(x.row(b, h, first + r), &buffer[r * dim], dim);
-    return {buffer.data(), dim};
-  }
-}
 
 struct Partial {  // one tile's softmax, per query row
   std::vector<float> max, sum, out;
 };
 
 template <typename T>
-void attend_tile(const Heads<T>& q, const Cache<T>& keys, const Cache<T>& values, const Stream& stream,
+void attend_tile(const Rows<const T>& q, const Cache<T>& keys, const Cache<T>& values, const Stream& stream,
                  const Tile& tile, float scale, int64_t b, int64_t hkv, int64_t group, int64_t dim, Partial& part) {
   const int64_t chunk = stream.chunk, m = group * chunk, n = tile.count;
   std::vector<float> query(m * dim), scores(m * n), key_buffer, value_buffer;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t c = 0; c < chunk; ++c)
-      hybridrag_cpu::to_float(q.row(b, hkv * group + g, c), &query[(g * chunk + c) * dim], dim);
+      hybridrag_cpu::to_float(q.at(b, hkv * group + g, c), &query[(g * chunk + c) * dim], dim);
   part.max.assign(m, kNegInf);
   part.sum.assign(m, 0.f);
   part.out.assign(m * dim, 0.f);
-  const auto [k, ldk] = as_float(keys.of(tile.part), b, hkv, tile.first, n, dim, key_buffer);
-  const auto [v, ldv] = as_float(values.of(tile.part), b, hkv, tile.first, n, dim, value_buffer);
+  if (!std::is_same_v<T, float>) {
+    key_buffer.resize(n * dim);
+    value_buffer.resize(n * dim);
+  }
+  const auto [k, ldk] = hybridrag_cpu::float_rows(keys.of(tile.part), b, hkv, tile.first, n, dim, key_buffer.data());
+  const auto [v, ldv] = hybridrag_cpu::float_rows(values.of(tile.part), b, hkv, tile.first, n, dim,
+                                                  value_buffer.data());
   hybridrag_cpu::gemm(false, true, m, n, dim, 1.f, query.data(), dim, k, ldk, 0.f, scores.data(), n);
   for (int64_t i = 0; i < m; ++i) {
     Interval seen[2];
@@ -154,9 +139,9 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             float scale, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = k.size(1);
   const int64_t group = heads / kv_heads, m = group * stream.chunk, heads_total = batch * kv_heads;
-  const Heads<T> qs(q);
-  const Cache<T> keys{Heads<T>(sink_k), Heads<T>(ring_k), Heads<T>(k)};
-  const Cache<T> values{Heads<T>(sink_v), Heads<T>(ring_v), Heads<T>(v)};
+  const Rows<const T> qs(q);
+  const Cache<T> keys{Rows<const T>(sink_k), Rows<const T>(ring_k), Rows<const T>(k)};
+  const Cache<T> values{Rows<const T>(sink_v), Rows<const T>(ring_v), Rows<const T>(v)};
   // enough ring tiles for every thread to have about two tasks, none longer than kMaxTile keys
   const int64_t wanted = std::max<int64_t>(1, (2 * at::get_num_threads() + heads_total - 1) / heads_total);
   const int64_t tile = std::clamp<int64_t>((stream.window + wanted - 1) / wanted, 64, kMaxTile);

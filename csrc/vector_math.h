@@ -25,6 +25,25 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // max(a, b), NaN when either is NaN (std::max keeps its first argument when the second is NaN)
 inline float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
 
+// The largest of n values, and whether all are finite (no NaN, no -inf, no +inf).
+inline float max_of_finite(const float* x, int64_t n, bool& finite) {
+  int64_t i = 0;
+  Vec best(kNegInf), low(std::numeric_limits<float>::infinity());
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i);
+    best = at::vec::maximum(best, v);
+    low = at::vec::minimum(low, v);
+  }
+  float high = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  float lowest = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, low);
+  for (; i < n; ++i) {
+    high = nan_max(high, x[i]);
+    lowest = x[i] != x[i] ? x[i] : std::min(lowest, x[i]);
+  }
+  finite = std::isfinite(high) && std::isfinite(lowest);
+  return high;
+}
+
 // The largest of n values; NaN when one is NaN (at::vec::maximum propagates NaN).
 inline float max_of(const float* x, int64_t n) {
   int64_t i = 0;

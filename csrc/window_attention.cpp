@@ -15,7 +15,8 @@
 //
 // Masked scores never enter a sum, but a matmul multiplies a hidden key's or value's NaN by the zero it meets. Each
 // op's last output says whether every output value is finite; where one is not, the caller
-// (hybridrag/ops/library_window.py) runs the PyTorch path, which keeps NaN to the rows that see it.
+// (kernels/sliding_window/cpu.py) runs the PyTorch path, which keeps NaN to the rows that see it, and this kernel on
+// finite copies of the inputs for every other value.
 //
 // Memory per thread: (G * rows, D) query and accumulator tiles, (G * rows, kKeyTile) scores (the backward: and their
 // gradients) in float32, widened key/value tiles; the backward adds float32 (Tk, D) dk and dv for the whole call.
@@ -27,6 +28,7 @@
 
 #include "gemm.h"
 #include "online_softmax.h"
+#include "tensor_rows.h"
 #include "vector_math.h"
 
 #include <algorithm>
@@ -39,6 +41,8 @@
 namespace {
 
 using hybridrag_cpu::gemm;
+using hybridrag_cpu::Rows;
+using hybridrag_cpu::widen_rows;
 using hybridrag_cpu::kNegInf;
 constexpr int64_t kKeyTile = 1024;  // keys per score tile: a block's whole band up to a window of ~960
 
@@ -58,36 +62,6 @@ int64_t query_block(const Band& band, int64_t group) {
   const int64_t width = band.left < 0 || band.right < 0 ? band.keys : band.left + band.right + 1;
   const int64_t rows = width >= 256 ? 64 : 32;
   return std::max<int64_t>(8, rows / std::min<int64_t>(group, 4));
-}
-
-// A (B, H, T, D) tensor with unit last stride, read or written a row at a time.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t batch_stride, head_stride, row_stride;
-  explicit Rows(const at::Tensor& x)
-      : data(static_cast<T*>(x.data_ptr())), batch_stride(x.stride(0)), head_stride(x.stride(1)),
-        row_stride(x.stride(2)) {}
-  T* at(int64_t b, int64_t h, int64_t row) const { return data + b * batch_stride + h * head_stride + row * row_stride; }
-};
-
-// Rows [first, first + count) of head (b, h) as float32 into `dst` (count, dim), row after row.
-template <typename T>
-void widen_rows(const Rows<T>& x, int64_t b, int64_t h, int64_t first, int64_t count, int64_t dim, float* dst) {
-  for (int64_t r = 0; r < count; ++r) hybridrag_cpu::to_float(x.at(b, h, first + r), dst + r * dim, dim);
-}
-
-// Keys [first, first + count) of one kv head as a float32 matrix: the tensor itself when it is float32, else a
-// widened copy in `buffer`. Returns (pointer, leading dimension).
-template <typename T>
-std::pair<const float*, int64_t> key_rows(const Rows<T>& x, int64_t b, int64_t h, int64_t first, int64_t count,
-                                          int64_t dim, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {x.at(b, h, first), x.row_stride};
-  } else {
-    widen_rows(x, b, h, first, count, dim, buffer);
-    return {buffer, dim};
-  }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -135,8 +109,8 @@ bool forward_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
   const int64_t key_lo = band.lo(first), key_hi = band.hi(first + rows - 1);
   for (int64_t tile_lo = key_lo; tile_lo < key_hi; tile_lo += kKeyTile) {
     const int64_t n = std::min(kKeyTile, key_hi - tile_lo);
-    const auto [keys, ldk] = key_rows(k, b, hkv, tile_lo, n, dim, w.keys.data());
-    const auto [values, ldv] = key_rows(v, b, hkv, tile_lo, n, dim, w.values.data());
+    const auto [keys, ldk] = hybridrag_cpu::float_rows(k, b, hkv, tile_lo, n, dim, w.keys.data());
+    const auto [values, ldv] = hybridrag_cpu::float_rows(v, b, hkv, tile_lo, n, dim, w.values.data());
     float* scores = w.scores.data();  // (m, n), leading dimension n
     gemm(false, true, m, n, dim, 1.f, w.query.data(), dim, keys, ldk, 0.f, scores, n);
     for (int64_t i = 0; i < m; ++i) {
@@ -236,8 +210,8 @@ bool backward_head(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
       }
       for (int64_t tile_lo = key_lo; tile_lo < key_hi; tile_lo += kKeyTile) {
         const int64_t n = std::min(kKeyTile, key_hi - tile_lo);
-        const auto [keys, ldk] = key_rows(k, b, hkv, tile_lo, n, dim, w.keys.data());
-        const auto [values, ldv] = key_rows(v, b, hkv, tile_lo, n, dim, w.values.data());
+        const auto [keys, ldk] = hybridrag_cpu::float_rows(k, b, hkv, tile_lo, n, dim, w.keys.data());
+        const auto [values, ldv] = hybridrag_cpu::float_rows(v, b, hkv, tile_lo, n, dim, w.values.data());
         float* p = w.scores.data();
         float* ds = w.grad_scores.data();
         gemm(false, true, m, n, dim, 1.f, w.query.data(), dim, keys, ldk, 0.f, p, n);

@@ -48,6 +48,23 @@ def cpu_kernels(request):
     cpp.set_cpu_kernels(previous)
 
 
+@pytest.fixture
+def backend(request):
+    """For tests parametrized with indirect=["backend"]: the backend to call. "cpu-cpp" and "cpu-blockwise" run
+    backend "cpu" on that CPU implementation (hybridrag.kernels.cpp); any other name is passed through."""
+    name = request.param
+    if not name.startswith("cpu-"):
+        yield name
+        return
+    from hybridrag.kernels import cpp
+    previous = cpp.set_cpu_kernels(name.removeprefix("cpu-"))
+    yield "cpu"
+    cpp.set_cpu_kernels(previous)
+
+
+CPU_IMPLEMENTATIONS = ["cpu-cpp", "cpu-blockwise"]  # the backend fixture's names for the two CPU implementations
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is faster than two and immune to a busy machine's OpenMP spin-waits."""

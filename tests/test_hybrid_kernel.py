@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import CPU_IMPLEMENTATIONS, DEVICE
 from tolerance import assert_within_tolerance, tolerance_error
 
 import hybridrag as hr
@@ -17,9 +17,10 @@ from hybridrag.kernels.patterns import hybrid_key_counts, hybrid_mask, resolve_l
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BACKEND_DTYPES = [("triton", dtype) for dtype in TRITON_DTYPES]
 BACKENDS = ["triton"]
-if DEVICE == "cpu":
-    BACKEND_DTYPES += [("cpu", dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-    BACKENDS += ["cpu"]
+if DEVICE == "cpu":  # both CPU implementations: the C++ kernels and the blockwise PyTorch path
+    BACKEND_DTYPES += [(cpu, dtype) for cpu in CPU_IMPLEMENTATIONS
+                       for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    BACKENDS += CPU_IMPLEMENTATIONS
 BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backend, dtype in BACKEND_DTYPES]
 
 
@@ -161,14 +162,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 @pytest.mark.parametrize("case", CASES, ids=Case.id)
 def test_matches_reference(case, backend, dtype):
     failures = compare(backend, case, dtype)
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 def test_non_contiguous_inputs(backend, dtype):
     case = Case(63, 63, 64, 24, batch=2, heads=4, kv_heads=2, landmarks=(0, 10, 50, 62), memory=3, memory_batch=2,
                 kv_start=(0, 9))
@@ -176,7 +177,7 @@ def test_non_contiguous_inputs(backend, dtype):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("window, causal, tq, tk", [(16, True, 63, 63), ((4, 9), False, 40, 63), (-1, True, 63, 30)])
 def test_without_landmarks_or_memory_is_sliding_window_attention(backend, window, causal, tq, tk):
     """No landmarks (None or an empty tensor) and no memory tokens: the sliding-window op, global_queries or not."""
@@ -198,7 +199,7 @@ def test_without_landmarks_or_memory_is_sliding_window_attention(backend, window
         assert_within_tolerance("lse", lse, truth_lse, baseline_lse, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("wrong", [dict(landmarks=9), dict(global_queries=False),
                                    dict(landmarks=torch.arange(1, 63, 8, device=DEVICE))], ids=["stride", "global",
                                                                                                "shifted"])
@@ -215,7 +216,7 @@ def test_tolerance_rule_can_fail(backend, wrong):
     assert tolerance_error("o", wrong_out, truth, baseline, torch.float32) is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_rows_that_see_no_key_are_zero(backend):
     """Rows at negative positions (Tq > Tk) and rows whose every visible key is padding output zeros with lse -inf;
     their gradients are zeros, never NaN. With memory tokens those rows attend to the memory tokens alone."""
@@ -244,7 +245,7 @@ def test_rows_that_see_no_key_are_zero(backend):
     torch.testing.assert_close(lse[blind], torch.logsumexp(memory_scores, dim=-1)[blind], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("through", ["o", "lse"])
 def test_gradient_through_one_output(backend, through):
     """A loss on o alone or on lse alone: the backward gets None for the other output's gradient."""

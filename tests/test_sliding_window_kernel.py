@@ -2,7 +2,7 @@
 outputs, lse and all three gradients, under the tolerance rule."""
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import CPU_IMPLEMENTATIONS, DEVICE
 from tolerance import tolerance_error
 
 import hybridrag as hr
@@ -11,22 +11,10 @@ import hybridrag as hr
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BACKEND_DTYPES = [("triton", dtype) for dtype in TRITON_DTYPES]
 if DEVICE == "cpu":  # both CPU implementations: the C++ kernels and the blockwise PyTorch path
-    BACKEND_DTYPES += [(f"cpu-{kernels}", dtype) for kernels in ("cpp", "blockwise")
+    BACKEND_DTYPES += [(cpu, dtype) for cpu in CPU_IMPLEMENTATIONS
                        for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backend, dtype in BACKEND_DTYPES]
 
-
-@pytest.fixture
-def backend(request):
-    """The backend to call: "cpu-cpp" / "cpu-blockwise" run backend "cpu" on that CPU implementation."""
-    name = request.param
-    if not name.startswith("cpu-"):
-        yield name
-        return
-    from hybridrag.kernels import cpp
-    previous = cpp.set_cpu_kernels(name.removeprefix("cpu-"))
-    yield "cpu"
-    cpp.set_cpu_kernels(previous)
 
 
 def make_inputs(batch, heads, kv_heads, tq, tk, dim, dtype, device=DEVICE, non_contiguous=False):

@@ -1,13 +1,13 @@
 """Streaming attention on CPU tensors: the C++ decode kernel (csrc/streaming_decode.cpp) for chunks of up to
 DECODE_CHUNK tokens where the C++ kernels are in use (`hybridrag.kernels.cpp`), else the blockwise PyTorch path.
 
-The decode kernel reads the sink slots and the ring in place, once per kv head, and skips every key a row cannot
-see. It reports whether every output is finite; where one is not (a NaN or inf that a row sees), the call is
-repeated on the blockwise path, whose non-finite semantics are the contract's (kernels/nonfinite.py), and on the
-kernel with finite copies of the inputs; the result takes the first's non-finite values and the second's finite
-ones (`take_exact_where_non_finite`).
+The decode kernel reads the sink slots and the ring in place, once per kv head, in tiles of keys multiplied whole,
+so a NaN or inf that a row cannot see can still meet a zero probability there. It reports whether every output is
+finite; where one is not, the call is repeated on the blockwise path, whose non-finite semantics are the contract's
+(kernels/nonfinite.py), and on the kernel with finite copies of the inputs; the result takes the first's non-finite
+values and the second's finite ones (`take_exact_where_non_finite`).
 
-Memory: the output, and per task (G * C) x (its run of keys) float32 scores and (G * C, D) float32 partial outputs.
+Memory: the output, and per task (G * C, <= 1024) float32 scores and (G * C, D) float32 partial outputs.
 """
 from ..cpp import cpp_ops
 from ..nonfinite import finite_copy, take_exact_where_non_finite
