@@ -1,10 +1,11 @@
 // Hybrid attention on the CPU, forward and backward: the sliding window, landmark keys, global landmark rows, memory
 // tokens and kv_start, in one softmax, as kernels/patterns.py defines them. A query at p (row i, p = i + Tk - Tq)
 // sees key j iff j >= kv_start[b] and (not causal or j <= p) and (j in p's band, or j a landmark, or p a landmark with
-// global_queries); every query sees the memory tokens. Each key counts once. (A key mask runs the blockwise path.)
+// global_queries) and key_mask[b, j]; every query sees the memory tokens. Each key counts once.
 //
-// What a row sees is a few intervals: of the keys, its band (a global row: every key it may see); of the landmarks,
-// gathered once per kv head into a (L, D) buffer, the ones before and after its band; all memory tokens. Every row
+// What a row sees is a few intervals: of the keys, its band (a global row: every key it may see), cut into the runs a
+// key mask leaves visible; of the landmarks a key mask leaves visible, gathered once per kv head into an (L, D)
+// buffer, the ones before and after its band; all memory tokens. Every row
 // set (a block of query rows, with its global rows left out; then the global rows, a block at a time) runs through
 // tiles of those three kinds of keys: scores from one float32 matmul per tile (gemm.h), the online softmax over the
 // intervals (online_softmax.h), probabilities @ values in a second matmul. The backward recomputes the probabilities
@@ -50,11 +51,20 @@ struct Pattern {
   const int64_t* landmarks;
   int64_t num_landmarks, memory;
   const int64_t* kv_start;  // (B,) or nullptr
+  // With a key mask: per batch row, the runs of keys it leaves visible, and the landmarks it leaves visible (a
+  // hidden landmark is no key at all; a landmark row stays a global row). Empty without a key mask.
+  std::vector<std::vector<Interval>> visible_runs;
+  std::vector<std::vector<int64_t>> visible_landmarks;
 
+  bool masked() const { return !visible_runs.empty(); }
+  const int64_t* marks(int64_t b) const { return masked() ? visible_landmarks[b].data() : landmarks; }
+  int64_t num_marks(int64_t b) const {
+    return masked() ? static_cast<int64_t>(visible_landmarks[b].size()) : num_landmarks;
+  }
   int64_t first_key(int64_t b) const { return kv_start ? std::clamp<int64_t>(kv_start[b], 0, keys) : 0; }
   int64_t end_key(int64_t row) const { return causal ? std::clamp<int64_t>(row + offset + 1, 0, keys) : keys; }
-  int64_t landmarks_below(int64_t position) const {
-    return std::lower_bound(landmarks, landmarks + num_landmarks, position) - landmarks;
+  int64_t landmarks_below(int64_t b, int64_t position) const {
+    return std::lower_bound(marks(b), marks(b) + num_marks(b), position) - marks(b);
   }
   bool is_global(int64_t row) const {
     return global_queries && std::binary_search(landmarks, landmarks + num_landmarks, row + offset);
@@ -70,8 +80,8 @@ struct Pattern {
   // The landmarks (as indices into the sorted list) row `row` sees outside its band: before it and after it.
   int seen_landmarks(int64_t b, int64_t row, Interval band, Interval* out) const {
     const int64_t lo_key = first_key(b), end = std::max(end_key(row), lo_key);
-    out[0] = {landmarks_below(lo_key), landmarks_below(std::clamp(band.lo, lo_key, end))};
-    out[1] = {landmarks_below(std::clamp(band.hi, lo_key, end)), landmarks_below(end)};
+    out[0] = {landmarks_below(b, lo_key), landmarks_below(b, std::clamp(band.lo, lo_key, end))};
+    out[1] = {landmarks_below(b, std::clamp(band.hi, lo_key, end)), landmarks_below(b, end)};
     out[1].lo = std::max(out[1].lo, out[0].hi);
     return 2;
   }
@@ -97,28 +107,37 @@ Interval clip(Interval x, const Tile& tile) {
   return {lo, std::max(lo, hi)};
 }
 
-// What row r (index into the set) sees of `tile`, as intervals of the tile's keys.
-int seen(const Pattern& pattern, const RowSet& set, int64_t b, int64_t r, const Tile& tile, Interval* out) {
-  if (set.skip[r]) return 0;
+// What row r (index into the set) sees of `tile`, as ascending intervals of the tile's keys, into `out`.
+void seen(const Pattern& pattern, const RowSet& set, int64_t b, int64_t r, const Tile& tile,
+          std::vector<Interval>& out) {
+  out.clear();
+  if (set.skip[r]) return;
   const int64_t row = set.rows[r];
   const Interval band = pattern.main(b, row, set.global[r]);
   if (tile.kind == Kind::keys) {
-    out[0] = clip(band, tile);
-    return 1;
+    if (!pattern.masked()) {
+      out.push_back(clip(band, tile));
+      return;
+    }
+    for (const Interval& run : pattern.visible_runs[b]) {  // the band's visible runs
+      const Interval part = clip({std::max(run.lo, band.lo), std::min(run.hi, band.hi)}, tile);
+      if (part.hi > part.lo) out.push_back(part);
+    }
+    return;
   }
   if (tile.kind == Kind::memory) {
-    out[0] = {0, tile.count};
-    return 1;
+    out.push_back({0, tile.count});
+    return;
   }
-  if (set.global[r]) return 0;  // its band already holds every landmark it may see
+  if (set.global[r]) return;  // its band already holds every landmark it may see
   Interval marks[2];
   pattern.seen_landmarks(b, row, band, marks);
-  out[0] = clip(marks[0], tile);
-  out[1] = clip(marks[1], tile);
-  return 2;
+  out.push_back(clip(marks[0], tile));
+  out.push_back(clip(marks[1], tile));
 }
 
 std::vector<Tile> tiles_for(const Pattern& pattern, const RowSet& set, int64_t b) {
+  const int64_t landmarks = pattern.num_marks(b);
   int64_t lo = pattern.keys, hi = 0;
   for (size_t r = 0; r < set.rows.size(); ++r) {
     if (set.skip[r]) continue;
@@ -130,8 +149,8 @@ std::vector<Tile> tiles_for(const Pattern& pattern, const RowSet& set, int64_t b
   }
   std::vector<Tile> tiles;
   for (int64_t first = lo; first < hi; first += kKeyTile) tiles.push_back({Kind::keys, first, std::min(kKeyTile, hi - first)});
-  for (int64_t first = 0; first < pattern.num_landmarks; first += kKeyTile)
-    tiles.push_back({Kind::landmarks, first, std::min(kKeyTile, pattern.num_landmarks - first)});
+  for (int64_t first = 0; first < landmarks; first += kKeyTile)
+    tiles.push_back({Kind::landmarks, first, std::min(kKeyTile, landmarks - first)});
   if (pattern.memory > 0) tiles.push_back({Kind::memory, 0, pattern.memory});
   return tiles;
 }
@@ -173,11 +192,13 @@ struct Operands {
   std::vector<float> landmark_k, landmark_v, key_buffer, value_buffer;
 
   void gather_landmarks(const Pattern& pattern, int64_t b, int64_t h) {
-    landmark_k.resize(pattern.num_landmarks * dim);
-    landmark_v.resize(pattern.num_landmarks * dim);
-    for (int64_t i = 0; i < pattern.num_landmarks; ++i) {
-      hybridrag_cpu::to_float(k.at(b, h, pattern.landmarks[i]), &landmark_k[i * dim], dim);
-      hybridrag_cpu::to_float(v.at(b, h, pattern.landmarks[i]), &landmark_v[i * dim], dim);
+    const int64_t count = pattern.num_marks(b);
+    const int64_t* marks = pattern.marks(b);
+    landmark_k.resize(count * dim);
+    landmark_v.resize(count * dim);
+    for (int64_t i = 0; i < count; ++i) {
+      hybridrag_cpu::to_float(k.at(b, h, marks[i]), &landmark_k[i * dim], dim);
+      hybridrag_cpu::to_float(v.at(b, h, marks[i]), &landmark_v[i * dim], dim);
     }
   }
   // (keys, ldk, values, ldv) of a tile
@@ -226,16 +247,16 @@ bool forward_set(const Rows<const T>& q, Operands<T>& ops, const Rows<T>& out, f
                  const RowSet& set, float scale, int64_t b, int64_t hkv, int64_t group, int64_t heads, int64_t tq) {
   const int64_t n = static_cast<int64_t>(set.rows.size()), m = group * n, dim = ops.dim;
   std::vector<float> query(m * dim), acc(m * dim, 0.f), max(m, kNegInf), sum(m, 0.f), scores;
+  std::vector<Interval> parts;
   gather_queries(q, set, b, hkv, group, dim, query.data());
   for (const Tile& tile : tiles_for(pattern, set, b)) {
     const auto [keys, ldk, values, ldv] = ops.of(tile, b, hkv);
     scores.resize(m * tile.count);
     gemm(false, true, m, tile.count, dim, 1.f, query.data(), dim, keys, ldk, 0.f, scores.data(), tile.count);
     for (int64_t i = 0; i < m; ++i) {
-      Interval parts[2];
-      const int count = seen(pattern, set, b, i % n, tile, parts);
-      hybridrag_cpu::online_softmax_row(&scores[i * tile.count], tile.count, parts, count, scale, max[i], sum[i],
-                                        &acc[i * dim], dim);
+      seen(pattern, set, b, i % n, tile, parts);
+      hybridrag_cpu::online_softmax_row(&scores[i * tile.count], tile.count, parts.data(),
+                                        static_cast<int>(parts.size()), scale, max[i], sum[i], &acc[i * dim], dim);
     }
     gemm(false, false, m, dim, tile.count, 1.f, scores.data(), tile.count, values, ldv, 1.f, acc.data(), dim);
   }
@@ -302,6 +323,7 @@ bool backward_set(const Rows<const T>& q, const Rows<const T>& out, const Rows<c
                   int64_t heads, int64_t tq) {
   const int64_t n = static_cast<int64_t>(set.rows.size()), m = group * n, dim = ops.dim;
   std::vector<float> query(m * dim), grad_o(m * dim), grad_q(m * dim, 0.f), delta(m), row_lse(m), row(dim), p, ds;
+  std::vector<Interval> parts;
   gather_queries(q, set, b, hkv, group, dim, query.data());
   gather_queries(grad_out, set, b, hkv, group, dim, grad_o.data());
   for (int64_t i = 0; i < m; ++i) {
@@ -320,10 +342,10 @@ bool backward_set(const Rows<const T>& q, const Rows<const T>& out, const Rows<c
     for (int64_t i = 0; i < m; ++i) {
       float* p_row = &p[i * c];
       float* ds_row = &ds[i * c];
-      Interval parts[2];
-      const int count = row_lse[i] == kNegInf ? 0 : seen(pattern, set, b, i % n, tile, parts);
+      parts.clear();
+      if (row_lse[i] != kNegInf) seen(pattern, set, b, i % n, tile, parts);
       int64_t done = 0;
-      for (int s = 0; s < count; ++s) {
+      for (size_t s = 0; s < parts.size(); ++s) {
         if (parts[s].hi <= parts[s].lo) continue;
         std::fill(p_row + done, p_row + parts[s].lo, 0.f);
         std::fill(ds_row + done, ds_row + parts[s].lo, 0.f);
@@ -356,7 +378,7 @@ bool backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               const Pattern& pattern, float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               at::Tensor& dmemory_k, at::Tensor& dmemory_v) {
   const int64_t batch = q.size(0), heads = q.size(1), tq = q.size(2), kv_heads = k.size(1), group = heads / kv_heads;
-  const int64_t tk = k.size(2), dim = q.size(3), landmarks = pattern.num_landmarks, memory = pattern.memory;
+  const int64_t tk = k.size(2), dim = q.size(3), memory = pattern.memory;
   const Rows<const T> qr(q), outr(out), gr(grad_out);
   const Rows<T> dqr(dq);
   const float* lse_data = lse.data_ptr<float>();
@@ -365,13 +387,13 @@ bool backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   std::atomic<bool> finite{true};
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     Operands<T> ops = operands<T>(k, v, memory_k, memory_v);
-    std::vector<float> landmark_dk(landmarks * dim), landmark_dv(landmarks * dim);
+    std::vector<float> landmark_dk, landmark_dv;
     bool ok = true;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / kv_heads, hkv = bh % kv_heads;
+      const int64_t b = bh / kv_heads, hkv = bh % kv_heads, landmarks = pattern.num_marks(b);
       ops.gather_landmarks(pattern, b, hkv);
-      std::fill(landmark_dk.begin(), landmark_dk.end(), 0.f);
-      std::fill(landmark_dv.begin(), landmark_dv.end(), 0.f);
+      landmark_dk.assign(landmarks * dim, 0.f);
+      landmark_dv.assign(landmarks * dim, 0.f);
       float* dk_head = dk.data_ptr<float>() + bh * tk * dim;
       float* dv_head = dv.data_ptr<float>() + bh * tk * dim;
       const Gradients grads{dk_head, dv_head, landmark_dk.data(), landmark_dv.data(),
@@ -381,8 +403,8 @@ bool backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         ok &= backward_set(qr, outr, gr, lse_data, grad_lse_data, ops, dqr, grads, pattern, set, scale, b, hkv, group,
                            heads, tq);
       for (int64_t i = 0; i < landmarks; ++i) {  // each landmark's key and value get what its column earned
-        hybridrag_cpu::add_scaled(dk_head + pattern.landmarks[i] * dim, &landmark_dk[i * dim], dim, 1.f);
-        hybridrag_cpu::add_scaled(dv_head + pattern.landmarks[i] * dim, &landmark_dv[i * dim], dim, 1.f);
+        hybridrag_cpu::add_scaled(dk_head + pattern.marks(b)[i] * dim, &landmark_dk[i * dim], dim, 1.f);
+        hybridrag_cpu::add_scaled(dv_head + pattern.marks(b)[i] * dim, &landmark_dv[i * dim], dim, 1.f);
       }
       ok = ok && hybridrag_cpu::all_finite(dk_head, tk * dim) && hybridrag_cpu::all_finite(dv_head, tk * dim);
       if (memory)
@@ -399,8 +421,13 @@ bool backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 // ---------------------------------------------------------------------------------------------------------------
 
 Pattern pattern_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& landmarks,
-                   const c10::optional<at::Tensor>& memory_k, const c10::optional<at::Tensor>& kv_start, int64_t left,
-                   int64_t right, bool causal, bool global_queries) {
+                   const c10::optional<at::Tensor>& memory_k, const c10::optional<at::Tensor>& kv_start,
+                   const c10::optional<at::Tensor>& key_mask, int64_t left, int64_t right, bool causal,
+                   bool global_queries) {
+  TORCH_CHECK(!key_mask.has_value() || (key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() &&
+                                        key_mask->dim() == 2 && key_mask->size(0) == q.size(0) &&
+                                        key_mask->size(1) == k.size(2)),
+              "hybrid attention: key_mask must be contiguous bool (B, Tk)");
   TORCH_CHECK(landmarks.dim() == 1 && landmarks.scalar_type() == at::kLong && landmarks.is_contiguous(),
               "hybrid attention: landmarks must be contiguous int64 (L,)");
   TORCH_CHECK(!kv_start.has_value() || (kv_start->scalar_type() == at::kLong && kv_start->is_contiguous() &&
@@ -410,9 +437,30 @@ Pattern pattern_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& l
   for (int64_t i = 0; i < landmarks.numel(); ++i)
     TORCH_CHECK(marks[i] >= 0 && marks[i] < k.size(2) && (i == 0 || marks[i] > marks[i - 1]),
                 "hybrid attention: landmarks must be sorted, distinct positions in [0, Tk)");
-  return Pattern{left, right, k.size(2) - q.size(2), k.size(2), causal, global_queries, marks, landmarks.numel(),
-                 memory_k.has_value() ? memory_k->size(2) : 0,
-                 kv_start.has_value() ? kv_start->data_ptr<int64_t>() : nullptr};
+  Pattern pattern{left, right, k.size(2) - q.size(2), k.size(2), causal, global_queries, marks, landmarks.numel(),
+                  memory_k.has_value() ? memory_k->size(2) : 0,
+                  kv_start.has_value() ? kv_start->data_ptr<int64_t>() : nullptr, {}, {}};
+  if (key_mask.has_value()) {
+    const bool* mask = key_mask->data_ptr<bool>();
+    const int64_t batch = q.size(0), tk = k.size(2);
+    pattern.visible_runs.resize(batch);
+    pattern.visible_landmarks.resize(batch);
+    for (int64_t b = 0; b < batch; ++b) {
+      const bool* row = mask + b * tk;
+      for (int64_t j = 0; j < tk;) {
+        if (!row[j]) {
+          ++j;
+          continue;
+        }
+        const int64_t start = j;
+        while (j < tk && row[j]) ++j;
+        pattern.visible_runs[b].push_back({start, j});
+      }
+      for (int64_t i = 0; i < landmarks.numel(); ++i)
+        if (row[marks[i]]) pattern.visible_landmarks[b].push_back(marks[i]);
+    }
+  }
+  return pattern;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -438,10 +486,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor, bool> hybrid_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& landmarks,
     const c10::optional<at::Tensor>& memory_k, const c10::optional<at::Tensor>& memory_v,
-    const c10::optional<at::Tensor>& kv_start, int64_t left, int64_t right, bool causal, bool global_queries,
-    double scale) {
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& key_mask, int64_t left,
+    int64_t right, bool causal, bool global_queries, double scale) {
   check_inputs(q, k, v, memory_k, memory_v, scale);
-  const Pattern pattern = pattern_of(q, k, landmarks, memory_k, kv_start, left, right, causal, global_queries);
+  const Pattern pattern =
+      pattern_of(q, k, landmarks, memory_k, kv_start, key_mask, left, right, causal, global_queries);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
   const float s = static_cast<float>(scale);
@@ -458,8 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hyb
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& landmarks,
     const c10::optional<at::Tensor>& memory_k, const c10::optional<at::Tensor>& memory_v,
-    const c10::optional<at::Tensor>& kv_start, int64_t left, int64_t right, bool causal, bool global_queries,
-    double scale) {
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& key_mask, int64_t left,
+    int64_t right, bool causal, bool global_queries, double scale) {
   check_inputs(q, k, v, memory_k, memory_v, scale);
   TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.stride(3) == 1 &&
                   grad_out.stride(3) == 1 && out.scalar_type() == q.scalar_type() &&
@@ -470,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hyb
   TORCH_CHECK(!grad_lse.has_value() || (grad_lse->scalar_type() == at::kFloat && grad_lse->is_contiguous() &&
                                         grad_lse->sizes() == lse.sizes()),
               "hybrid attention backward: grad_lse must be contiguous float32 (B, H, Tq)");
-  const Pattern pattern = pattern_of(q, k, landmarks, memory_k, kv_start, left, right, causal, global_queries);
+  const Pattern pattern =
+      pattern_of(q, k, landmarks, memory_k, kv_start, key_mask, left, right, causal, global_queries);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
@@ -501,9 +551,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hyb
 
 TORCH_LIBRARY_FRAGMENT(hybridrag_cpu, m) {
   m.def("hybrid_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? memory_k, Tensor? memory_v, "
-        "Tensor? kv_start, int left, int right, bool causal, bool global_queries, float scale) -> (Tensor, Tensor, bool)");
+        "Tensor? kv_start, Tensor? key_mask, int left, int right, bool causal, bool global_queries, float scale) -> "
+        "(Tensor, Tensor, bool)");
   m.def("hybrid_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor grad_out, Tensor? grad_lse, "
-        "Tensor landmarks, Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, int left, int right, bool causal, "
+        "Tensor landmarks, Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, Tensor? key_mask, int left, int right, "
+        "bool causal, "
         "bool global_queries, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");
 }
 

@@ -90,12 +90,12 @@ def _register_fakes():
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), True
 
     @torch.library.register_fake(f"{NAME}::hybrid_attention_fwd")
-    def _(q, k, v, landmarks, memory_k, memory_v, kv_start, left, right, causal, global_queries, scale):
+    def _(q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask, left, right, causal, global_queries, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), True
 
     @torch.library.register_fake(f"{NAME}::hybrid_attention_bwd")
-    def _(q, k, v, out, lse, grad_out, grad_lse, landmarks, memory_k, memory_v, kv_start, left, right, causal,
-          global_queries, scale):
+    def _(q, k, v, out, lse, grad_out, grad_lse, landmarks, memory_k, memory_v, kv_start, key_mask, left, right,
+          causal, global_queries, scale):
         memory = (k.shape[0], k.shape[1], 0 if memory_k is None else memory_k.shape[2], k.shape[3])
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                 q.new_empty(memory, dtype=torch.float32), q.new_empty(memory, dtype=torch.float32), True)

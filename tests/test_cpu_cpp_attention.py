@@ -130,18 +130,18 @@ def hybrid_args(dtype=torch.float32, memory=True):
     q, k, v = inputs(dtype, tq=45, tk=45)
     memory_k = torch.randn(1, 2, 3, 40, dtype=dtype) if memory else None
     memory_v = torch.randn(1, 2, 3, 40, dtype=dtype) if memory else None
-    return q, k, v, torch.tensor([0, 9, 30]), memory_k, memory_v, torch.tensor([0, 4])
+    return q, k, v, torch.tensor([0, 9, 30]), memory_k, memory_v, torch.tensor([0, 4]), torch.rand(2, 45) > 0.2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_hybrid_ops_pass_opcheck(dtype, cpu_kernels):
-    q, k, v, landmarks, memory_k, memory_v, kv_start = hybrid_args(dtype)
+    q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask = hybrid_args(dtype)
     ops = torch.ops.hybridrag_cpu
-    pattern = (7, 0, True, True, 0.25)
-    torch.library.opcheck(ops.hybrid_attention_fwd.default, (q, k, v, landmarks, memory_k, memory_v, kv_start, *pattern))
-    out, lse, _ = ops.hybrid_attention_fwd(q, k, v, landmarks, memory_k, memory_v, kv_start, *pattern)
+    hidden, pattern = (kv_start, key_mask), (7, 0, True, True, 0.25)
+    torch.library.opcheck(ops.hybrid_attention_fwd.default, (q, k, v, landmarks, memory_k, memory_v, *hidden, *pattern))
+    out, lse, _ = ops.hybrid_attention_fwd(q, k, v, landmarks, memory_k, memory_v, *hidden, *pattern)
     torch.library.opcheck(ops.hybrid_attention_bwd.default, (q, k, v, out, lse, torch.randn_like(out), None, landmarks,
-                                                             memory_k, memory_v, kv_start, *pattern))
+                                                             memory_k, memory_v, *hidden, *pattern))
 
 
 @pytest.mark.parametrize("kwargs, op", [
@@ -149,14 +149,14 @@ def test_the_hybrid_ops_pass_opcheck(dtype, cpu_kernels):
     ({"landmarks": torch.tensor([0, 20])}, "hybrid_attention"),
     ({"memory_k": torch.randn(1, 2, 3, 40), "memory_v": torch.randn(1, 2, 3, 40)}, "hybrid_attention"),
     ({"kv_start": torch.tensor([0, 4])}, "hybrid_attention"),
-    ({"key_mask": torch.ones(2, 37, dtype=torch.bool)}, None),
+    ({"key_mask": torch.rand(2, 37) > 0.3}, "hybrid_attention"),
 ], ids=["window", "landmarks", "memory", "kv_start", "key_mask"])
 def test_hybrid_attention_takes_the_cpp_kernel_its_pattern_needs(kwargs, op, cpu_kernels):
     q, k, v = (t.requires_grad_(True) for t in inputs())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         hr.hybrid_attention(q, k, v, 8, backend="cpu", **kwargs).sum().backward()
     names = {event.name for event in prof.events() if event.name.startswith("hybridrag_cpu::")}
-    assert names == ({f"hybridrag_cpu::{op}_fwd", f"hybridrag_cpu::{op}_bwd"} if op else set())
+    assert names == {f"hybridrag_cpu::{op}_fwd", f"hybridrag_cpu::{op}_bwd"}
 
 
 @pytest.mark.parametrize("change, match", [
@@ -165,12 +165,14 @@ def test_hybrid_attention_takes_the_cpp_kernel_its_pattern_needs(kwargs, op, cpu
     ({"landmarks": torch.tensor([0, 9], dtype=torch.int32)}, "contiguous int64"),
     ({"kv_start": torch.tensor([0, 4], dtype=torch.int32)}, "kv_start must be contiguous int64"),
     ({"memory_k": torch.randn(3, 2, 3, 40)}, r"memory_k/v must be \(1 or B, Hkv, M, D\)"),
-], ids=["unsorted", "range", "landmark-dtype", "kv-start-dtype", "memory-batch"])
+    ({"key_mask": torch.ones(2, 44, dtype=torch.bool)}, r"key_mask must be contiguous bool \(B, Tk\)"),
+], ids=["unsorted", "range", "landmark-dtype", "kv-start-dtype", "memory-batch", "key-mask"])
 def test_the_hybrid_op_refuses_what_it_cannot_compute(change, match, cpu_kernels):
-    q, k, v, landmarks, memory_k, memory_v, kv_start = hybrid_args()
-    args = {"landmarks": landmarks, "memory_k": memory_k, "memory_v": memory_v, "kv_start": kv_start, **change}
+    q, k, v, landmarks, memory_k, memory_v, kv_start, key_mask = hybrid_args()
+    args = {"landmarks": landmarks, "memory_k": memory_k, "memory_v": memory_v, "kv_start": kv_start,
+            "key_mask": key_mask, **change}
     if "memory_k" in change:
         args["memory_v"] = torch.randn(3, 2, 3, 40)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.hybridrag_cpu.hybrid_attention_fwd(q, k, v, args["landmarks"], args["memory_k"], args["memory_v"],
-                                                     args["kv_start"], 7, 0, True, True, 0.25)
+                                                     args["kv_start"], args["key_mask"], 7, 0, True, True, 0.25)

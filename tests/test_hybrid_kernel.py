@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import CPU_IMPLEMENTATIONS, DEVICE
+from conftest import DEVICE
+from conftest import CPU_IMPLEMENTATIONS  # (a line of its own: gpu_check.sh finds the CUDA tests by the one above)
 from tolerance import assert_within_tolerance, tolerance_error
 
 import hybridrag as hr

@@ -21,14 +21,14 @@ KEY_MASK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 @pytest.mark.parametrize("case", KEY_MASK_CASES, ids=Case.id)
 def test_key_mask_matches_reference(case, backend, dtype):
     failures = compare(backend, case, dtype)
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_rows_whose_keys_are_all_hidden_give_zeros_and_minus_inf(backend):
     q, k, v = torch.randn(2, 2, 20, 64, device=DEVICE), torch.randn(2, 1, 20, 64, device=DEVICE), \
         torch.randn(2, 1, 20, 64, device=DEVICE)
@@ -40,7 +40,7 @@ def test_rows_whose_keys_are_all_hidden_give_zeros_and_minus_inf(backend):
     assert torch.isfinite(lse[0]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_key_mask_equal_to_kv_start_gives_the_same_answer(backend):
     q, k, v = torch.randn(2, 4, 50, 64, device=DEVICE), torch.randn(2, 2, 50, 64, device=DEVICE), \
         torch.randn(2, 2, 50, 64, device=DEVICE)
@@ -51,7 +51,7 @@ def test_key_mask_equal_to_kv_start_gives_the_same_answer(backend):
     torch.testing.assert_close(by_mask, by_start, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"], indirect=True)
 def test_sliding_window_attention_takes_a_key_mask(backend):
     q, k, v = torch.randn(1, 2, 40, 64, device=DEVICE), torch.randn(1, 2, 40, 64, device=DEVICE), \
         torch.randn(1, 2, 40, 64, device=DEVICE)
@@ -95,7 +95,7 @@ PACKED = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"], indirect=True)
 @pytest.mark.parametrize("spec", PACKED, ids=lambda spec: f"q{spec['lengths_q']}k{spec['lengths_k']}")
 def test_packed_batch_equals_its_sequences_one_by_one(spec, backend):
     q, k, v, cu_q, cu_k = _pack(spec["lengths_q"], spec["lengths_k"])
@@ -139,7 +139,7 @@ def test_packed_batch_equals_its_sequences_one_by_one(spec, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_packed_sequences_match_the_reference_with_a_key_mask(backend):
     q, k, v, cu_q, cu_k = _pack([25, 38], [25, 38])
     key_mask = torch.rand(1, 63, device=DEVICE) > 0.3
@@ -153,7 +153,7 @@ def test_packed_sequences_match_the_reference_with_a_key_mask(backend):
     torch.testing.assert_close(got[:, :, 25], v[:, :, 25].repeat_interleave(2, dim=1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_attention_mass_takes_a_key_mask(backend):
     q, k = torch.randn(2, 4, 40, 64, device=DEVICE), torch.randn(2, 2, 40, 64, device=DEVICE)
     segments = torch.randint(-1, 3, (2, 40), device=DEVICE)

@@ -2,7 +2,8 @@
 outputs, lse and all three gradients, under the tolerance rule."""
 import pytest
 import torch
-from conftest import CPU_IMPLEMENTATIONS, DEVICE
+from conftest import DEVICE
+from conftest import CPU_IMPLEMENTATIONS  # (a line of its own: gpu_check.sh finds the CUDA tests by the one above)
 from tolerance import tolerance_error
 
 import hybridrag as hr

@@ -1,7 +1,7 @@
 """Hybrid attention on CPU tensors, on the C++ kernels where they are in use (`hybridrag.kernels.cpp`): a pattern
 that is the window alone (no landmarks, memory tokens, kv_start or key mask: a transformers model's causal or
 sliding-window layers) on the sliding-window kernels (kernels/sliding_window/cpu.py); landmarks, global rows,
-memory tokens and kv_start on csrc/hybrid_attention.cpp; a key mask, and everything without the C++ kernels, on the
+memory tokens, kv_start and key masks on csrc/hybrid_attention.cpp; everything without the C++ kernels on the
 blockwise path.
 
 Non-finite values as in kernels/sliding_window/cpu.py: where a C++ output is not finite, the result takes the
@@ -18,8 +18,8 @@ from ..sliding_window.cpu import sliding_window_bwd_cpu, sliding_window_fwd_cpu
 from .blockwise import hybrid_bwd_blockwise, hybrid_fwd_blockwise
 
 
-def _window_only(landmarks, memory_k, kv_start):
-    return landmarks.numel() == 0 and memory_k is None and kv_start is None
+def _window_only(landmarks, memory_k, kv_start, key_mask):
+    return landmarks.numel() == 0 and memory_k is None and kv_start is None and key_mask is None
 
 
 def _band(left, right, causal):
@@ -27,9 +27,9 @@ def _band(left, right, causal):
     return left, 0 if causal else right
 
 
-def _cpp(q, v, key_mask):
-    """The C++ ops for this call, or None (no C++ kernels, a key mask, only lse wanted, an empty tensor)."""
-    if v is None or key_mask is not None or not q.numel():
+def _cpp(q, v):
+    """The C++ ops for this call, or None (no C++ kernels, only lse wanted, an empty tensor)."""
+    if v is None or not q.numel():
         return None
     return cpp_ops()
 
@@ -38,25 +38,29 @@ def _long(t):
     return None if t is None else t.to(torch.int64).contiguous()
 
 
+def _bool(t):
+    return None if t is None else t.to(torch.bool).contiguous()
+
+
 def hybrid_fwd_cpu(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k=None, memory_v=None,
                    kv_start=None, key_mask=None):
     """As `hybrid_fwd_blockwise` (same arguments and result)."""
-    ops = _cpp(q, v, key_mask)
+    ops = _cpp(q, v)
     if ops is None:
         return hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale, memory_k, memory_v,
                                     kv_start, key_mask)
-    if _window_only(landmarks, memory_k, kv_start):
+    if _window_only(landmarks, memory_k, kv_start, key_mask):
         return sliding_window_fwd_cpu(q, k, v, *_band(left, right, causal), scale)
-    marks, starts = _long(landmarks), _long(kv_start)
+    marks, starts, mask = _long(landmarks), _long(kv_start), _bool(key_mask)
 
     def run(q, k, v, memory_k, memory_v):
-        return ops.hybrid_attention_fwd(q, k, v, marks, memory_k, memory_v, starts, left, right, causal,
+        return ops.hybrid_attention_fwd(q, k, v, marks, memory_k, memory_v, starts, mask, left, right, causal,
                                         global_queries, scale)
     out, lse, finite = run(q, k, v, memory_k, memory_v)
     if finite:
         return out, lse
     exact_out, exact_lse = hybrid_fwd_blockwise(q, k, v, left, right, causal, landmarks, global_queries, scale,
-                                                memory_k, memory_v, kv_start)
+                                                memory_k, memory_v, kv_start, key_mask)
     out, lse, _ = run(*(finite_copy(t) for t in (q, k, v, memory_k, memory_v)))
     return take_exact_where_non_finite(out, exact_out), take_exact_where_non_finite(lse, exact_lse, lse=True)
 
@@ -64,18 +68,18 @@ def hybrid_fwd_cpu(q, k, v, left, right, causal, landmarks, global_queries, scal
 def hybrid_bwd_cpu(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks, global_queries, scale,
                    memory_k=None, memory_v=None, kv_start=None, key_mask=None):
     """As `hybrid_bwd_blockwise` (same arguments and result)."""
-    ops = _cpp(q, v, key_mask)
+    ops = _cpp(q, v)
     if ops is None:
         return hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks,
                                     global_queries, scale, memory_k, memory_v, kv_start, key_mask)
-    if _window_only(landmarks, memory_k, kv_start):
+    if _window_only(landmarks, memory_k, kv_start, key_mask):
         dq, dk, dv = sliding_window_bwd_cpu(q, k, v, out, lse, grad_out, grad_lse, *_band(left, right, causal), scale)
         return dq, dk, dv, None, None
-    marks, starts = _long(landmarks), _long(kv_start)
+    marks, starts, mask = _long(landmarks), _long(kv_start), _bool(key_mask)
 
     def run(q, k, v, out, lse, grad_out, grad_lse, memory_k, memory_v):
         *grads, finite = ops.hybrid_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, marks, memory_k, memory_v,
-                                                  starts, left, right, causal, global_queries, scale)
+                                                  starts, mask, left, right, causal, global_queries, scale)
         dq, dk, dv, dmemory_k, dmemory_v = grads
         if memory_k is None:
             return (dq, dk, dv, None, None), finite
@@ -86,7 +90,7 @@ def hybrid_bwd_cpu(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, l
     if finite:
         return grads
     exact = hybrid_bwd_blockwise(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, landmarks, global_queries,
-                                 scale, memory_k, memory_v, kv_start)
+                                 scale, memory_k, memory_v, kv_start, key_mask)
     clean, _ = run(*(finite_copy(t) for t in (q, k, v, out)), finite_copy(lse, keep_negative_inf=True),
                    finite_copy(grad_out), finite_copy(grad_lse), finite_copy(memory_k), finite_copy(memory_v))
     return tuple(None if e is None else take_exact_where_non_finite(c, e) for c, e in zip(clean, exact))
