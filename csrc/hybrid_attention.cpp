@@ -148,7 +148,8 @@ std::vector<Tile> tiles_for(const Pattern& pattern, const RowSet& set, int64_t b
     }
   }
   std::vector<Tile> tiles;
-  for (int64_t first = lo; first < hi; first += kKeyTile) tiles.push_back({Kind::keys, first, std::min(kKeyTile, hi - first)});
+  for (int64_t first = lo; first < hi; first += kKeyTile)
+    tiles.push_back({Kind::keys, first, std::min(kKeyTile, hi - first)});
   for (int64_t first = 0; first < landmarks; first += kKeyTile)
     tiles.push_back({Kind::landmarks, first, std::min(kKeyTile, landmarks - first)});
   if (pattern.memory > 0) tiles.push_back({Kind::memory, 0, pattern.memory});
@@ -235,7 +236,8 @@ void gather_queries(const Rows<const T>& x, const RowSet& set, int64_t b, int64_
                     float* out) {
   const int64_t n = static_cast<int64_t>(set.rows.size());
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t r = 0; r < n; ++r) hybridrag_cpu::to_float(x.at(b, hkv * group + g, set.rows[r]), out + (g * n + r) * dim, dim);
+    for (int64_t r = 0; r < n; ++r)
+      hybridrag_cpu::to_float(x.at(b, hkv * group + g, set.rows[r]), out + (g * n + r) * dim, dim);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -554,9 +556,8 @@ TORCH_LIBRARY_FRAGMENT(hybridrag_cpu, m) {
         "Tensor? kv_start, Tensor? key_mask, int left, int right, bool causal, bool global_queries, float scale) -> "
         "(Tensor, Tensor, bool)");
   m.def("hybrid_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor grad_out, Tensor? grad_lse, "
-        "Tensor landmarks, Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, Tensor? key_mask, int left, int right, "
-        "bool causal, "
-        "bool global_queries, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");
+        "Tensor landmarks, Tensor? memory_k, Tensor? memory_v, Tensor? kv_start, Tensor? key_mask, int left, "
+        "int right, bool causal, bool global_queries, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)");
 }
 
 TORCH_LIBRARY_IMPL(hybridrag_cpu, CPU, m) {

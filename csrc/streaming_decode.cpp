@@ -127,7 +127,8 @@ std::vector<Tile> tiles_of(const Stream& stream, int64_t tile) {
   if (stream.cached_sinks() > 0) out.push_back({Part::sinks, 0, stream.cached_sinks()});
   if (stream.past_sinks() > 0) {
     const int64_t filled = std::min(stream.past_sinks(), stream.window);  // the ring fills slot 0 first
-    for (int64_t first = 0; first < filled; first += tile) out.push_back({Part::ring, first, std::min(tile, filled - first)});
+    for (int64_t first = 0; first < filled; first += tile)
+      out.push_back({Part::ring, first, std::min(tile, filled - first)});
   }
   out.push_back({Part::chunk, 0, stream.chunk});
   return out;

@@ -19,7 +19,9 @@ struct Rows {
   explicit Rows(const at::Tensor& x)
       : data(static_cast<T*>(x.data_ptr())), batch_stride(x.stride(0)), head_stride(x.stride(1)),
         row_stride(x.stride(2)) {}
-  T* at(int64_t b, int64_t h, int64_t row) const { return data + b * batch_stride + h * head_stride + row * row_stride; }
+  T* at(int64_t b, int64_t h, int64_t row) const {
+    return data + b * batch_stride + h * head_stride + row * row_stride;
+  }
 };
 
 // Rows [first, first + count) of head (b, h) as float32 into `dst` (count, dim), row after row.

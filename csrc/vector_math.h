@@ -23,7 +23,9 @@ using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max(a, b), NaN when either is NaN (std::max keeps its first argument when the second is NaN)
-inline float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
+inline float nan_max(float a, float b) {
+  return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b);
+}
 
 // The largest of n values, and whether all are finite (no NaN, no -inf, no +inf).
 inline float max_of_finite(const float* x, int64_t n, bool& finite) {
@@ -83,7 +85,8 @@ inline void scale_in_place(float* x, int64_t n, float factor) {
 inline void add_scaled(float* out, const float* x, int64_t n, float factor) {
   const Vec f(factor);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(Vec::loadu(x + i), f, Vec::loadu(out + i)).store(out + i);
+  for (; i + Vec::size() <= n; i += Vec::size())
+    at::vec::fmadd(Vec::loadu(x + i), f, Vec::loadu(out + i)).store(out + i);
   for (; i < n; ++i) out[i] += factor * x[i];
 }
 

@@ -75,8 +75,8 @@ def build(verbose=False):
     """Build (or load from the cache) and register the ops; raises what the build raised."""
     from torch.utils.cpp_extension import load
 
-    load(name=NAME, sources=source_paths(), extra_cflags=FLAGS + [_headers_flag()], extra_ldflags=["-fopenmp"], is_python_module=False,
-         verbose=verbose)
+    load(name=NAME, sources=source_paths(), extra_cflags=FLAGS + [_headers_flag()], extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=verbose)
 
 
 def _register_fakes():
