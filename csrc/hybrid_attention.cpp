@@ -24,6 +24,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "attention_checks.h"
 #include "gemm.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
@@ -198,8 +199,8 @@ struct Operands {
     landmark_k.resize(count * dim);
     landmark_v.resize(count * dim);
     for (int64_t i = 0; i < count; ++i) {
-      hybridrag_cpu::to_float(k.at(b, h, marks[i]), &landmark_k[i * dim], dim);
-      hybridrag_cpu::to_float(v.at(b, h, marks[i]), &landmark_v[i * dim], dim);
+      at::vec::convert(k.at(b, h, marks[i]), &landmark_k[i * dim], dim);
+      at::vec::convert(v.at(b, h, marks[i]), &landmark_v[i * dim], dim);
     }
   }
   // (keys, ldk, values, ldv) of a tile
@@ -237,7 +238,7 @@ void gather_queries(const Rows<const T>& x, const RowSet& set, int64_t b, int64_
   const int64_t n = static_cast<int64_t>(set.rows.size());
   for (int64_t g = 0; g < group; ++g)
     for (int64_t r = 0; r < n; ++r)
-      hybridrag_cpu::to_float(x.at(b, hkv * group + g, set.rows[r]), out + (g * n + r) * dim, dim);
+      at::vec::convert(x.at(b, hkv * group + g, set.rows[r]), out + (g * n + r) * dim, dim);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ bool forward_set(const Rows<const T>& q, Operands<T>& ops, const Rows<T>& out, f
     float* a = &acc[i * dim];
     hybridrag_cpu::scale_in_place(a, dim, sum[i] > 0 ? 1.f / sum[i] : 0.f);
     finite = finite && hybridrag_cpu::all_finite(a, dim);
-    hybridrag_cpu::from_float(a, out.at(b, h, row), dim);
+    at::vec::convert(a, out.at(b, h, row), dim);
     lse[(b * heads + h) * tq + row] = sum[i] > 0 ? max[i] + std::log(sum[i]) : kNegInf;
   }
   return finite;
@@ -330,7 +331,7 @@ bool backward_set(const Rows<const T>& q, const Rows<const T>& out, const Rows<c
   gather_queries(grad_out, set, b, hkv, group, dim, grad_o.data());
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = i % n, at = (b * heads + hkv * group + i / n) * tq + set.rows[r];
-    hybridrag_cpu::to_float(out.at(b, hkv * group + i / n, set.rows[r]), row.data(), dim);
+    at::vec::convert(out.at(b, hkv * group + i / n, set.rows[r]), row.data(), dim);
     delta[i] = hybridrag_cpu::dot(row.data(), &grad_o[i * dim], dim) - (grad_lse ? grad_lse[at] : 0.f);
     row_lse[i] = lse[at];
   }
@@ -368,7 +369,7 @@ bool backward_set(const Rows<const T>& q, const Rows<const T>& out, const Rows<c
     const int64_t r = i % n;
     if (set.skip[r]) continue;
     finite = finite && hybridrag_cpu::all_finite(&grad_q[i * dim], dim);
-    hybridrag_cpu::from_float(&grad_q[i * dim], dq.at(b, hkv * group + i / n, set.rows[r]), dim);
+    at::vec::convert(&grad_q[i * dim], dq.at(b, hkv * group + i / n, set.rows[r]), dim);
   }
   return finite;
 }
@@ -467,14 +468,7 @@ Pattern pattern_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& l
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const c10::optional<at::Tensor>& memory_k, const c10::optional<at::Tensor>& memory_v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hybrid attention: q, k, v must be 4-d (B, H, T, D)");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
-                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf),
-              "hybrid attention: q, k, v must share a dtype: float32, bfloat16 or float16");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0,
-              "hybrid attention: k and v (B, Hkv, Tk, D) must match q (B, H, Tq, D), H a multiple of Hkv");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "hybrid attention: unit last strides");
+  hybridrag_cpu::check_attention_inputs("hybrid attention", q, k, v, scale);
   TORCH_CHECK(memory_k.has_value() == memory_v.has_value(), "hybrid attention: memory_k and memory_v together");
   if (memory_k.has_value())
     TORCH_CHECK(memory_k->sizes() == memory_v->sizes() && memory_k->dim() == 4 &&
@@ -482,7 +476,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     memory_k->size(3) == k.size(3) && memory_k->scalar_type() == q.scalar_type() &&
                     memory_v->scalar_type() == q.scalar_type() && memory_k->stride(3) == 1 && memory_v->stride(3) == 1,
                 "hybrid attention: memory_k/v must be (1 or B, Hkv, M, D) in q's dtype with unit last strides");
-  TORCH_CHECK(scale > 0, "hybrid attention: scale must be positive");
 }
 
 std::tuple<at::Tensor, at::Tensor, bool> hybrid_attention_fwd(
@@ -512,15 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> hyb
     const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& key_mask, int64_t left,
     int64_t right, bool causal, bool global_queries, double scale) {
   check_inputs(q, k, v, memory_k, memory_v, scale);
-  TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.stride(3) == 1 &&
-                  grad_out.stride(3) == 1 && out.scalar_type() == q.scalar_type() &&
-                  grad_out.scalar_type() == q.scalar_type(),
-              "hybrid attention backward: out and grad_out must be q's shape and dtype with unit last stride");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == q.sizes().slice(0, 3),
-              "hybrid attention backward: lse must be contiguous float32 (B, H, Tq)");
-  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->scalar_type() == at::kFloat && grad_lse->is_contiguous() &&
-                                        grad_lse->sizes() == lse.sizes()),
-              "hybrid attention backward: grad_lse must be contiguous float32 (B, H, Tq)");
+  hybridrag_cpu::check_backward_inputs("hybrid attention", q, out, lse, grad_out, grad_lse);
   const Pattern pattern =
       pattern_of(q, k, landmarks, memory_k, kv_start, key_mask, left, right, causal, global_queries);
   const auto f32 = q.options().dtype(at::kFloat);

@@ -101,7 +101,7 @@ void attend_tile(const Rows<const T>& q, const Cache<T>& keys, const Cache<T>& v
   std::vector<float> query(m * dim), scores(m * n), key_buffer, value_buffer;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t c = 0; c < chunk; ++c)
-      hybridrag_cpu::to_float(q.at(b, hkv * group + g, c), &query[(g * chunk + c) * dim], dim);
+      at::vec::convert(q.at(b, hkv * group + g, c), &query[(g * chunk + c) * dim], dim);
   part.max.assign(m, kNegInf);
   part.sum.assign(m, 0.f);
   part.out.assign(m * dim, 0.f);
@@ -176,7 +176,7 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       hybridrag_cpu::scale_in_place(row.data(), dim, sum > 0 ? 1.f / sum : 0.f);
       finite = finite && hybridrag_cpu::all_finite(row.data(), dim);
       const int64_t b = bh / kv_heads, h = (bh % kv_heads) * group + i / stream.chunk, c = i % stream.chunk;
-      hybridrag_cpu::from_float(row.data(), out_data + ((b * heads + h) * stream.chunk + c) * dim, dim);
+      at::vec::convert(row.data(), out_data + ((b * heads + h) * stream.chunk + c) * dim, dim);
     }
   }
   return finite;

@@ -27,7 +27,7 @@ struct Rows {
 // Rows [first, first + count) of head (b, h) as float32 into `dst` (count, dim), row after row.
 template <typename T>
 void widen_rows(const Rows<T>& x, int64_t b, int64_t h, int64_t first, int64_t count, int64_t dim, float* dst) {
-  for (int64_t r = 0; r < count; ++r) to_float(x.at(b, h, first + r), dst + r * dim, dim);
+  for (int64_t r = 0; r < count; ++r) at::vec::convert(x.at(b, h, first + r), dst + r * dim, dim);
 }
 
 // Rows [first, first + count) of head (b, h) as a float32 matrix: the tensor's memory itself when it is float32,

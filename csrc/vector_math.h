@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 namespace hybridrag_cpu {
 
@@ -44,16 +43,6 @@ inline float max_of_finite(const float* x, int64_t n, bool& finite) {
   }
   finite = std::isfinite(high) && std::isfinite(lowest);
   return high;
-}
-
-// The largest of n values; NaN when one is NaN (at::vec::maximum propagates NaN).
-inline float max_of(const float* x, int64_t n) {
-  int64_t i = 0;
-  Vec best(kNegInf);
-  for (; i + Vec::size() <= n; i += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + i));
-  float out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; i < n; ++i) out = nan_max(out, x[i]);
-  return out;
 }
 
 // x = exp(x * scale - shift) for n values; returns their sum.
@@ -118,24 +107,6 @@ inline bool all_finite(const float* x, int64_t n) {
   float total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sums);
   for (; i < n; ++i) total += x[i] - x[i];
   return total == 0.f;
-}
-
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy_n(src, n, dst);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-template <typename T>
-inline void from_float(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy_n(src, n, dst);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  }
 }
 
 }  // namespace hybridrag_cpu

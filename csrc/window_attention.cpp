@@ -26,6 +26,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "attention_checks.h"
 #include "gemm.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
@@ -62,20 +63,6 @@ int64_t query_block(const Band& band, int64_t group) {
   const int64_t width = band.left < 0 || band.right < 0 ? band.keys : band.left + band.right + 1;
   const int64_t rows = width >= 256 ? 64 : 32;
   return std::max<int64_t>(8, rows / std::min<int64_t>(group, 4));
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "window attention: q, k, v must be 4-d (B, H, T, D)");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "window attention: CPU tensors");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "window attention: q, k, v must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "window attention: float32, bfloat16 or float16 inputs");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3),
-              "window attention: k and v (B, Hkv, Tk, D) must match q (B, H, Tq, D)");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "window attention: H must be a multiple of Hkv");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "window attention: unit last strides");
-  TORCH_CHECK(scale > 0, "window attention: scale must be positive");
 }
 
 struct Shape {
@@ -128,7 +115,7 @@ bool forward_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
     float* row = &w.acc[i * dim];
     hybridrag_cpu::scale_in_place(row, dim, total > 0 ? 1.f / total : 0.f);
     finite = finite && hybridrag_cpu::all_finite(row, dim);
-    hybridrag_cpu::from_float(row, out.at(b, h, r), dim);
+    at::vec::convert(row, out.at(b, h, r), dim);
     lse[(b * s.heads + h) * s.tq + r] = total > 0 ? w.max[i] + std::log(total) : kNegInf;
   }
   return finite;
@@ -158,7 +145,7 @@ bool forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 std::tuple<at::Tensor, at::Tensor, bool> window_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, int64_t left, int64_t right,
                                                               double scale) {
-  check_inputs(q, k, v, scale);
+  hybridrag_cpu::check_attention_inputs("window attention", q, k, v, scale);
   const Band band{left, right, k.size(2) - q.size(2), k.size(2)};
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
@@ -203,7 +190,7 @@ bool backward_head(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
         widen_rows(grad_out, b, h, first, rows, dim, &w.grad_out[g * rows * dim]);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = g * rows + r, at = (b * s.heads + h) * s.tq + first + r;
-          hybridrag_cpu::to_float(out.at(b, h, first + r), w.row.data(), dim);
+          at::vec::convert(out.at(b, h, first + r), w.row.data(), dim);
           w.delta[i] = hybridrag_cpu::dot(w.row.data(), &w.grad_out[i * dim], dim) - (grad_lse ? grad_lse[at] : 0.f);
           w.lse[i] = lse[at];
         }
@@ -242,7 +229,7 @@ bool backward_head(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const R
     for (int64_t i = 0; i < m; ++i) {
       const float* row = &w.grad_query[i * dim];
       finite = finite && hybridrag_cpu::all_finite(row, dim);
-      hybridrag_cpu::from_float(row, dq.at(b, hkv * s.group + i / rows, first + i % rows), dim);
+      at::vec::convert(row, dq.at(b, hkv * s.group + i / rows, first + i % rows), dim);
     }
   }
   return finite;
@@ -278,16 +265,8 @@ bool backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> window_attention_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, int64_t left, int64_t right, double scale) {
-  check_inputs(q, k, v, scale);
-  TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.stride(3) == 1 &&
-                  grad_out.stride(3) == 1 && out.scalar_type() == q.scalar_type() &&
-                  grad_out.scalar_type() == q.scalar_type(),
-              "window attention backward: out and grad_out must be q's shape and dtype with unit last stride");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == q.sizes().slice(0, 3),
-              "window attention backward: lse must be contiguous float32 (B, H, Tq)");
-  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->scalar_type() == at::kFloat && grad_lse->is_contiguous() &&
-                                        grad_lse->sizes() == lse.sizes()),
-              "window attention backward: grad_lse must be contiguous float32 (B, H, Tq)");
+  hybridrag_cpu::check_attention_inputs("window attention", q, k, v, scale);
+  hybridrag_cpu::check_backward_inputs("window attention", q, out, lse, grad_out, grad_lse);
   const Band band{left, right, k.size(2) - q.size(2), k.size(2)};
   at::Tensor dq = at::empty(q.sizes(), q.options());
   const auto f32 = q.options().dtype(at::kFloat);

@@ -22,7 +22,7 @@ CPU_KERNELS = ("auto", "cpp", "blockwise")
 ENV = "HYBRIDRAG_CPU_KERNELS"
 NAME = "hybridrag_cpu"
 SOURCES = ("int8_matmul.cpp", "window_attention.cpp", "hybrid_attention.cpp", "streaming_decode.cpp")
-HEADERS = ("gemm.h", "online_softmax.h", "tensor_rows.h", "vector_math.h")
+HEADERS = ("attention_checks.h", "gemm.h", "online_softmax.h", "tensor_rows.h", "vector_math.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _lock = threading.Lock()
