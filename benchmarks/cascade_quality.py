@@ -60,13 +60,12 @@ import numpy as np
 import torch
 
 from hybridrag.distillation import KnowledgeBaseAnswerer, TeacherStudentCascade, confidence, retrieval_cascade
-from hybridrag.distillation.adapters import as_retrieval_encoder
 from hybridrag.encoders import HybridEncoder
 from hybridrag.encoders.retrieval import HybridTextEncoder
 from hybridrag.encoders.train import PASSAGE_TOKENS, summary_path
 from hybridrag.retrieval import KnowledgeBase
 from hybridrag.retrieval.documents import chunk_documents
-from hybridrag.retrieval.encoder import DenseEncoder
+from hybridrag.retrieval.encoder import DenseEncoder, as_retrieval_encoder
 
 from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
                      flag_under_load, format_table, load_column, LoadMeter, log, plot_bars, record_run, write_json)

@@ -15,7 +15,8 @@ from hybridrag.encoders.__main__ import main
 from hybridrag.encoders.retrieval import HybridTextEncoder
 from hybridrag.encoders.train import (EncoderTrainingConfig, distillation_loss, info_nce, pydoc_passages,
                                       summary_path, teacher_embeddings, train_encoder)
-from hybridrag.retrieval.encoder import HashingEncoder, LazyEncoder, encoder_from_manifest, make_encoder
+from hybridrag.retrieval.encoder import (HashingEncoder, LazyEncoder, as_retrieval_encoder, encoder_from_manifest,
+                                         make_encoder)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -303,6 +304,38 @@ def test_make_encoder_and_the_manifest_rebuild_it(checkpoint):
         make_encoder(f"hybrid-encoder:{checkpoint.resolve()}#000000000000")
     with pytest.raises(FileNotFoundError, match="no HybridEncoder checkpoint"):
         make_encoder("hybrid-encoder:/nonexistent/encoder.pt")
+
+
+def test_an_encoder_object_is_named_by_its_weights():
+    encoder = tiny()
+    wrapped = as_retrieval_encoder(encoder)
+    assert isinstance(wrapped, HybridTextEncoder) and wrapped.encoder is encoder
+    assert wrapped.name.startswith("HybridEncoder-") and len(wrapped.name) == len("HybridEncoder-") + 12
+    assert HybridTextEncoder(tiny()).name == wrapped.name  # the same config and weights
+    assert HybridTextEncoder(tiny(seed=1)).name != wrapped.name
+    assert as_retrieval_encoder(wrapped) is wrapped
+    hashing = HashingEncoder(8)
+    assert as_retrieval_encoder(hashing) is hashing
+    with pytest.raises(TypeError, match="encoder must be a retrieval encoder .* or a HybridEncoder, got dict"):
+        as_retrieval_encoder({})
+
+
+def test_a_hybrid_encoder_is_a_cascade_student():
+    from hybridrag.distillation import retrieval_cascade
+    from hybridrag.retrieval import Document
+
+    documents = [Document(f"d{i}", text) for i, text in enumerate(TEXTS)]
+    cascade = retrieval_cascade(documents, tiny(), HashingEncoder(32), k=2, threshold=0.0, index_kind="flat")
+    assert cascade.student.knowledge_base.encoder.name.startswith("HybridEncoder-")
+    assert cascade(TEXTS[3])["answered_by"] == "student"  # a margin is never below 0
+
+
+def test_non_finite_vectors_are_refused():
+    encoder = tiny()
+    with torch.no_grad():
+        encoder.output.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="returned non-finite vectors for 2 texts"):
+        HybridTextEncoder(encoder, name="diverged").encode(TEXTS[:2])
 
 
 def test_adapter_in_a_knowledge_base(checkpoint):

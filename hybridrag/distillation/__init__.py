@@ -10,8 +10,7 @@ temperature-softened logits, embedding cosine/MSE) and ready-made retrieval and 
 
 The model protocol and the threshold rule: hybridrag.distillation.cascade.
 """
-from .adapters import (KnowledgeBaseAnswerer, RetrievalEncoder, SystemAnswerer, as_retrieval_encoder,
-                       retrieval_cascade)
+from .adapters import KnowledgeBaseAnswerer, SystemAnswerer, retrieval_cascade
 from .cascade import TeacherStudentCascade, default_agreement, text_agreement, top1_agreement
 from .confidence import MEASURES, confidence, max_probability, score_entropy, score_margin, token_entropy
 from .config import DistillationConfig
@@ -20,4 +19,4 @@ from .losses import embedding_distillation_loss, kl_distillation_loss
 __all__ = ["TeacherStudentCascade", "DistillationConfig", "kl_distillation_loss", "embedding_distillation_loss",
            "confidence", "score_margin", "score_entropy", "token_entropy", "max_probability", "MEASURES",
            "default_agreement", "text_agreement", "top1_agreement", "KnowledgeBaseAnswerer", "SystemAnswerer",
-           "RetrievalEncoder", "as_retrieval_encoder", "retrieval_cascade"]
+           "retrieval_cascade"]

@@ -6,22 +6,13 @@
 - SystemAnswerer(system, method="hybrid", top_k=None, attention=False): a HybridRAGSystem's answers as a model:
   result = the response text, scores = the retrieved passages' scores, attention_quality with attention=True. A
   student may be base RAG over fewer passages (top_k=1) or an int8 system; the teacher the float system.
-- RetrievalEncoder(encoder, name=None): an encoder with .dimension and .encode(texts) (a HybridEncoder) in the
-  retrieval encoder interface a KnowledgeBase takes (.name, .dimension, .encode(list) -> float32 (N, d),
-  L2-normalised rows).
 
 Layering: this module imports hybridrag.retrieval (downward) only when it builds knowledge bases; the system is used
 through its methods (duck typing), never imported, so distillation stays below system.
 """
-import hashlib
-import json
-
-import numpy as np
-
 from .cascade import TeacherStudentCascade
 
-__all__ = ["KnowledgeBaseAnswerer", "SystemAnswerer", "RetrievalEncoder", "as_retrieval_encoder",
-           "retrieval_cascade", "SEARCH_MODES", "SYSTEM_METHODS"]
+__all__ = ["KnowledgeBaseAnswerer", "SystemAnswerer", "retrieval_cascade", "SEARCH_MODES", "SYSTEM_METHODS"]
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
 SYSTEM_METHODS = ("hybrid", "base_rag", "direct")
@@ -134,88 +125,6 @@ class SystemAnswerer:
     __call__ = answer
 
 
-def _state_digest(module):
-    """sha256 of a torch module's config (when it has one with to_dict) and every state tensor's name, dtype,
-    shape and bytes."""
-    import torch
-
-    digest = hashlib.sha256()
-    config = getattr(module, "config", None)
-    if config is not None and callable(getattr(config, "to_dict", None)):
-        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        if not isinstance(tensor, torch.Tensor):
-            digest.update(f"{name}={tensor!r}".encode())
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class RetrievalEncoder:
-    """An encoder with .dimension and .encode(texts) (e.g. hybridrag.encoders.HybridEncoder) in the interface a
-    KnowledgeBase takes: .name, .dimension and .encode(list of str) -> float32 (N, dimension) with L2-normalised
-    rows (re-normalised here; a zero row stays zero).
-
-    name: stored in the knowledge base's manifest, which refuses to load with an encoder of another name. None
-        names a torch module by a digest of its config and weights taken now ("HybridEncoder-<12 hex>"): a knowledge
-        base built with these weights is refused with other weights. Train the encoder first, then wrap it. An
-        encoder that is not a torch module needs an explicit name.
-    tokenizer: the wrapped encoder's (KnowledgeBase.build(chunk_tokens=...) counts tokens with it), None if none.
-    Output that is not (N, dimension) or not finite is a ValueError.
-    """
-
-    def __init__(self, encoder, name=None):
-        dimension = getattr(encoder, "dimension", None)
-        if not callable(getattr(encoder, "encode", None)) or dimension is None:
-            raise TypeError(f"encoder must have .dimension and .encode(texts) (a HybridEncoder), got "
-                            f"{type(encoder).__name__}")
-        self.dimension = _check_count("encoder.dimension", dimension)
-        if name is None:
-            if not callable(getattr(encoder, "state_dict", None)):
-                raise ValueError(f"name is needed for a {type(encoder).__name__} (only a torch module can be named "
-                                 "by its weights)")
-            name = f"{type(encoder).__name__}-{_state_digest(encoder)[:12]}"
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be None or a non-empty str, got {name!r}")
-        self.name = name
-        self.encoder = encoder
-
-    def __repr__(self):
-        return f"RetrievalEncoder(name={self.name!r}, dimension={self.dimension})"
-
-    @property
-    def tokenizer(self):
-        return getattr(self.encoder, "tokenizer", None)
-
-    def encode(self, texts, **options):
-        """float32 (N, dimension), rows L2-normalised; options (batch_size, show_progress) are accepted for the
-        encoder interface and unused."""
-        from ..retrieval.encoder import check_texts
-
-        texts = check_texts(texts)
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = np.asarray(self.encoder.encode(texts), dtype=np.float32)
-        if vectors.shape != (len(texts), self.dimension):
-            raise ValueError(f"encoder {self.name!r} returned shape {vectors.shape} for {len(texts)} texts, expected "
-                             f"({len(texts)}, {self.dimension})")
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"encoder {self.name!r} returned non-finite values")
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-def as_retrieval_encoder(encoder):
-    """`encoder` itself when it already has the retrieval interface (.name, .dimension, .encode: HashingEncoder,
-    DenseEncoder, RetrievalEncoder), else RetrievalEncoder(encoder) (a HybridEncoder, named by its weights)."""
-    if isinstance(getattr(encoder, "name", None), str) and hasattr(encoder, "dimension") \
-            and callable(getattr(encoder, "encode", None)):
-        return encoder  # already a retrieval encoder (HashingEncoder, DenseEncoder, RetrievalEncoder)
-    return RetrievalEncoder(encoder)
-
-
 def retrieval_cascade(documents, student_encoder, teacher_encoder=None, *, k=5, mode="dense", measure="margin",
                       threshold=None, index_kind="auto"):
     """A TeacherStudentCascade of two KnowledgeBaseAnswerers over the same documents.
@@ -224,13 +133,13 @@ def retrieval_cascade(documents, student_encoder, teacher_encoder=None, *, k=5, 
         documents: a non-empty list of hybridrag.retrieval.Document, indexed as they are by both knowledge bases
             (chunk them first, once, with hybridrag.retrieval.chunk_documents: chunking by each encoder's own
             tokenizer would give the two sides different passages under the same ids).
-        student_encoder: a retrieval encoder (HashingEncoder, DenseEncoder) or an encoder with .dimension and
-            .encode (a HybridEncoder, wrapped in RetrievalEncoder).
+        student_encoder: a retrieval encoder (HashingEncoder, DenseEncoder, HybridTextEncoder) or a HybridEncoder
+            (wrapped in a HybridTextEncoder named by its weights: hybridrag.retrieval.encoder.as_retrieval_encoder).
         teacher_encoder: the same kinds; None = the bundled all-MiniLM-L6-v2 (DenseEncoder()).
         k, mode: of both answerers (see KnowledgeBaseAnswerer). measure, threshold: of the cascade.
     The student and the teacher are at `cascade.student.knowledge_base` and `cascade.teacher.knowledge_base`.
     """
-    from ..retrieval.encoder import DenseEncoder
+    from ..retrieval.encoder import DenseEncoder, as_retrieval_encoder
     from ..retrieval.knowledge_base import KnowledgeBase
 
     if student_encoder is None:

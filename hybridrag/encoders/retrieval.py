@@ -9,18 +9,24 @@ HybridTextEncoder has DenseEncoder's interface (`.name`, `.dimension`, `.encode(
 show_progress=None)` -> float32 (N, dimension) with L2-normalised rows, `.tokenizer`, `.max_length`), so a knowledge
 base chunks with its tokenizer and searches with inner products. Loaded from a checkpoint, its name is
 "hybrid-encoder:<absolute path>#<first 12 hex digits of the checkpoint's SHA-256>": a knowledge base built with it
-rebuilds it from its manifest, and refuses a checkpoint retrained in the same place.
+rebuilds it from its manifest, and refuses a checkpoint retrained in the same place. Wrapping an encoder object, its
+name is "HybridEncoder-<12 hex digits>" of a digest of its config and weights taken then (train first, then wrap):
+a knowledge base built with those weights refuses an encoder with others. It is the one wrapper: the cascade
+(hybridrag.distillation.retrieval_cascade) and the pipeline's vector store wrap a HybridEncoder in it through
+hybridrag.retrieval.encoder.as_retrieval_encoder.
 
 `pydoc_retrieval_quality` scores encoders on the pydoc topics the way benchmarks/retrieval_quality.py does (the
 topics of `pydoc_data.topics` chunked into 200-token windows with 40 overlap by the encoder's tokenizer, dense search
 of the 100 best chunks, folded into a ranking of topics by each topic's best chunk, recall@k, MRR and nDCG@10 from
 hybridrag.retrieval.metrics); `python -m hybridrag.encoders evaluate` prints it.
 """
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checked_file import header_digest
 from ..retrieval.encoder import HYBRID_ENCODER_PREFIX as SPEC_PREFIX, check_texts
@@ -37,15 +43,28 @@ def checkpoint_digest(path):
     return header_digest(path, "HybridEncoder")
 
 
+def weights_digest(module):
+    """sha256 hex of a HybridEncoder's config and every state tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(module.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            digest.update(f"{name}={tensor!r}".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class HybridTextEncoder:
     """A HybridEncoder with the knowledge-base encoder interface (see the module docstring).
 
     Args:
         encoder: a HybridEncoder, or the path of a checkpoint HybridEncoder.save wrote (loaded here, quantized as
             saved).
-        name: the name a knowledge base's manifest stores: default "hybrid-encoder:<path>#<sha>" for a checkpoint,
-            "hybrid-encoder" for an encoder object (give one that says which weights, since a knowledge base is
-            loaded again only with an encoder of the same name).
+        name: the name a knowledge base's manifest stores (a knowledge base is loaded again only with an encoder of
+            the same name): default "hybrid-encoder:<path>#<sha>" for a checkpoint, "HybridEncoder-<12 hex>" (a
+            digest of the config and weights, taken now) for an encoder object.
         batch_size: texts per forward pass (encode's default).
         show_progress: True/False, or None for a bar on inputs of 1000 texts or more.
         backend: the attention and int8 ops' backend when loading a checkpoint.
@@ -59,7 +78,8 @@ class HybridTextEncoder:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be None or a non-empty str, got {name!r}")
         if isinstance(encoder, HybridEncoder):
-            self.encoder, default = encoder, "hybrid-encoder"
+            self.encoder = encoder
+            default = f"{type(encoder).__name__}-{weights_digest(encoder)[:12]}"
         elif isinstance(encoder, (str, Path)):
             path = Path(encoder).resolve()
             self.encoder = HybridEncoder.load(path, backend=backend)
@@ -96,12 +116,16 @@ class HybridTextEncoder:
 
     def encode(self, texts, *, batch_size=None, show_progress=None):
         """float32 (N, dimension), rows L2-normalised; (0, dimension) for no text. Texts over max_length tokens keep
-        their first tokens (HybridEncoder.encode warns)."""
+        their first tokens (HybridEncoder.encode warns). Non-finite vectors (diverged weights) are a ValueError:
+        they would corrupt an index."""
         texts = check_texts(texts)
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         progress = show_progress if show_progress is not None else self.show_progress
         vectors = self.encoder.encode(texts, batch_size=batch_size or self.batch_size, progress=progress)
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"encoder {self.name!r} returned non-finite vectors for {len(texts)} texts (diverged "
+                             "weights?): they would corrupt a search index")
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def __repr__(self):

@@ -26,9 +26,8 @@ import re
 import numpy as np
 
 from ..diffusion.quality import SYNTHETIC, synthetic_ids
-from ..distillation.adapters import as_retrieval_encoder
 from ..retrieval.documents import Document
-from ..retrieval.encoder import check_encoder, check_texts
+from ..retrieval.encoder import as_retrieval_encoder, check_encoder, check_texts
 from ..retrieval.knowledge_base import KnowledgeBase
 
 __all__ = ["HybridVectorStoreAdapter", "GENERATED_PREFIX"]
@@ -43,7 +42,7 @@ class HybridVectorStoreAdapter:
     Args:
         knowledge_base: the original hybridrag.retrieval.KnowledgeBase (e.g. a HybridRAGSystem's).
         hybrid_encoder: None (work on the original encoder: the fallback, logged), a HybridEncoder (wrapped in
-            hybridrag.distillation.RetrievalEncoder, named by its weights) or any retrieval encoder (.name,
+            hybridrag.encoders.HybridTextEncoder, named by its weights) or any retrieval encoder (.name,
             .dimension, .encode). Its dimension may differ from the original's: it gets an index of its own.
         fallback_encoder: None (the knowledge base's own encoder) or an encoder of the same name and dimension (the
             original vectors were made by it: another model would make queries that do not match them).

@@ -209,6 +209,22 @@ def make_encoder(spec):
     return DenseEncoder(spec)
 
 
+def as_retrieval_encoder(encoder):
+    """`encoder` itself when it has the retrieval interface (a str .name, .dimension and .encode: DenseEncoder,
+    HashingEncoder, HybridTextEncoder), a HybridTextEncoder (named by its weights) for a hybridrag.encoders
+    HybridEncoder, else a TypeError."""
+    if isinstance(getattr(encoder, "name", None), str) and hasattr(encoder, "dimension") \
+            and callable(getattr(encoder, "encode", None)):
+        return encoder
+    from ..encoders.model import HybridEncoder  # on use only: hybridrag.encoders imports this module
+    from ..encoders.retrieval import HybridTextEncoder
+
+    if isinstance(encoder, HybridEncoder):
+        return HybridTextEncoder(encoder)
+    raise TypeError(f"encoder must be a retrieval encoder (.name, .dimension, .encode) or a HybridEncoder, got "
+                    f"{type(encoder).__name__}")
+
+
 def encoder_from_manifest(name, dimension):
     """The encoder a knowledge base names, where it can be rebuilt without the caller's help (the bundled MiniLM
     as a LazyEncoder, loaded on first use)."""
