@@ -30,6 +30,11 @@ Arms, per seed, the same retriever initialisation, batch seed and steps in each:
   real                 the labeled pairs only;
   real + synthetic     plus the generated pairs that filter_samples accepts, given to the learner through
                        hybridrag.diffusion.hand_over (the library's route from the filter to a ContinualLearner);
+  real + synthetic (copy test)
+                       plus those of them that also pass filter_samples(authentic=True): the copy test of Alaa et
+                       al. 2022 refuses a sample more similar to its nearest labeled chunk than that chunk is to its
+                       own nearest labeled chunk (real unlabeled chunks sit at cosine ~0.65 to their nearest labeled
+                       chunk, a generator's samples at ~0.87 in trials: it reproduces its training data);
   real + jitter        plus as many noisy copies of the labeled pairs (cycled in a seeded order): Gaussian noise of
                        expected norm 0.5 added to the query and to the positive, rows renormalised (cosine ~0.89 to
                        the original): the cheap augmentation baseline, at the synthetic arm's count;
@@ -106,7 +111,8 @@ LR = 3e-3           # retriever AdamW learning rate
 TEMPERATURE = 0.05  # fixed (learn_temperature=False): see the docstring
 JITTER = 0.5        # expected norm of the jitter noise added to each unit row
 KS = (1, 10)
-ARMS = ("real", "real + synthetic", "real + jitter", "real + true (acc.)", "real + true (all)")
+ARMS = ("real", "real + synthetic", "real + synthetic (copy test)", "real + jitter", "real + true (acc.)",
+        "real + true (all)")
 
 
 def _unit(x):
@@ -204,15 +210,21 @@ def run_seed(spec, data, seed, config):
     sample_s = time.perf_counter() - started
     result = filter_samples(samples, c[extra], p, min_similarity=MIN_SIMILARITY,
                             max_corpus_similarity=MAX_CORPUS_SIMILARITY)
+    authentic = filter_samples(samples, c[extra], p, min_similarity=MIN_SIMILARITY,
+                               max_corpus_similarity=MAX_CORPUS_SIMILARITY, authentic=True)
     accepted = result.accepted
-    n = int(accepted.numel())
+    n, n_authentic = int(accepted.numel()), int(authentic.accepted.numel())
     handed = {}
 
-    def give_synthetic(learner):
-        handed.update(hand_over(result, samples=samples, conditions=c[extra], learner=learner))
+    def giving(filtered, key):
+        def give(learner):
+            handed[key] = hand_over(filtered, samples=samples, conditions=c[extra], learner=learner)
+        return give
 
     jq, jp = jittered(q, p, n, torch.Generator().manual_seed(seed + 2))
-    adders = {"real": (None, 0), "real + synthetic": (give_synthetic, n), "real + jitter": (_observing(jq, jp), n),
+    adders = {"real": (None, 0), "real + synthetic": (giving(result, "filter"), n),
+              "real + synthetic (copy test)": (giving(authentic, "copy test"), n_authentic),
+              "real + jitter": (_observing(jq, jp), n),
               "real + true (acc.)": (_observing(c[extra[accepted]], x[extra[accepted]]), n),
               "real + true (all)": (_observing(c[extra], x[extra]), len(extra))}
     arms = {}
@@ -223,7 +235,9 @@ def run_seed(spec, data, seed, config):
         arms[arm] = {**recalls(retriever, c[test], test, x), "pairs": pairs, "final_loss": loss}
     retriever_s = time.perf_counter() - started
     synthetic = {"seed": seed, "labeled": len(labeled), "unlabeled_conditions": len(extra), "accepted": n,
-                 "observed": handed.get("observed", 0), "dropped": handed.get("dropped", 0),
+                 "observed": handed["filter"]["observed"], "dropped": handed["filter"]["dropped"],
+                 "accepted_copy_test": n_authentic, "observed_copy_test": handed["copy test"]["observed"],
+                 "copy_bound_mean": float(authentic.copy_bound.mean()),
                  **diagnose(samples, c[extra], result, extra, x, labeled),
                  "mean_norm": float(samples.norm(dim=1).mean()),
                  "diffusion_final_loss": float(np.mean(history[-100:])), "diffusion_seconds": train_s,
@@ -297,7 +311,8 @@ def run(size, out, threads=2, seed=0):
                       "sampling": {"sampler": "DDIM", "num_steps": SAMPLING_STEPS, "eta": 0.0, "guidance": GUIDANCE,
                                    "per_condition": 1},
                       "filter": {"min_similarity": MIN_SIMILARITY, "max_corpus_similarity": MAX_CORPUS_SIMILARITY,
-                                 "corpus": "the labeled chunk embeddings"},
+                                 "corpus": "the labeled chunk embeddings",
+                                 "copy test arm": "the same plus authentic=True"},
                       "jitter_norm": JITTER},
         "references": references, "rows": summarise(per_seed), "per_seed": per_seed, "synthetic": synthetic,
         "seconds": {"encode": data["encode_seconds"],
@@ -335,6 +350,8 @@ def _fmt(value, spec=".3f"):
 
 SYNTHETIC_COLUMNS = [("seed", lambda r: str(r["seed"])),
                      ("accepted", lambda r: f"{r['accepted']}/{r['unlabeled_conditions']}"),
+                     ("copy test", lambda r: str(r["accepted_copy_test"])),
+                     ("copy bound", lambda r: _fmt(r["copy_bound_mean"])),
                      ("cos cond", lambda r: _fmt(r["cos_condition"])), ("cos own", lambda r: _fmt(r["cos_own_chunk"])),
                      ("cos nn labeled", lambda r: _fmt(r["cos_nearest_labeled"])),
                      ("nearest = own", lambda r: _fmt(r["own_chunk_nearest"])),
@@ -352,7 +369,7 @@ def plot(result, path):
     rows = result["rows"]
     names = [r["method"] for r in rows]
     positions = np.arange(len(rows))
-    colors = ["gray", "tab:blue", "tab:olive", "tab:green", "darkgreen"]
+    colors = ["gray", "tab:blue", "tab:purple", "tab:olive", "tab:green", "darkgreen"]
     references = {r["method"]: r for r in result["references"]}
     fig, axes = plt.subplots(1, len(KS), figsize=(5.2 * len(KS), 4.3))
     for axis, k in zip(np.atleast_1d(axes), KS):
@@ -409,7 +426,8 @@ def main(argv=None):
     print(format_table("references", result["references"], REFERENCE_COLUMNS))
     print()
     print(format_table(f"synthetic pairs per seed: accepted = filter_samples(cos cond >= {MIN_SIMILARITY}, cos to a "
-                       f"labeled chunk <= {MAX_CORPUS_SIMILARITY}); cosines of the accepted samples; nearest = the "
+                       f"labeled chunk <= {MAX_CORPUS_SIMILARITY}); copy test = those of them that also pass "
+                       "authentic=True (copy bound: its mean); cosines of the accepted samples; nearest = the "
                        "share whose nearest chunk (of all) is their own / a labeled one; cond = the same for their "
                        "conditions", result["synthetic"], SYNTHETIC_COLUMNS))
     seconds = result["seconds"]

@@ -59,6 +59,11 @@ def test_synthetic_pairs_are_accepted_and_handed_to_the_learner(tiny_run):
         # the synthetic, jitter and matched-true arms train on the same number of pairs
         assert rows["real + synthetic"]["pairs"][seed] == rows["real + jitter"]["pairs"][seed] == \
             rows["real + true (acc.)"]["pairs"][seed] == 32 + n
+        # the copy test keeps a subset of the same filter's samples, all of them handed over
+        copies = synthetic["accepted_copy_test"]
+        assert 0 <= copies <= n and synthetic["observed_copy_test"] == copies
+        assert rows["real + synthetic (copy test)"]["pairs"][seed] == 32 + copies
+        assert -1 <= synthetic["copy_bound_mean"] <= 1
         assert synthetic["cos_condition"] >= aug.MIN_SIMILARITY  # what the filter demands
         assert synthetic["cos_nearest_labeled"] <= aug.MAX_CORPUS_SIMILARITY
         for key in ("own_chunk_nearest", "labeled_chunk_nearest", "condition_own_chunk_nearest"):

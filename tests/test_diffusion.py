@@ -287,6 +287,38 @@ def test_filter_samples_accepts_and_rejects_as_set():
     torch.testing.assert_close(per_row.score, per_row.similarity)
 
 
+def test_the_copy_test_bound_follows_the_corpus_density():
+    # a dense pair of corpus vectors (cosine 0.98 to each other) and an isolated one
+    corpus = torch.tensor([[1.0, 0.0, 0.0], [0.98, 0.199, 0.0], [0.0, 0.0, 1.0]])
+    pair = float(torch.nn.functional.cosine_similarity(corpus[0], corpus[1], dim=0))
+    samples = torch.tensor([[1.0, -0.25, 0.0],   # beside the dense pair, less close to row 0 than row 1 is: new
+                            [1.0, 0.0, 0.001],   # on top of corpus row 0: a copy
+                            [0.0, 0.3, 1.0],     # 0.96 to the isolated row, whose nearest other row is at 0: a copy
+                            [0.0, 1.0, 0.0]])    # far from all: new
+    result = filter_samples(samples, torch.ones(3), corpus, authentic=True)
+    assert result.accepted.tolist() == [0, 3]
+    torch.testing.assert_close(result.copy_bound, torch.tensor([pair, pair, 0.0, pair], dtype=torch.float64))
+    # one fixed novelty bound cannot do the same: 0.99 lets the near-copy of the isolated row in
+    assert filter_samples(samples, torch.ones(3), corpus, max_corpus_similarity=0.99).accepted.tolist() == [0, 2, 3]
+    assert bool(torch.isnan(filter_samples(samples, torch.ones(3), corpus).copy_bound).all())
+    # neighbour similarities of the whole store, given for a corpus that is part of it
+    given = filter_samples(samples, torch.ones(3), corpus, authentic=True,
+                           corpus_neighbour_similarity=torch.tensor([pair, pair, 0.97]))
+    assert given.accepted.tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"corpus_neighbour_similarity must have shape \(3,\)"):
+        filter_samples(samples, torch.ones(3), corpus, authentic=True, corpus_neighbour_similarity=torch.ones(2))
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\]"):
+        filter_samples(samples, torch.ones(3), corpus, authentic=True, corpus_neighbour_similarity=torch.full((3,), 2))
+    with pytest.raises(ValueError, match="pass authentic=True with it"):
+        filter_samples(samples, torch.ones(3), corpus, corpus_neighbour_similarity=torch.ones(3))
+    with pytest.raises(ValueError, match="it needs a corpus of at least 2 rows, got 1"):
+        filter_samples(samples, torch.ones(3), corpus[:1], authentic=True)
+    with pytest.raises(ValueError, match="it needs a corpus of at least 2 rows, got none"):
+        filter_samples(samples, torch.ones(3), authentic=True)
+    with pytest.raises(TypeError, match="authentic must be True or False, got 1"):
+        filter_samples(samples, torch.ones(3), corpus, authentic=1)
+
+
 def test_filter_generated_samples_by_their_condition(mixture):
     means, model, _, _ = mixture
     condition = means[torch.arange(40) % K]

@@ -63,23 +63,37 @@ class FilterResult(NamedTuple):
         corpus).
     similarity: cosine similarity to the condition.
     corpus_similarity: the largest cosine similarity to a corpus vector (-inf without a corpus).
+    copy_bound: with authentic=True, the cosine similarity of the sample's nearest corpus vector to that vector's own
+        nearest other corpus vector (a sample more similar than this is a copy); NaN otherwise.
     """
 
     accepted: torch.Tensor
     score: torch.Tensor
     similarity: torch.Tensor
     corpus_similarity: torch.Tensor
+    copy_bound: torch.Tensor
 
 
 def filter_samples(samples, condition, corpus=None, *, min_similarity=None, max_corpus_similarity=None,
-                   threshold=None):
+                   threshold=None, authentic=False, corpus_neighbour_similarity=None):
     """Accept generated vectors that are relevant to their condition and new to the corpus.
 
     samples: (N, d). condition: (d,) shared by all, or (N, d) one per sample. corpus: None or (M, d) (what the
     store already holds). A sample is accepted when every criterion that is set holds:
     similarity >= min_similarity, corpus_similarity <= max_corpus_similarity (novelty), score >= threshold
-    (see FilterResult; bounds are numbers in [-1, 1], None = not checked). Cosine similarities throughout; a zero
-    vector anywhere is a ValueError. Memory: an N x M float64 similarity matrix.
+    (see FilterResult; bounds are numbers in [-1, 1], None = not checked), and with authentic=True,
+    corpus_similarity <= copy_bound.
+
+    authentic: the copy test of Alaa et al. 2022 ("How faithful is your synthetic data?"): a sample is a copy when it
+        is more similar to its nearest corpus vector than that vector is to its own nearest other corpus vector.
+        The bound adapts to the corpus's density, where one fixed max_corpus_similarity either lets near-copies in
+        dense regions through or refuses new points in sparse ones. Needs a corpus of at least 2 rows.
+    corpus_neighbour_similarity: None, or (M,) each corpus row's cosine similarity to its nearest other row in the
+        whole store, for when `corpus` is only part of it (e.g. the samples' nearest neighbours found by an index);
+        None computes it within `corpus`.
+    Cosine similarities throughout; a zero vector anywhere is a ValueError. Memory: an N x M float64 similarity
+    matrix; authentic=True without corpus_neighbour_similarity adds blocks of the M x M one (<= 32 MiB), time
+    O(M^2 d).
     """
     samples = _as_matrix("samples", samples)
     n, d = samples.shape
@@ -89,13 +103,25 @@ def filter_samples(samples, condition, corpus=None, *, min_similarity=None, max_
     min_similarity = _check_bound("min_similarity", min_similarity)
     max_corpus_similarity = _check_bound("max_corpus_similarity", max_corpus_similarity)
     threshold = _check_bound("threshold", threshold)
+    if not isinstance(authentic, bool):
+        raise TypeError(f"authentic must be True or False, got {authentic!r}")
+    if authentic and (corpus is None or _rows(corpus) < 2):
+        raise ValueError("authentic=True compares each sample with its nearest corpus vector's own nearest "
+                         f"neighbour: it needs a corpus of at least 2 rows, got "
+                         f"{'none' if corpus is None else _rows(corpus)}")
+    if corpus_neighbour_similarity is not None and not authentic:
+        raise ValueError("corpus_neighbour_similarity is used by the copy test only: pass authentic=True with it")
     unit = _unit("samples", samples)
     similarity = (unit * _unit("condition", condition).expand(n, d)).sum(dim=1).clamp(-1, 1)
+    copy_bound = torch.full((n,), torch.nan, dtype=torch.float64)
     if corpus is None:
         corpus_similarity = torch.full((n,), -torch.inf, dtype=torch.float64)
     else:
-        corpus = _as_matrix("corpus", corpus, dim=d)
-        corpus_similarity = (unit @ _unit("corpus", corpus).T).amax(dim=1).clamp(-1, 1)
+        corpus = _unit("corpus", _as_matrix("corpus", corpus, dim=d))
+        corpus_similarity, nearest = (unit @ corpus.T).max(dim=1)
+        corpus_similarity = corpus_similarity.clamp(-1, 1)
+        if authentic:
+            copy_bound = _neighbour_similarity(corpus, corpus_neighbour_similarity)[nearest]
     score = similarity * (1 - corpus_similarity.clamp(min=0))
     keep = torch.ones(n, dtype=torch.bool)
     if min_similarity is not None:
@@ -104,7 +130,34 @@ def filter_samples(samples, condition, corpus=None, *, min_similarity=None, max_
         keep &= corpus_similarity <= max_corpus_similarity
     if threshold is not None:
         keep &= score >= threshold
-    return FilterResult(torch.nonzero(keep).reshape(-1), score, similarity, corpus_similarity)
+    if authentic:
+        keep &= corpus_similarity <= copy_bound
+    return FilterResult(torch.nonzero(keep).reshape(-1), score, similarity, corpus_similarity, copy_bound)
+
+
+def _rows(x):
+    return x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+
+
+def _neighbour_similarity(corpus, given):
+    """(M,) each unit corpus row's cosine similarity to its nearest other row: `given` checked, or computed in row
+    blocks (a duplicate row counts as a neighbour at similarity 1)."""
+    m = corpus.shape[0]
+    if given is not None:
+        given = _as_matrix("corpus_neighbour_similarity", given, allow_vector=True)
+        if given.dim() != 1 or given.shape[0] != m:
+            raise ValueError(f"corpus_neighbour_similarity must have shape ({m},), one value per corpus row, got "
+                             f"{tuple(given.shape)}")
+        if given.abs().max() > 1:
+            raise ValueError("corpus_neighbour_similarity holds cosine similarities: values in [-1, 1]")
+        return given
+    rows = max(1, _BLOCK_ELEMENTS // m)
+    parts = []
+    for start in range(0, m, rows):
+        block = corpus[start:start + rows] @ corpus.T
+        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -torch.inf
+        parts.append(block.amax(dim=1).clamp(-1, 1))
+    return torch.cat(parts)
 
 
 def _distances_to(x, y, reduce):
