@@ -5,9 +5,10 @@ alone and the student alone, and the time it saves.
 
 Corpus: retrieval_quality's (the 79 topics of `pydoc_data.topics`, 200-token windows with 40 overlap by MiniLM's
 tokenizer: 821 chunks), chunked once and indexed as they are by every knowledge base (flat index, the 100 best
-chunks of a search). A model's answer is the topic ranking those chunks fold into (each topic at its best chunk, as
-retrieval_quality scores it) and its scores are the topics' best chunk scores, so the "margin" is top-1 minus top-2
-topic and the "entropy" is over the topics (a chunk-level margin would often compare two windows of one topic).
+chunks of a search). A model's answer is the topic ranking those chunks fold into (KnowledgeBaseAnswerer with
+by_document=True: each topic at its best chunk, as retrieval_quality scores it) and its scores are the topics' best
+chunk scores, so the "margin" is top-1 minus top-2 topic and the "entropy" is over the topics (a chunk-level margin
+would often compare two windows of one topic).
 Questions: benchmarks/data/pydoc_queries.jsonl (184, none trained on), split seeded into a validation and a test
 half (the file's train/test labels are not used: nothing is trained on questions here). --quick keeps the first 3
 chunks of each topic (179 chunks) and a seeded 100 of the questions.
@@ -120,22 +121,6 @@ class Recorded:
             answer = self.model(query)
             self.answers[query] = {**answer, "seconds": time.perf_counter() - started}
         return self.answers[query]
-
-    __call__ = answer
-
-
-class TopicAnswerer:
-    """A KnowledgeBaseAnswerer's chunks folded into topics: result = the topics best first, scores = their best
-    chunk's score."""
-
-    def __init__(self, answerer):
-        self.answerer = answerer
-
-    def answer(self, query):
-        best = {}
-        for hit in self.answerer.answer(query)["hits"]:
-            best.setdefault(hit.document.metadata["source_id"], hit.score)
-        return {"result": list(best), "scores": list(best.values())}
 
     __call__ = answer
 
@@ -303,18 +288,18 @@ def run(size, out, checkpoint=None, *, target=TARGET, seed=0, spec=None, log=log
             student_base, teacher_base = cascade.student.knowledge_base, cascade.teacher.knowledge_base
         else:
             student_base = KnowledgeBase.build(chunks, as_retrieval_encoder(encoder), index_kind="flat")
-        pairs[student_name] = (KnowledgeBaseAnswerer(student_base, k=DEPTH), "dense")
+        pairs[student_name] = (KnowledgeBaseAnswerer(student_base, k=DEPTH, by_document=True), "dense")
         log(f"[{SUITE}] {student_name}: knowledge base{'s' if len(pairs) == 1 else ''} built in "
             f"{time.perf_counter() - built:.0f} s")
     if teacher_base is None:
         teacher_base = KnowledgeBase.build(chunks, minilm, index_kind="flat")
-    teacher = TopicAnswerer(KnowledgeBaseAnswerer(teacher_base, k=DEPTH))
+    teacher = KnowledgeBaseAnswerer(teacher_base, k=DEPTH, by_document=True)
     if "bm25" in spec["students"]:
-        pairs["bm25"] = (KnowledgeBaseAnswerer(teacher_base, k=DEPTH, mode="bm25"), "bm25")
+        pairs["bm25"] = (KnowledgeBaseAnswerer(teacher_base, k=DEPTH, mode="bm25", by_document=True), "bm25")
     students = {student: mode for student, (_, mode) in pairs.items()}
     models, cascades, recorded = {"teacher": teacher}, {}, Recorded(teacher)
     for student_name, (answerer, mode) in pairs.items():
-        models[student_name] = TopicAnswerer(answerer)
+        models[student_name] = answerer
         cascades[student_name] = _cascades(student_name, Recorded(models[student_name]), recorded, mode, validation,
                                            test, target, log)
         models.update({(student_name, m): c.run for m, (c, _) in cascades[student_name].items()})

@@ -348,3 +348,30 @@ def test_retrieval_cascade_hashing_student_minilm_teacher(documents):
     assert stats["teacher_seconds_per_query"] > 0 and stats["time_saved_share"] is not None
     measured = cascade.evaluate(TEST)
     assert 0 <= measured["kept_share"] <= 1 and measured["seconds"]["teacher_only"] > 0
+
+
+def test_by_document_folds_passages_so_the_margin_compares_documents(documents):
+    from hybridrag.retrieval import HashingEncoder, KnowledgeBase, chunk_documents
+
+    chunks = chunk_documents(documents, chunk_tokens=60, overlap=10)
+    knowledge_base = KnowledgeBase.build(chunks, HashingEncoder(64), index_kind="flat")
+    passages = KnowledgeBaseAnswerer(knowledge_base, k=40, mode="bm25")
+    folded = KnowledgeBaseAnswerer(knowledge_base, k=3, mode="bm25", by_document=True)
+    assert folded.by_document and "by_document=True" in repr(folded)
+    question = "What happens when assert fails?"
+    hits = passages(question)["hits"]
+    best = {}
+    for hit in hits:
+        best.setdefault(hit.document.metadata["source_id"], hit.score)
+    assert len(hits) > len(best)  # some documents have more than one passage among the hits
+    answer = folded(question)
+    assert answer["result"] == list(best)[:3] and answer["scores"] == list(best.values())[:3]
+    assert [h.document.metadata["source_id"] for h in answer["hits"]] == answer["result"]
+    assert len(set(answer["result"])) == 3  # never two passages of one document
+    # the chunked cascade's margin is top-1 minus top-2 document
+    cascade = retrieval_cascade(chunks, HashingEncoder(64), HashingEncoder(32), k=3, mode="bm25", threshold=0.0,
+                                index_kind="flat", by_document=True)
+    out = cascade(question)
+    assert out["confidence"] == pytest.approx(score_margin(answer["scores"]))
+    with pytest.raises(TypeError, match="by_document must be True or False, got 1"):
+        KnowledgeBaseAnswerer(knowledge_base, by_document=1)

@@ -199,6 +199,12 @@ def test_generated_passages_are_scored_and_added_as_synthetic_documents(server):
     assert again["added"] == [f"synthetic-{len(samples)}"]
     strict = post(server, "/diffusion/generate", {**body, "min_similarity": 1.0, "add": True}, headers=headers).json()
     assert not any(s["accepted"] for s in strict["samples"]) and strict["added"] == []
+    copies = post(server, "/diffusion/generate", {**body, "authentic": True}).json()["samples"]
+    assert [s["text"] for s in copies] == [s["text"] for s in samples]
+    for sample in copies:  # the copy test: accepted exactly when no more similar than its neighbour's neighbour
+        assert -1 <= sample["copy_bound"] <= 1 and sample["accepted"] == \
+            (sample["corpus_similarity"] <= sample["copy_bound"]), sample
+    assert all(s["copy_bound"] is None for s in samples)
     removed = post(server, "/documents/remove", {"ids": added["added"] + again["added"]}, headers=headers).json()
     assert removed["documents"] == len(samples) + 1
     for bad, field in (({"condition": " "}, "condition"), ({"condition": "x", "num_samples": 0}, "num_samples"),

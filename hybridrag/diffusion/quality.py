@@ -87,7 +87,8 @@ def filter_samples(samples, condition, corpus=None, *, min_similarity=None, max_
     authentic: the copy test of Alaa et al. 2022 ("How faithful is your synthetic data?"): a sample is a copy when it
         is more similar to its nearest corpus vector than that vector is to its own nearest other corpus vector.
         The bound adapts to the corpus's density, where one fixed max_corpus_similarity either lets near-copies in
-        dense regions through or refuses new points in sparse ones. Needs a corpus of at least 2 rows.
+        dense regions through or refuses new points in sparse ones. Needs a corpus of at least 2 rows (or 1 with
+        corpus_neighbour_similarity).
     corpus_neighbour_similarity: None, or (M,) each corpus row's cosine similarity to its nearest other row in the
         whole store, for when `corpus` is only part of it (e.g. the samples' nearest neighbours found by an index);
         None computes it within `corpus`.
@@ -105,7 +106,7 @@ def filter_samples(samples, condition, corpus=None, *, min_similarity=None, max_
     threshold = _check_bound("threshold", threshold)
     if not isinstance(authentic, bool):
         raise TypeError(f"authentic must be True or False, got {authentic!r}")
-    if authentic and (corpus is None or _rows(corpus) < 2):
+    if authentic and (corpus is None or (_rows(corpus) < 2 and corpus_neighbour_similarity is None)):
         raise ValueError("authentic=True compares each sample with its nearest corpus vector's own nearest "
                          f"neighbour: it needs a corpus of at least 2 rows, got "
                          f"{'none' if corpus is None else _rows(corpus)}")

@@ -1,15 +1,18 @@
-"""Ready-made cascade models (the protocol of hybridrag.distillation.cascade) and the encoder wrapper they need.
+"""Ready-made cascade models (the protocol of hybridrag.distillation.cascade).
 
-- KnowledgeBaseAnswerer(knowledge_base, k=5, mode="dense"): retrieval as a model: result = the ids of the top k
-  documents, scores = their scores. A student over a cheap encoder (HashingEncoder, a HybridEncoder, int8) and a
-  teacher over all-MiniLM-L6-v2, both hybridrag.retrieval.KnowledgeBase: `retrieval_cascade` builds the pair.
+- KnowledgeBaseAnswerer(knowledge_base, k=5, mode="dense", by_document=False): retrieval as a model: result = the
+  ids of the top k passages (by_document=True: of the documents they were chunked from), scores = their scores. A
+  student over a cheap encoder (HashingEncoder, a HybridEncoder, int8) and a teacher over all-MiniLM-L6-v2, both
+  hybridrag.retrieval.KnowledgeBase: `retrieval_cascade` builds the pair.
 - SystemAnswerer(system, method="hybrid", top_k=None, attention=False): a HybridRAGSystem's answers as a model:
   result = the response text, scores = the retrieved passages' scores, attention_quality with attention=True. A
   student may be base RAG over fewer passages (top_k=1) or an int8 system; the teacher the float system.
 
-Layering: this module imports hybridrag.retrieval (downward) only when it builds knowledge bases; the system is used
+Layering: this module imports hybridrag.retrieval (downward): its documents module (no search packages) at
+import, the knowledge base and the encoders only when it builds knowledge bases; the system is used
 through its methods (duck typing), never imported, so distillation stays below system.
 """
+from ..retrieval.documents import source_id
 from .cascade import TeacherStudentCascade
 
 __all__ = ["KnowledgeBaseAnswerer", "SystemAnswerer", "retrieval_cascade", "SEARCH_MODES", "SYSTEM_METHODS"]
@@ -36,9 +39,15 @@ class KnowledgeBaseAnswerer:
         mode: "dense" (cosine of the encoder's vectors: what differs between a student's and a teacher's encoder),
             "bm25" or "hybrid".
         candidates: per-retriever candidates that hybrid search fuses.
+        by_document: False: the hits are the passages as stored. True: passages are folded into the documents they
+            were chunked from (metadata "source_id", see chunk_documents), each document at its best passage, so a
+            "margin" is top-1 minus top-2 document and not two windows of one document (which made a chunked
+            knowledge base's student escalate questions it had right). The best max(k, candidates) passages are
+            searched and folded; result = up to k source ids, scores = their best passage's score, hits = those
+            passages.
     """
 
-    def __init__(self, knowledge_base, *, k=5, mode="dense", candidates=50):
+    def __init__(self, knowledge_base, *, k=5, mode="dense", candidates=50, by_document=False):
         if not callable(getattr(knowledge_base, "search", None)):
             raise TypeError(f"knowledge_base must have a search(query, k, mode) method (a KnowledgeBase), got "
                             f"{type(knowledge_base).__name__}")
@@ -48,13 +57,25 @@ class KnowledgeBaseAnswerer:
         self.k = _check_count("k", k)
         self.mode = mode
         self.candidates = _check_count("candidates", candidates)
+        if not isinstance(by_document, bool):
+            raise TypeError(f"by_document must be True or False, got {by_document!r}")
+        self.by_document = by_document
 
     def __repr__(self):
-        return f"KnowledgeBaseAnswerer({self.knowledge_base!r}, k={self.k}, mode={self.mode!r})"
+        return (f"KnowledgeBaseAnswerer({self.knowledge_base!r}, k={self.k}, mode={self.mode!r}, "
+                f"by_document={self.by_document})")
 
     def answer(self, query):
-        hits = self.knowledge_base.search(query, self.k, self.mode, candidates=self.candidates)
-        return {"result": [hit.document.id for hit in hits], "scores": [hit.score for hit in hits], "hits": hits}
+        if not self.by_document:
+            hits = self.knowledge_base.search(query, self.k, self.mode, candidates=self.candidates)
+            return {"result": [hit.document.id for hit in hits], "scores": [hit.score for hit in hits], "hits": hits}
+        best = {}
+        for hit in self.knowledge_base.search(query, max(self.k, self.candidates), self.mode,
+                                              candidates=self.candidates):
+            best.setdefault(source_id(hit.document), hit)  # hits come best first
+        hits = list(best.values())[:self.k]
+        return {"result": [source_id(hit.document) for hit in hits], "scores": [hit.score for hit in hits],
+                "hits": hits}
 
     __call__ = answer
 
@@ -126,7 +147,7 @@ class SystemAnswerer:
 
 
 def retrieval_cascade(documents, student_encoder, teacher_encoder=None, *, k=5, mode="dense", measure="margin",
-                      threshold=None, index_kind="auto"):
+                      threshold=None, index_kind="auto", by_document=False):
     """A TeacherStudentCascade of two KnowledgeBaseAnswerers over the same documents.
 
     Args:
@@ -136,7 +157,8 @@ def retrieval_cascade(documents, student_encoder, teacher_encoder=None, *, k=5, 
         student_encoder: a retrieval encoder (HashingEncoder, DenseEncoder, HybridTextEncoder) or a HybridEncoder
             (wrapped in a HybridTextEncoder named by its weights: hybridrag.retrieval.encoder.as_retrieval_encoder).
         teacher_encoder: the same kinds; None = the bundled all-MiniLM-L6-v2 (DenseEncoder()).
-        k, mode: of both answerers (see KnowledgeBaseAnswerer). measure, threshold: of the cascade.
+        k, mode, by_document: of both answerers (see KnowledgeBaseAnswerer; by_document=True when `documents` are
+            chunks, so that the margin compares documents). measure, threshold: of the cascade.
     The student and the teacher are at `cascade.student.knowledge_base` and `cascade.teacher.knowledge_base`.
     """
     from ..retrieval.encoder import DenseEncoder, as_retrieval_encoder
@@ -147,7 +169,7 @@ def retrieval_cascade(documents, student_encoder, teacher_encoder=None, *, k=5, 
     student_encoder = as_retrieval_encoder(student_encoder)
     teacher_encoder = DenseEncoder() if teacher_encoder is None else as_retrieval_encoder(teacher_encoder)
     student = KnowledgeBaseAnswerer(KnowledgeBase.build(documents, student_encoder, index_kind=index_kind), k=k,
-                                    mode=mode)
+                                    mode=mode, by_document=by_document)
     teacher = KnowledgeBaseAnswerer(KnowledgeBase.build(documents, teacher_encoder, index_kind=index_kind), k=k,
-                                    mode=mode)
+                                    mode=mode, by_document=by_document)
     return TeacherStudentCascade(student, teacher, measure, threshold)

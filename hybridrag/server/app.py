@@ -324,12 +324,20 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
         vectors = np.asarray(encoder.encode(texts), dtype=np.float32)
         condition = np.asarray(encoder.encode([body.condition]), dtype=np.float32)[0]
         neighbours = [hits[0].document.id for hits in knowledge_base.search_vectors(vectors, k=1) if hits]
-        corpus = torch.from_numpy(knowledge_base.embeddings_for(neighbours)) if neighbours else None
-        result = filter_samples(torch.from_numpy(vectors), torch.from_numpy(condition), corpus,
-                                min_similarity=body.min_similarity, max_corpus_similarity=body.max_corpus_similarity)
+        corpus = knowledge_base.embeddings_for(neighbours) if neighbours else None
+        bounds = None
+        if body.authentic and neighbours:
+            # each neighbour's nearest other passage in the whole knowledge base, not only among the neighbours
+            bounds = torch.tensor([next((h.score for h in hits if h.document.id != own), -1.0) for own, hits
+                                   in zip(neighbours, knowledge_base.search_vectors(corpus, k=2))]).clamp(-1, 1)
+        result = filter_samples(torch.from_numpy(vectors), torch.from_numpy(condition),
+                                None if corpus is None else torch.from_numpy(corpus),
+                                min_similarity=body.min_similarity, max_corpus_similarity=body.max_corpus_similarity,
+                                authentic=body.authentic, corpus_neighbour_similarity=bounds)
         accepted = set(result.accepted.tolist())
         return [{"text": text, "similarity": float(result.similarity[i]),
                  "corpus_similarity": _finite(result.corpus_similarity[i]), "score": float(result.score[i]),
+                 "copy_bound": float(result.copy_bound[i]) if body.authentic else None,
                  "accepted": i in accepted} for i, text in enumerate(texts)]
 
     def add_synthetic(body, samples):
@@ -363,6 +371,9 @@ def create_app(system, *, state_dir=None, api_key=None, capacity=16, batch_size=
             raise HTTPException(409, detail="this server has no document generator: train one with `hybridrag "
                                             "train-generator --kb DIR --out FILE` and start the server with "
                                             "--generator FILE")
+        if body.authentic and len(system.knowledge_base) < 2:
+            raise _invalid("authentic", f"the copy test needs 2 passages or more; the knowledge base holds "
+                                        f"{len(system.knowledge_base)}")
         job = await admit(lambda on_token: generate_passages(body))
         samples = await settle(request, job, limit(body), "condition")
         added = await asyncio.to_thread(add_synthetic, body, samples) if body.add else []

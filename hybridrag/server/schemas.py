@@ -91,6 +91,9 @@ class GenerateRequest(_Strict):
                                                 description="accept a passage only when its nearest passage in the "
                                                             "knowledge base is at most this similar (novelty; "
                                                             "null: not checked)")
+    authentic: bool = Field(False, description="the copy test: refuse a passage more similar to its nearest "
+                                               "knowledge-base passage than that passage is to its own nearest "
+                                               "other one (needs 2 passages or more)")
     add: bool = Field(False, description="add the accepted passages to the knowledge base as documents flagged "
                                          "synthetic (needs the API key when the server has one)")
     timeout_s: float | None = Field(None, gt=0, le=3600)
@@ -102,6 +105,8 @@ class GeneratedPassage(BaseModel):
     corpus_similarity: float | None = Field(description="cosine with its nearest passage in the knowledge base "
                                                         "(null when it is empty)")
     score: float = Field(description="similarity x (1 - max(corpus_similarity, 0))")
+    copy_bound: float | None = Field(None, description="with authentic: its nearest passage's cosine with that "
+                                                       "passage's own nearest other passage")
     accepted: bool
     id: str | None = Field(None, description="the document id it was added under (add=true, accepted)")
 
