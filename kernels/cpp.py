@@ -21,8 +21,8 @@ import torch
 CPU_KERNELS = ("auto", "cpp", "blockwise")
 ENV = "HYBRIDRAG_CPU_KERNELS"
 NAME = "hybridrag_cpu"
-SOURCES = ("int8_matmul.cpp", "window_attention.cpp", "hybrid_attention.cpp", "streaming_decode.cpp")
-HEADERS = ("attention_checks.h", "gemm.h", "online_softmax.h", "tensor_rows.h", "vector_math.h")
+SOURCES = ("int8_matmul.cpp", "window_attention.cpp", "hybrid_attention.cpp", "hybrid_mass.cpp", "streaming_decode.cpp")
+HEADERS = ("attention_checks.h", "gemm.h", "hybrid_pattern.h", "online_softmax.h", "tensor_rows.h", "vector_math.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -99,6 +99,11 @@ def _register_fakes():
         memory = (k.shape[0], k.shape[1], 0 if memory_k is None else memory_k.shape[2], k.shape[3])
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                 q.new_empty(memory, dtype=torch.float32), q.new_empty(memory, dtype=torch.float32), True)
+
+    @torch.library.register_fake(f"{NAME}::hybrid_attention_mass")
+    def _(q, k, segments, num_segments, row_weights, landmarks, memory_k, kv_start, key_mask, left, right, causal,
+          global_queries, scale):
+        return q.new_empty((q.shape[0], q.shape[1], num_segments), dtype=torch.float32), True
 
     @torch.library.register_fake(f"{NAME}::streaming_decode")
     def _(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import DEVICE
+from conftest import CPU_IMPLEMENTATIONS  # (a line of its own: gpu_check.sh finds the CUDA tests by the one above)
 from tolerance import tolerance_error
 
 import hybridrag as hr
@@ -14,9 +15,10 @@ from hybridrag.kernels.patterns import hybrid_key_counts, resolve_landmarks, res
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BACKEND_DTYPES = [("triton", dtype) for dtype in TRITON_DTYPES]
 BACKENDS = ["triton"]
-if DEVICE == "cpu":
-    BACKEND_DTYPES += [("cpu", dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-    BACKENDS += ["cpu"]
+if DEVICE == "cpu":  # both CPU implementations: the C++ kernels and the blockwise PyTorch path
+    BACKEND_DTYPES += [(cpu, dtype) for cpu in CPU_IMPLEMENTATIONS
+                       for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    BACKENDS += CPU_IMPLEMENTATIONS
 BACKEND_DTYPE_IDS = [f"{backend}-{str(dtype).removeprefix('torch.')}" for backend, dtype in BACKEND_DTYPES]
 
 
@@ -123,14 +125,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=BACKEND_DTYPE_IDS, indirect=["backend"])
 @pytest.mark.parametrize("case", CASES, ids=MassCase.id)
 def test_matches_reference(case, backend, dtype):
     failure = compare(backend, case, dtype)
     assert failure is None, failure
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_non_contiguous_inputs(backend):
     """q and k as transposes of (B, T, H, D) with padded head dims; memory_k too."""
     q = torch.randn(2, 63, 4, 72, device=DEVICE)[..., :64].transpose(1, 2)
@@ -147,7 +149,7 @@ def test_non_contiguous_inputs(backend):
     assert failure is None, failure
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("wrong", [dict(landmarks=9), dict(query_mask=None)], ids=["stride", "all-rows"])
 def test_tolerance_rule_can_fail(backend, wrong):
     """The check rejects the mass for a neighbouring problem: the landmark stride off by one, every row averaged."""
@@ -162,7 +164,7 @@ def test_tolerance_rule_can_fail(backend, wrong):
     assert tolerance_error("mass", wrong_mass, truth, baseline, torch.float32) is not None
 
 
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS, indirect=True)
 @pytest.mark.parametrize("memory", [0, 3])
 def test_mass_per_key_sums_to_the_probability_off_the_memory_tokens(backend, memory):
     """With one segment per key (S = Tk) and every row selected, the mass summed over segments is the mean over rows

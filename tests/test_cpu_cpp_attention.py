@@ -1,4 +1,5 @@
-"""The C++ attention kernels as ops (csrc/window_attention.cpp, hybrid_attention.cpp, streaming_decode.cpp): schema
+"""The C++ attention kernels as ops (csrc/window_attention.cpp, hybrid_attention.cpp, hybrid_mass.cpp,
+streaming_decode.cpp): schema
 and fake (opcheck), their own checks, the routes that take them, and the second pass that a non-finite output
 triggers. Their accuracy over shapes, GQA, patterns, dtypes, strides and chunk schedules is tested with every
 backend in test_sliding_window_kernel.py, test_hybrid_kernel.py, test_streaming_ops.py and
@@ -176,3 +177,55 @@ def test_the_hybrid_op_refuses_what_it_cannot_compute(change, match, cpu_kernels
     with pytest.raises(RuntimeError, match=match):
         torch.ops.hybridrag_cpu.hybrid_attention_fwd(q, k, v, args["landmarks"], args["memory_k"], args["memory_v"],
                                                      args["kv_start"], args["key_mask"], 7, 0, True, True, 0.25)
+
+
+def mass_args(dtype=torch.float32):
+    q, k, _, landmarks, memory_k, _, kv_start, key_mask = hybrid_args(dtype)
+    segments = torch.randint(-1, 5, (2, 45))
+    row_weights = torch.rand(2, 45)
+    return q, k, segments, 5, row_weights, landmarks, memory_k, kv_start, key_mask, 7, 0, True, True, 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_mass_op_passes_opcheck(dtype, cpu_kernels):
+    torch.library.opcheck(torch.ops.hybridrag_cpu.hybrid_attention_mass.default, mass_args(dtype))
+
+
+def test_attention_mass_runs_the_cpp_kernel_in_one_call(cpu_kernels):
+    q, k, _ = inputs()
+    segments = torch.randint(-1, 4, (2, 37))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hr.attention_mass(q, k, segments, 4, 8, landmarks=torch.tensor([0, 20]), backend="cpu")
+    names = [event.name for event in prof.events() if event.name.startswith("hybridrag_cpu::")]
+    assert names == ["hybridrag_cpu::hybrid_attention_mass"]  # the lse pass included: no forward call
+
+
+def test_a_hidden_nan_stays_out_of_the_mass_of_other_heads(cpu_kernels):
+    """Key 0 of kv head 0 holds NaN; every row sees it through landmark 0. The kernel reports it, and the route gives
+    the reference's NaN for kv head 0's query heads and the exact mass for the others."""
+    q, k, _ = inputs(tq=40, tk=40)
+    k[:, 0, 0] = float("nan")
+    segments = torch.randint(0, 3, (2, 40))
+    mass, finite = torch.ops.hybridrag_cpu.hybrid_attention_mass(
+        q, k, segments, 3, torch.full((2, 40), 1 / 40), torch.tensor([0]), None, None, None, 4, 0, True, False, 0.25)
+    assert not finite
+    got = hr.attention_mass(q, k, segments, 3, 4, landmarks=torch.tensor([0]), global_queries=False, scale=0.25,
+                            backend="cpu")
+    truth = hr.attention_mass(q.double(), k.double(), segments, 3, 4, landmarks=torch.tensor([0]),
+                              global_queries=False, scale=0.25, backend="reference")
+    assert torch.isnan(got[:, :2]).all() and torch.isfinite(got[:, 2:]).all()
+    torch.testing.assert_close(got[:, 2:].double(), truth[:, 2:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({2: torch.randint(0, 5, (2, 45), dtype=torch.int32)}, r"segments must be contiguous int64 \(B, Tk\)"),
+    ({2: torch.full((2, 45), 5)}, "segment ids must be < num_segments"),
+    ({4: torch.rand(2, 44)}, r"row_weights must be contiguous float32 \(B, Tq\)"),
+    ({6: torch.randn(3, 2, 3, 40)}, r"memory_k must be \(1 or B, Hkv, M, D\)"),
+], ids=["segment-dtype", "segment-range", "row-weights", "memory-batch"])
+def test_the_mass_op_refuses_what_it_cannot_compute(change, match, cpu_kernels):
+    args = list(mass_args())
+    for index, value in change.items():
+        args[index] = value
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.hybridrag_cpu.hybrid_attention_mass(*args)

@@ -239,7 +239,10 @@ def attention_mass(q, k, segments, num_segments, window, *, landmarks=None, glob
                                         *pattern.hidden_keys())
     q, k, memory_k = unit_last_strides(q, k, memory_k)
     forward_fn, _, mass_fn = backend_functions(backend)
-    _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, *pattern.hidden_keys())
     row_weights = query_mask.float() / query_mask.sum(dim=1, keepdim=True).clamp(min=1)
+    if backend == "cpu":  # both passes in one call (on the C++ kernels where they are in use)
+        return mass_fn(q, k, segments.contiguous(), num_segments, row_weights, *pattern.args(), memory_k,
+                       *pattern.hidden_keys())
+    _, lse = forward_fn(q, k, None, *pattern.args(), memory_k, None, *pattern.hidden_keys())
     return mass_fn(q, k, lse, segments.contiguous(), num_segments, row_weights, *pattern.args(), memory_k,
                    *pattern.hidden_keys())

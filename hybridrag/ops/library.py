@@ -6,20 +6,20 @@ Every tensor argument is already checked and laid out by `hybridrag.ops.hybrid`;
 backend's forward or backward."""
 import torch
 
-from hybridrag.kernels.hybrid import attention_mass_blockwise
-from hybridrag.kernels.hybrid.cpu import hybrid_bwd_cpu, hybrid_fwd_cpu
+from hybridrag.kernels.hybrid.cpu import attention_mass_cpu, hybrid_bwd_cpu, hybrid_fwd_cpu
 
 from .validation import unit_last_stride
 
 
 def backend_functions(backend):
-    """(forward, backward, mass) of a concrete backend ("triton" or "cpu")."""
+    """(forward, backward, mass) of a concrete backend ("triton" or "cpu"). Triton's mass takes the rows' lse from
+    the forward; the CPU's computes it itself (see hybridrag.ops.hybrid.attention_mass)."""
     if backend == "triton":
         # Imported on first use: CPU-only installs need not have Triton.
         from hybridrag.kernels.hybrid import triton_kernels
         return (triton_kernels.hybrid_fwd_triton, triton_kernels.hybrid_bwd_triton,
                 triton_kernels.attention_mass_triton)
-    return hybrid_fwd_cpu, hybrid_bwd_cpu, attention_mass_blockwise
+    return hybrid_fwd_cpu, hybrid_bwd_cpu, attention_mass_cpu
 
 
 # Defined with the low-level torch.library API rather than @torch.library.custom_op, whose wrapper imports

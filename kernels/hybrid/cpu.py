@@ -2,20 +2,22 @@
 that is the window alone (no landmarks, memory tokens, kv_start or key mask: a transformers model's causal or
 sliding-window layers) on the sliding-window kernels (kernels/sliding_window/cpu.py); landmarks, global rows,
 memory tokens, kv_start and key masks on csrc/hybrid_attention.cpp; everything without the C++ kernels on the
-blockwise path.
+blockwise path. The attention mass (csrc/hybrid_mass.cpp) runs both of its passes, the rows' log-sum-exp and the
+mass, in one C++ call.
 
 Non-finite values as in kernels/sliding_window/cpu.py: where a C++ output is not finite, the result takes the
 blockwise path's non-finite values and the C++ kernel's values on finite copies of the inputs everywhere else.
 
 Memory: the outputs; the C++ kernel's (rows, 1024) float32 tiles and (L, D) gathered landmarks per task, and in the
-backward float32 dk/dv of k's size and memory gradients (B, Hkv, M, D); never a Tq x Tk matrix.
+backward float32 dk/dv of k's size and memory gradients (B, Hkv, M, D); the mass a (B, H, S + 1) float32 sum per
+parallel chunk; never a Tq x Tk matrix.
 """
 import torch
 
 from ..cpp import cpp_ops
 from ..nonfinite import finite_copy, take_exact_where_non_finite
 from ..sliding_window.cpu import sliding_window_bwd_cpu, sliding_window_fwd_cpu
-from .blockwise import hybrid_bwd_blockwise, hybrid_fwd_blockwise
+from .blockwise import attention_mass_blockwise, hybrid_bwd_blockwise, hybrid_fwd_blockwise
 
 
 def _window_only(landmarks, memory_k, kv_start, key_mask):
@@ -94,3 +96,28 @@ def hybrid_bwd_cpu(q, k, v, out, lse, grad_out, grad_lse, left, right, causal, l
     clean, _ = run(*(finite_copy(t) for t in (q, k, v, out)), finite_copy(lse, keep_negative_inf=True),
                    finite_copy(grad_out), finite_copy(grad_lse), finite_copy(memory_k), finite_copy(memory_v))
     return tuple(None if e is None else take_exact_where_non_finite(c, e) for c, e in zip(clean, exact))
+
+
+def attention_mass_cpu(q, k, segments, num_segments, row_weights, left, right, causal, landmarks, global_queries,
+                       scale, memory_k=None, kv_start=None, key_mask=None):
+    """As `attention_mass_blockwise` (same result), without its lse argument: both passes run here."""
+    ops = _cpp(q, k)
+
+    def blockwise():
+        _, lse = hybrid_fwd_blockwise(q, k, None, left, right, causal, landmarks, global_queries, scale, memory_k,
+                                      None, kv_start, key_mask)
+        return attention_mass_blockwise(q, k, lse, segments, num_segments, row_weights, left, right, causal,
+                                        landmarks, global_queries, scale, memory_k, kv_start, key_mask)
+    if ops is None:
+        return blockwise()
+    marks, starts, mask, ids = _long(landmarks), _long(kv_start), _bool(key_mask), _long(segments)
+    weights = row_weights.to(torch.float32).contiguous()
+
+    def run(q, k, memory_k):
+        return ops.hybrid_attention_mass(q, k, ids, num_segments, weights, marks, memory_k, starts, mask, left, right,
+                                         causal, global_queries, scale)
+    mass, finite = run(q, k, memory_k)
+    if finite:
+        return mass
+    mass, _ = run(*(finite_copy(t) for t in (q, k, memory_k)))
+    return take_exact_where_non_finite(mass, blockwise())
