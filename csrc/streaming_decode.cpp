@@ -14,6 +14,10 @@
 // meet a zero probability in a matmul: the op's second output says whether every output is finite, and the caller
 // (kernels/streaming/cpu.py) then runs the PyTorch path, and this kernel on finite copies for every other value.
 //
+// streaming_decode_append is the same call followed by the chunk's store into the cache (when every output is
+// finite), so that a decode step's attention and append are one op call (eager mode; under torch.compile the
+// functional streaming_decode runs and the cache's copies are traced in Python).
+//
 // Memory: the output, and per task (G * C, tile) float32 scores, (G * C, D) float32 partial outputs and, for other
 // dtypes, the widened tile.
 #include <ATen/Parallel.h>
@@ -182,6 +186,27 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   return finite;
 }
 
+// The chunk's keys and values into the cache after `length` tokens, token after token (a later token takes the slot
+// of an earlier one when the chunk is longer than the window): position p < sinks to sink slot p, later ones to ring
+// slot (p - sinks) % window, as StreamingKVCache.append stores them.
+template <typename T>
+void store_chunk(const at::Tensor& k, const at::Tensor& v, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                 const at::Tensor& ring_k, const at::Tensor& ring_v, const Stream& stream) {
+  const Rows<const T> keys(k), values(v);
+  const Rows<T> sink_keys(sink_k), sink_values(sink_v), ring_keys(ring_k), ring_values(ring_v);
+  const int64_t batch = k.size(0), kv_heads = k.size(1), dim = k.size(3);
+  for (int64_t c = 0; c < stream.chunk; ++c) {
+    const int64_t p = stream.length + c;
+    const bool sink = p < stream.sinks;
+    const int64_t slot = sink ? p : (p - stream.sinks) % stream.window;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::copy_n(keys.at(b, h, c), dim, (sink ? sink_keys : ring_keys).at(b, h, slot));
+        std::copy_n(values.at(b, h, c), dim, (sink ? sink_values : ring_values).at(b, h, slot));
+      }
+  }
+}
+
 std::tuple<at::Tensor, bool> streaming_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& sink_k, const at::Tensor& sink_v,
                                               const at::Tensor& ring_k, const at::Tensor& ring_v, int64_t length,
@@ -217,11 +242,34 @@ std::tuple<at::Tensor, bool> streaming_decode(const at::Tensor& q, const at::Ten
   return {out, finite};
 }
 
+// streaming_decode, then, when every output is finite, the chunk stored into the cache (after every row is computed:
+// a chunk's later token may take a slot its earlier rows see). A non-finite output leaves the cache as it was, for
+// the caller's second pass. One call for a decode step's attention and append.
+std::tuple<at::Tensor, bool> streaming_decode_append(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
+                                                     at::Tensor& ring_v, int64_t length, int64_t sinks,
+                                                     int64_t window, double scale) {
+  auto [out, finite] = streaming_decode(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale);
+  if (!finite) return {out, false};
+  const Stream stream{length, sinks, window, q.size(2)};
+  switch (q.scalar_type()) {
+    case at::kFloat: store_chunk<float>(k, v, sink_k, sink_v, ring_k, ring_v, stream); break;
+    case at::kBFloat16: store_chunk<c10::BFloat16>(k, v, sink_k, sink_v, ring_k, ring_v, stream); break;
+    default: store_chunk<c10::Half>(k, v, sink_k, sink_v, ring_k, ring_v, stream); break;
+  }
+  return {out, true};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hybridrag_cpu, m) {
   m.def("streaming_decode(Tensor q, Tensor k, Tensor v, Tensor sink_k, Tensor sink_v, Tensor ring_k, "
         "Tensor ring_v, int length, int sinks, int window, float scale) -> (Tensor, bool)");
+  m.def("streaming_decode_append(Tensor q, Tensor k, Tensor v, Tensor(a!) sink_k, Tensor(b!) sink_v, "
+        "Tensor(c!) ring_k, Tensor(d!) ring_v, int length, int sinks, int window, float scale) -> (Tensor, bool)");
 }
 
-TORCH_LIBRARY_IMPL(hybridrag_cpu, CPU, m) { m.impl("streaming_decode", &streaming_decode); }
+TORCH_LIBRARY_IMPL(hybridrag_cpu, CPU, m) {
+  m.impl("streaming_decode", &streaming_decode);
+  m.impl("streaming_decode_append", &streaming_decode_append);
+}

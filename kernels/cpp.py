@@ -109,6 +109,10 @@ def _register_fakes():
     def _(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):
         return q.new_empty(q.shape), True
 
+    @torch.library.register_fake(f"{NAME}::streaming_decode_append")
+    def _(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):
+        return q.new_empty(q.shape), True
+
     @torch.library.register_fake(f"{NAME}::window_attention_bwd")
     def _(q, k, v, out, lse, grad_out, grad_lse, left, right, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), True

@@ -86,8 +86,12 @@ def decode_state(window=16, sinks=4, length=40, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_decode_op_passes_opcheck(dtype, cpu_kernels):
     cache, q, k, v = decode_state(dtype=dtype)
-    torch.library.opcheck(torch.ops.hybridrag_cpu.streaming_decode.default,
-                          (q, k, v, cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, 40, 4, 16, 0.25))
+    args = (q, k, v, cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v, 40, 4, 16, 0.25)
+    torch.library.opcheck(torch.ops.hybridrag_cpu.streaming_decode.default, args)
+    # the appending op mutates the cache and is for eager calls only: torch.compile traces the functional one and
+    # the cache's copies (functionalization refuses a mutating custom op that returns a bool)
+    torch.library.opcheck(torch.ops.hybridrag_cpu.streaming_decode_append.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_streaming_decode_runs_the_cpp_kernel_and_prefill_the_pytorch_path(cpu_kernels):
@@ -96,8 +100,36 @@ def test_streaming_decode_runs_the_cpp_kernel_and_prefill_the_pytorch_path(cpu_k
         hr.streaming_attention(q, k, v, cache, backend="cpu")
         long = torch.randn(1, 4, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)
         hr.streaming_attention(*long, cache, backend="cpu")
-    calls = [event.name for event in prof.events() if event.name == "hybridrag_cpu::streaming_decode"]
-    assert len(calls) == 1 and cache.length == 40 + 1 + 17
+    calls = [event.name for event in prof.events() if event.name.startswith("hybridrag_cpu::streaming_decode")]
+    assert calls == ["hybridrag_cpu::streaming_decode_append"] and cache.length == 40 + 1 + 17
+
+
+@pytest.mark.parametrize("length, chunk, window", [(40, 1, 16), (2, 5, 16), (30, 16, 8), (0, 3, 2)],
+                         ids=["decode", "across-the-sinks", "chunk-over-window", "empty-cache"])
+def test_the_append_op_stores_the_chunk_as_the_cache_does(length, chunk, window, cpu_kernels):
+    torch.manual_seed(0)
+    cache = hr.StreamingKVCache(1, 2, 32, window, sinks=4)
+    if length:
+        cache.append(torch.randn(1, 2, length, 32), torch.randn(1, 2, length, 32))
+    q, k, v = torch.randn(1, 4, chunk, 32), torch.randn(1, 2, chunk, 32), torch.randn(1, 2, chunk, 32)
+    tensors = (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v)
+    before = [t.clone() for t in tensors]
+    out, finite = torch.ops.hybridrag_cpu.streaming_decode_append(q, k, v, *tensors, length, 4, window, 0.25)
+    plain, _ = torch.ops.hybridrag_cpu.streaming_decode(q, k, v, *before, length, 4, window, 0.25)
+    assert finite and torch.equal(out, plain)  # the attention is computed before the store
+    cache.length = 0  # the same chunk through the Python append, from the state before
+    for t, old in zip(tensors, before):
+        t.copy_(old)
+    stored = [t.clone() for t in (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v)]
+    reference = hr.StreamingKVCache(1, 2, 32, window, sinks=4)
+    for t, old in zip((reference.sink_k, reference.sink_v, reference.ring_k, reference.ring_v), before):
+        t.copy_(old)
+    reference.length = length
+    reference.append(k, v)
+    torch.ops.hybridrag_cpu.streaming_decode_append(q, k, v, *tensors, length, 4, window, 0.25)
+    for mine, theirs in zip(tensors, (reference.sink_k, reference.sink_v, reference.ring_k, reference.ring_v)):
+        assert torch.equal(mine, theirs)
+    assert any(not torch.equal(a, b) for a, b in zip(stored, tensors))  # the chunk did land
 
 
 def test_a_nan_in_the_slot_no_query_sees_stays_out_of_the_decode(cpu_kernels):
@@ -116,6 +148,8 @@ def test_a_nan_in_the_slot_no_query_sees_stays_out_of_the_decode(cpu_kernels):
                                                               *(t.double() for t in state), 40, 4, 16, 0.25)
     assert not finite and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+    # the append op left the cache alone on its non-finite output; the route stored the token as append does
+    assert cache.length == 41 and torch.equal(cache.ring_k[:, :, 4], k[:, :, 0])
 
 
 def test_the_decode_op_refuses_what_it_cannot_compute(cpu_kernels):

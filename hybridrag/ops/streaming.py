@@ -2,7 +2,7 @@
 import torch
 
 from hybridrag.kernels.streaming import streaming_attention_reference
-from hybridrag.kernels.streaming.cpu import streaming_attention_cpu
+from hybridrag.kernels.streaming.cpu import streaming_attention_cpu_storing
 
 from .backend import resolve_backend
 from .library_streaming import streaming_attention_op
@@ -131,7 +131,11 @@ def streaming_attention(q, k, v, cache, *, scale=None, backend="auto"):
     if backend == "reference":
         out = streaming_attention_reference(q, k, v, *state)
     elif backend == "cpu" and not torch.compiler.is_compiling():
-        out = streaming_attention_cpu(q, k, v, *state)  # what the op runs, without its dispatch (a decode step's ~10%)
+        # what the op runs, without its dispatch, and the C++ decode kernel stores the chunk in the same call
+        out, stored = streaming_attention_cpu_storing(q, k, v, *state)
+        if stored:
+            cache.length += k.shape[2]
+            return out
     else:
         out = streaming_attention_op(q, k, v, *state, backend)
     cache._store(k, v)  # outside the op, which is functional: torch.compile sees the in-place copies

@@ -22,13 +22,27 @@ def _unit_last_stride(t):
 
 def streaming_attention_cpu(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale):
     """As `streaming_attention_blockwise` (same arguments and result)."""
+    return streaming_attention_cpu_storing(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale,
+                                           store=False)[0]
+
+
+def streaming_attention_cpu_storing(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale, *,
+                                    store=True):
+    """(o, stored): as `streaming_attention_cpu`, and with `store` the C++ decode kernel also writes the chunk into
+    the cache tensors in the same call when every output is finite (stored True; the caller then only advances the
+    length). stored False: the cache tensors are as they were, for the caller to store the chunk (the cache must be
+    contiguous in its last dimension for the kernel to write it)."""
     ops = cpp_ops() if 0 < q.shape[2] <= DECODE_CHUNK and q.numel() else None
-    if ops is not None:
-        tensors = [_unit_last_stride(t) for t in (q, k, v, sink_k, sink_v, ring_k, ring_v)]
-        out, finite = ops.streaming_decode(*tensors, length, sinks, window, scale)
-        if finite:
-            return out
-        exact = streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
-        clean, _ = ops.streaming_decode(*(finite_copy(t) for t in tensors), length, sinks, window, scale)
-        return take_exact_where_non_finite(clean, exact)
-    return streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
+    if ops is None:
+        return streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window,
+                                             scale), False
+    cache = (sink_k, sink_v, ring_k, ring_v)
+    store = store and all(t.stride(-1) == 1 for t in cache)
+    tensors = [_unit_last_stride(t) for t in (q, k, v, *cache)]
+    decode = ops.streaming_decode_append if store else ops.streaming_decode
+    out, finite = decode(*tensors, length, sinks, window, scale)
+    if finite:
+        return out, store
+    exact = streaming_attention_blockwise(q, k, v, sink_k, sink_v, ring_k, ring_v, length, sinks, window, scale)
+    clean, _ = ops.streaming_decode(*(finite_copy(t) for t in tensors), length, sinks, window, scale)
+    return take_exact_where_non_finite(clean, exact), False
