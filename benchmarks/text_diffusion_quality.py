@@ -25,7 +25,7 @@ SUITE = "text_diffusion_quality"
 SIZES = {"quick": {"topics": None, "windows": 480, "hidden_dim": 128, "num_layers": 2, "num_heads": 4,
                    "steps": (100, 300), "conditions": 16},
          "full": {"topics": None, "windows": None, "hidden_dim": 256, "num_layers": 4, "num_heads": 4,
-                  "steps": (250, 750, 1500), "conditions": 48}}
+                  "steps": (250, 750, 1500), "conditions": 64}}
 LENGTH = 48            # words per window and per generated passage
 HELD_OUT = 0.1         # share of the windows held out
 # DocumentGenerator.train's defaults (tests/test_text_diffusion_suite.py checks they still are)
