@@ -80,13 +80,13 @@ K = 3
 MIN_SIMILARITY = 0.5           # filter_samples: cosine to the condition at least this
 MAX_CORPUS_SIMILARITY = 0.95   # ... and to every training chunk at most this (not a near-copy)
 FIRST_SENTENCE_WORDS = 32
-_UNDERLINE = re.compile(r"^\s*[*=\-~^#+]{3,}\s*$")
+UNDERLINE = re.compile(r"^\s*[*=\-~^#+]{3,}\s*$")
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)")
 
 
 def first_sentence(text, max_words=FIRST_SENTENCE_WORDS):
     """The text up to its first sentence end, heading underlines dropped, whitespace collapsed, <= max_words words."""
-    joined = " ".join(" ".join(line for line in text.splitlines() if not _UNDERLINE.match(line)).split())
+    joined = " ".join(" ".join(line for line in text.splitlines() if not UNDERLINE.match(line)).split())
     match = _SENTENCE.match(joined)
     words = (match.group(1) if match else joined).split()
     return " ".join(words[:max_words])

@@ -1,6 +1,57 @@
 """Text diffusion quality: what do DocumentGenerator's passages look like at a size this CPU trains?
 
-DOCSTRING_PLACEHOLDER
+Data: the 79 topics of `pydoc_data.topics` (benchmarks/retrieval_quality.py's corpus), each cut by split_words
+into consecutive 48-word windows, exactly the windows DocumentGenerator.train makes of a text (2019 windows, heading underlines dropped; a topic's
+shorter last piece is dropped). join_words / split_words round-trip every one of them (checked at run time), so the
+training text join_words(window) gives DocumentGenerator that window back. A seeded 90/10 split by window: 1817
+training windows, 202 held out. Conditions: a seeded subset of the held-out windows whose topic has a training
+window (64 in full, 16 in --quick); the condition is the window's text, which DocumentGenerator.generate embeds with
+the same encoder (DenseEncoder, the bundled all-MiniLM-L6-v2) that embeds the training windows.
+
+Model: the MaskedDiffusionLM and vocabulary DocumentGenerator.train builds (its words: [UNK] and the 7999 most
+frequent training words, here every one of them; 16 unmasking steps, random order), trained in stages by
+train_text_diffusion with one AdamW kept across them (lr 1e-3, batches of 32: DocumentGenerator.train's defaults),
+because DocumentGenerator.train cannot continue training a model; stage i draws its batches with seed + i, so stage 0
+is DocumentGenerator.train's own run. After each stage the model is wrapped in a DocumentGenerator and measured:
+  ELBO            MaskedDiffusionLM.loss (the ELBO-weighted masked cross-entropy, an upper bound on the NLL) in bits
+                  per word (a word or punctuation mark: one position), 4 seeded mask-rate draws per window, on the
+                  held-out windows and on as many training windows (+- the standard error over 16 chunks); next to
+                  the unigram baseline's cross-entropy (training counts, add-one smoothed over the vocabulary;
+                  a held-out word outside it is [UNK] on both sides): below it, the model knows more than word
+                  frequencies;
+  cos cond        mean MiniLM cosine of a generated passage to its condition;
+  topic r@1       the share of passages whose nearest training window (MiniLM cosine) is of the condition's topic;
+  perplexity      per token under SmolLM2-135M-Instruct (hybridrag.system.model.load_language_model, sdpa), each
+                  passage scored after <|endoftext|>, all passages of a row pooled;
+  distinct-2      unique word bigrams / bigrams of the row's passages; 4-gram copy: the share of its word 4-grams
+                  found in the training windows.
+One passage per condition and temperature (1.0, and 0.0: the most likely word at each position), condition i drawn
+with seed + i at every step count. Baselines in the same run, one text per condition: the held-out window itself (real
+text: fidelity 1 by construction; the reference for recall, fluency, diversity and copying), a training window of the
+same topic (related real text; its own row excluded from the recall search, its copy share 1 by construction), a
+held-out window of another topic (unrelated real text) and a unigram sample (48 words drawn from the training
+frequencies). Every text is lower-cased and written by join_words(split_words(...)), as generated passages are.
+
+Measured: the recorded full run is in benchmarks/results/<device>/text_diffusion_quality.json, and the README's
+diffusion section reads it. Note on the data: pydoc's heading underlines ("*****") would become runs of "*" words
+under split_words, which a first (unrecorded) run's temperature-0 passages collapsed into; they are dropped.
+
+Output: a table on stdout (rows: each step count at each temperature, then the baselines), example passages of the
+last step count, results.json (results-quick.json) and text_diffusion_quality.png (-quick.png: each metric against
+the training steps, the baselines as horizontal lines) under --out (default
+benchmarks/runs/<device>/text_diffusion_quality, ignored by git); --record copies a full run to
+benchmarks/results/<device>/text_diffusion_quality.json and .png (a clean checkout).
+
+    python -m benchmarks.text_diffusion_quality [--quick] [--threads N] [--seed S] [--out DIR] [--record]
+    # --quick: a seeded 480 of the 2019 windows (432 training, 48 held out, 16 conditions), DocumentGenerator's
+    # default model (128 wide, 2 layers, 0.9 M parameters), 100 and 300 steps;
+    # full: every window, 256 wide, 4 layers, 4 heads (5.0 M parameters), 250, 750 and 1500 steps.
+    # Run time, on a 2-core AMD EPYC (KVM) shared with another user's tests and builds: --quick --threads 1 took
+    # 88 s wall at load average ~2.6 (encoding 12 s, training 38 s, SmolLM2 22 s) and 81 s at ~0.8 (the same
+    # numbers both times); the full size with --threads 2
+    # took 12.0 min wall at load ~2.0 (encoding 42 s, training 516 s = 0.34 s a step, evaluation 130 s of which
+    # SmolLM2 63 s). 1500 steps is what fits ~15 min here: 0.35-0.45 s a step was measured for this model at 2
+    # threads under that load before the run, so the 4000 steps first planned would take ~25-30 min.
 """
 import argparse
 import collections
@@ -19,6 +70,7 @@ from hybridrag.system.model import load_language_model
 
 from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
                      format_table, log, progress, record_run, write_json)
+from .diffusion_quality import UNDERLINE
 from .retrieval_quality import corpus
 
 SUITE = "text_diffusion_quality"
@@ -47,16 +99,16 @@ BASELINES = ("held-out window (the condition)", "same-topic training window", "o
 # ---------------------------------------------------------------- data
 
 def topic_windows(spec, seed):
-    """[(topic, words)]: every pydoc topic cut into consecutive LENGTH-word windows (split_words; a shorter last piece
-    dropped), as DocumentGenerator.train cuts its texts; spec["topics"] / spec["windows"] keep a seeded subset of the
-    topics / windows (None: all)."""
+    """[(topic, words)]: every pydoc topic, its heading underlines dropped, cut into consecutive LENGTH-word windows
+    (split_words; a shorter last piece dropped), as DocumentGenerator.train cuts its texts; spec["topics"] /
+    spec["windows"] keep a seeded subset of the topics / windows (None: all)."""
     documents = corpus()
     rng = np.random.default_rng(seed)
     if spec["topics"] is not None and spec["topics"] < len(documents):
         documents = [documents[i] for i in sorted(rng.choice(len(documents), spec["topics"], replace=False))]
     windows = []
-    for document in documents:
-        words = split_words(document.text)
+    for document in documents:  # heading underlines dropped: split_words makes a run of "*" words of each
+        words = split_words("\n".join(line for line in document.text.splitlines() if not UNDERLINE.match(line)))
         windows += [(document.id, words[s:s + LENGTH]) for s in range(0, len(words) - LENGTH + 1, LENGTH)]
     if spec["windows"] is not None and spec["windows"] < len(windows):
         windows = [windows[i] for i in sorted(rng.choice(len(windows), spec["windows"], replace=False))]
@@ -409,9 +461,10 @@ def _plot_panel(axis, result, key, title):
     steps = sorted({r["steps"] for r in diffusion})
     if key == "elbo_bits":
         mine = [r for r in diffusion if r["temperature"] == TEMPERATURES[0]]  # the ELBO does not depend on it
-        for split, color, marker in (("held_out", "tab:blue", "o"), ("train", "tab:cyan", "s")):
-            axis.plot(steps, [_value(r, key, split) for r in mine], marker=marker, color=color,
-                      label=f"diffusion ELBO, {split.replace('_', '-')} windows")
+        for split, color, marker in (("held_out", "navy", "o"), ("train", "tab:cyan", "s")):
+            axis.errorbar(steps, [_value(r, key, split) for r in mine], [r[key][split]["sem"] for r in mine],
+                          marker=marker, color=color, capsize=3, label=f"diffusion ELBO, {split.replace('_', '-')} "
+                          "windows (+- sem)")
     else:
         for temperature, color in zip(TEMPERATURES, ("tab:blue", "tab:purple")):
             mine = [r for r in diffusion if r["temperature"] == temperature]
