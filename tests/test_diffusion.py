@@ -443,6 +443,11 @@ def test_embedding_model_refuses_bad_input():
         train_embedding_diffusion(model, x, c[:4], steps=1, progress=False)
     with pytest.raises(ValueError, match="steps must be positive, got 0"):
         train_embedding_diffusion(model, x, c, steps=0, progress=False)
+    given = torch.optim.SGD(model.parameters(), lr=0.1)
+    for options in ({"lr": 1e-2}, {"weight_decay": 0.1}):  # they would be unused: refused, nothing trained
+        with pytest.raises(ValueError, match="with optimizer= given they would be unused"):
+            train_embedding_diffusion(model, x, c, steps=1, progress=False, optimizer=given, **options)
+    assert len(train_embedding_diffusion(model, x, c, steps=2, progress=False, optimizer=given)) == 2
     unguided = EmbeddingDiffusion(_config(dim=4, condition_dim=3, condition_dropout=0.0))
     with pytest.raises(ValueError, match="guidance_scale=3.0 needs the unconditional prediction"):
         unguided.sample(c, guidance_scale=3.0)
@@ -470,6 +475,9 @@ def test_text_model_refuses_bad_input():
         model.generate(length=2)
     with pytest.raises(ValueError, match="order must be 'confidence' or 'random', got 'left'"):
         model.generate(prompt, length=2, order="left")
+    with pytest.raises(ValueError, match="with optimizer= given they would be unused"):
+        train_text_diffusion(model, torch.zeros(2, 4, dtype=torch.long), steps=1, lr=1e-2, progress=False,
+                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     vectors = MaskedDiffusionLM(TextDiffusionConfig(vocab_size=10, max_length=8, hidden_dim=16, num_layers=1,
                                                     num_heads=2, condition_dim=3))
     with pytest.raises(ValueError, match=r"condition must have shape \(B, condition_dim=3\), got \(2, 4\)"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..nn.common import _check_flag, _check_positive_int
 from .config import DiffusionConfig, _check_number, check_guidance
 from .schedules import ddim_timesteps, make_schedule
-from .training import run_steps
+from .training import make_optimizer, run_steps
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -245,15 +245,16 @@ class EmbeddingDiffusion(nn.Module):
         return (samples, trajectory) if return_trajectory else samples
 
 
-def train_embedding_diffusion(model, embeddings, conditions, steps, batch_size=256, lr=1e-3, progress=True, *,
-                              weight_decay=0.0, seed=0, standardize=True, optimizer=None):
+def train_embedding_diffusion(model, embeddings, conditions, steps, batch_size=256, lr=None, progress=True, *,
+                              weight_decay=None, seed=0, standardize=True, optimizer=None):
     """Train `model` (an EmbeddingDiffusion) on pairs (embeddings (N, dim), conditions (N, condition_dim)) for
     `steps` AdamW steps of `batch_size` pairs drawn at random (with replacement). Returns the loss history (list of
     `steps` floats).
 
     standardize: on a model whose statistics are not fitted yet, fit them to `embeddings` first (see
         EmbeddingDiffusion); later calls keep them, so training can go on in several calls.
-    optimizer: None (a new AdamW(lr, weight_decay)) or one to continue with.
+    optimizer: None (a new AdamW(lr, default 1e-3; weight_decay, default 0)) or one to continue with (then lr and
+        weight_decay must be left out: they would be unused).
     progress: a tqdm bar (tqdm comes with hybridrag's retrieval extra).
     A loss that is not finite stops training with FloatingPointError naming the step. The model is left in eval
     mode.
@@ -266,15 +267,15 @@ def train_embedding_diffusion(model, embeddings, conditions, steps, batch_size=2
         raise ValueError(f"conditions has {conditions.shape[0]} rows but embeddings has {embeddings.shape[0]}")
     _check_positive_int("steps", steps)
     _check_positive_int("batch_size", batch_size)
-    _check_number("lr", lr, 0.0, low_open=True)
+    if lr is not None:
+        _check_number("lr", lr, 0.0, low_open=True)
     _check_flag("progress", progress)
     _check_flag("standardize", standardize)
     if standardize and not bool(model.fitted):
         model.fit_statistics(embeddings)
     device = model.output.weight.device
     embeddings, conditions = embeddings.to(device), conditions.to(device)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, optimizer, lr, weight_decay)
 
     def loss_of_rows(rows, generator):
         return model.loss(embeddings[rows], conditions[rows], generator=generator)

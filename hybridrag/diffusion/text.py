@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..nn.common import _check_flag, _check_positive_int
 from .config import TextDiffusionConfig, _check_number
-from .training import run_steps
+from .training import make_optimizer, run_steps
 
 MIN_MASK_RATE = 1e-3  # t ~ U(MIN_MASK_RATE, 1): the 1 / t weight stays bounded (LLaDA's eps)
 
@@ -225,11 +225,12 @@ class MaskedDiffusionLM(nn.Module):
         return tokens
 
 
-def train_text_diffusion(model, targets, condition_ids=None, condition=None, *, steps, batch_size=32, lr=1e-3,
-                         progress=True, weight_decay=0.0, seed=0, optimizer=None):
+def train_text_diffusion(model, targets, condition_ids=None, condition=None, *, steps, batch_size=32, lr=None,
+                         progress=True, weight_decay=None, seed=0, optimizer=None):
     """Train `model` (a MaskedDiffusionLM) on targets (N, L) with condition_ids (N, Lc) and/or condition vectors
     (N, condition_dim) for `steps` AdamW steps of `batch_size` rows drawn at random (with replacement). Returns the
-    loss history (list of floats). A loss that is not finite stops training with FloatingPointError. The model is
+    loss history (list of floats). optimizer: None (a new AdamW(lr, default 1e-3; weight_decay, default 0)) or one to
+    continue with (then lr and weight_decay must be left out). A loss that is not finite stops training with FloatingPointError. The model is
     left in eval mode; progress: a tqdm bar (the retrieval extra)."""
     if not isinstance(model, MaskedDiffusionLM):
         raise TypeError(f"model must be a MaskedDiffusionLM, got {type(model).__name__}")
@@ -237,14 +238,14 @@ def train_text_diffusion(model, targets, condition_ids=None, condition=None, *, 
     condition_ids, condition = model._check_condition(condition_ids, condition, targets.shape[0], targets.shape[1])
     _check_positive_int("steps", steps)
     _check_positive_int("batch_size", batch_size)
-    _check_number("lr", lr, 0.0, low_open=True)
+    if lr is not None:
+        _check_number("lr", lr, 0.0, low_open=True)
     _check_flag("progress", progress)
     device = model.head.weight.device
     targets = targets.to(device)
     condition_ids = None if condition_ids is None else condition_ids.to(device)
     condition = None if condition is None else condition.to(device)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, optimizer, lr, weight_decay)
 
     def loss_of_rows(rows, generator):
         return model.loss(targets[rows], None if condition_ids is None else condition_ids[rows],

@@ -5,6 +5,21 @@ import torch
 
 from .._optional import import_optional
 
+DEFAULT_LR = 1e-3
+
+
+def make_optimizer(model, optimizer, lr, weight_decay):
+    """`optimizer` itself, or None: a new AdamW(lr (default DEFAULT_LR), weight_decay (default 0)). lr and
+    weight_decay configure that new one only: with an optimizer to continue with they are a ValueError (they would
+    be silently unused; set them on the optimizer)."""
+    if optimizer is not None:
+        if lr is not None or weight_decay is not None:
+            raise ValueError("lr and weight_decay configure the AdamW made when optimizer is None; with optimizer= "
+                             "given they would be unused: set them on that optimizer instead")
+        return optimizer
+    return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR if lr is None else lr,
+                             weight_decay=0.0 if weight_decay is None else weight_decay)
+
 
 def run_steps(model, optimizer, loss_of_rows, *, rows, steps, batch_size, seed, description, progress):
     """`steps` optimizer steps of `loss_of_rows(index (batch_size,) int64, generator)` on batches of `batch_size`
