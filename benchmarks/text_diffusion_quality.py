@@ -1,12 +1,13 @@
 """Text diffusion quality: what do DocumentGenerator's passages look like at a size this CPU trains?
 
 Data: the 79 topics of `pydoc_data.topics` (benchmarks/retrieval_quality.py's corpus), each cut by split_words
-into consecutive 48-word windows, exactly the windows DocumentGenerator.train makes of a text (2019 windows, heading underlines dropped; a topic's
-shorter last piece is dropped). join_words / split_words round-trip every one of them (checked at run time), so the
-training text join_words(window) gives DocumentGenerator that window back. A seeded 90/10 split by window: 1817
-training windows, 202 held out. Conditions: a seeded subset of the held-out windows whose topic has a training
-window (64 in full, 16 in --quick); the condition is the window's text, which DocumentGenerator.generate embeds with
-the same encoder (DenseEncoder, the bundled all-MiniLM-L6-v2) that embeds the training windows.
+into consecutive 48-word windows, exactly the windows DocumentGenerator.train makes of a text (2019 windows, heading
+underlines dropped; a topic's shorter last piece is dropped). join_words / split_words round-trip every one of them
+(checked at run time), so the training text join_words(window) gives DocumentGenerator that window back. A seeded
+90/10 split by window: 1817 training windows, 202 held out. Conditions: a seeded subset of the held-out windows
+whose topic has a training window (64 in full, 16 in --quick); the condition is the window's text, which
+DocumentGenerator.generate embeds with the same encoder (DenseEncoder, the bundled all-MiniLM-L6-v2) that embeds the
+training windows.
 
 Model: the MaskedDiffusionLM and vocabulary DocumentGenerator.train builds (its words: [UNK] and the 7999 most
 frequent training words, here every one of them; 16 unmasking steps, random order), trained in stages by
@@ -32,9 +33,10 @@ same topic (related real text; its own row excluded from the recall search, its 
 held-out window of another topic (unrelated real text) and a unigram sample (48 words drawn from the training
 frequencies). Every text is lower-cased and written by join_words(split_words(...)), as generated passages are.
 
-Measured: the recorded full run is in benchmarks/results/<device>/text_diffusion_quality.json, and the README's
-diffusion section reads it. Note on the data: pydoc's heading underlines ("*****") would become runs of "*" words
-under split_words, which a first (unrecorded) run's temperature-0 passages collapsed into; they are dropped.
+Measured: the recorded full run is in benchmarks/results/<device>/text_diffusion_quality.json (recorded at cd37c1d
+on a 2-core AMD EPYC: 12.2 min with --threads 2, training 555 s, evaluation 128 s of which SmolLM2 56 s), and the
+README's diffusion section reads it. Note on the data: pydoc's heading underlines ("*****") would become runs of "*"
+words under split_words, which a first (unrecorded) run's temperature-0 passages collapsed into; they are dropped.
 
 Output: a table on stdout (rows: each step count at each temperature, then the baselines), example passages of the
 last step count, results.json (results-quick.json) and text_diffusion_quality.png (-quick.png: each metric against
@@ -48,10 +50,9 @@ benchmarks/results/<device>/text_diffusion_quality.json and .png (a clean checko
     # full: every window, 256 wide, 4 layers, 4 heads (5.0 M parameters), 250, 750 and 1500 steps.
     # Run time, on a 2-core AMD EPYC (KVM) shared with another user's tests and builds: --quick --threads 1 took
     # 88 s wall at load average ~2.6 (encoding 12 s, training 38 s, SmolLM2 22 s) and 81 s at ~0.8 (the same
-    # numbers both times); the full size with --threads 2
-    # took 12.0 min wall at load ~2.0 (encoding 42 s, training 516 s = 0.34 s a step, evaluation 130 s of which
-    # SmolLM2 63 s). 1500 steps is what fits ~15 min here: 0.35-0.45 s a step was measured for this model at 2
-    # threads under that load before the run, so the 4000 steps first planned would take ~25-30 min.
+    # numbers both times, before the underlines were dropped); the full size with --threads 2 took 12.2 min
+    # (recorded run above). 1500 steps is what fits ~15 min here: 0.35-0.45 s a step was measured for this model at
+    # 2 threads under load, so the 4000 steps first planned would take ~25-30 min.
 """
 import argparse
 import collections
