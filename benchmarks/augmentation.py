@@ -95,7 +95,7 @@ from hybridrag.retention import ContinualLearner
 from hybridrag.retrieval import DenseEncoder, NeuralRetriever
 
 from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
-                     format_table, log, progress, record_run, write_json)
+                     format_table, log, progress, record_result, write_json)
 from .diffusion_quality import (FIRST_SENTENCE_WORDS, MAX_CORPUS_SIMILARITY, MIN_SIMILARITY, PREDICTION, SAMPLING_STEPS,
                                 load_data)
 
@@ -434,10 +434,8 @@ def main(argv=None):
     print(f"encode {seconds['encode']:.0f} s, diffusion {seconds['diffusion']:.0f} s, retrievers "
           f"{seconds['retriever']:.0f} s, total {seconds['total']:.0f} s ({result['threads']} thread(s), load "
           f"{result['environment']['load_avg_1m']:.1f}); wrote {out}")
-    payload = {key: value for key, value in result.items() if key != "png"}
     if args.record:
-        for path in record_run(SUITE, payload, result["png"]):
-            print(f"wrote {path}")
+        record_result(SUITE, result)
     return 0
 
 

@@ -497,6 +497,14 @@ def record_run(suite, payload, png=None, slug=None):
     return paths
 
 
+def record_result(suite, result):
+    """--record for a suite whose result dict carries its figure's path under "png": record_run of the rest and the
+    figure, each path written printed."""
+    payload = {key: value for key, value in result.items() if key != "png"}
+    for path in record_run(suite, payload, result["png"]):
+        print(f"wrote {path}")
+
+
 def add_output_options(parser, suite, *, files="the JSON and PNG", default=None, default_text=None,
                        record_needs="a clean checkout"):
     """The --out and --record options every recording benchmark takes: --out a folder for `files` (default

@@ -66,7 +66,7 @@ from hybridrag.retrieval import DenseEncoder
 from hybridrag.retrieval.documents import chunk_documents
 
 from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, format_table, log,
-                     record_run, write_json)
+                     record_result, write_json)
 from .retrieval_quality import corpus
 
 SUITE = "diffusion_quality"
@@ -278,10 +278,8 @@ def main(argv=None):
     seconds = result["seconds"]
     print(f"encode {seconds['encode']:.0f} s, train {seconds['train']:.0f} s, total {seconds['total']:.0f} s "
           f"({result['threads']} thread(s)); wrote {out}")
-    payload = {key: value for key, value in result.items() if key != "png"}
     if args.record:
-        for path in record_run(SUITE, payload, result["png"]):
-            print(f"wrote {path}")
+        record_result(SUITE, result)
     return 0
 
 

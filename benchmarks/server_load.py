@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .common import (RUNS_ROOT, _busy_cpu_seconds, add_output_options, check_output_options, cpu_count, device_slug,
-                     environment, format_table, record_run, write_json)
+                     environment, format_table, record_result, write_json)
 
 SUITE = "server_load"
 MODES = {"quick": {"requests": 24, "clients": 8}, "full": {"requests": 200, "clients": 16}}
@@ -273,9 +273,7 @@ def main(argv=None):
             print(f"not recorded: other processes used {result['other_load']:.0%} of the CPU (limit "
                   f"{LOAD_LIMIT:.0%})")
             return 1
-        payload = {key: value for key, value in result.items() if key != "png"}
-        for path in record_run(SUITE, payload, result["png"]):
-            print(f"wrote {path}")
+        record_result(SUITE, result)
     return 1 if failed else 0
 
 

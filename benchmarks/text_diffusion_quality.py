@@ -70,7 +70,7 @@ from hybridrag.retrieval import DenseEncoder
 from hybridrag.system.model import load_language_model
 
 from .common import (RUNS_ROOT, add_output_options, check_output_options, device_slug, environment, figure_legend,
-                     format_table, log, progress, record_run, write_json)
+                     format_table, log, progress, record_result, write_json)
 from .diffusion_quality import UNDERLINE
 from .retrieval_quality import corpus
 
@@ -545,10 +545,8 @@ def main(argv=None):
     print(f"encode {seconds['encode']:.0f} s, train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s "
           f"(language model {seconds['language_model']:.0f} s in all), total {seconds['total']:.0f} s "
           f"({result['threads']} thread(s), load {result['environment']['load_avg_1m']:.1f}); wrote {out}")
-    payload = {key: value for key, value in result.items() if key != "png"}
     if args.record:
-        for path in record_run(SUITE, payload, result["png"]):
-            print(f"wrote {path}")
+        record_result(SUITE, result)
     return 0
 
 
