@@ -94,14 +94,15 @@ def test_the_decode_op_passes_opcheck(dtype, cpu_kernels):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_streaming_decode_runs_the_cpp_kernel_and_prefill_the_pytorch_path(cpu_kernels):
+def test_streaming_decode_runs_the_decode_kernel_and_prefill_the_hybrid_kernel(cpu_kernels):
     cache, q, k, v = decode_state()
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         hr.streaming_attention(q, k, v, cache, backend="cpu")
         long = torch.randn(1, 4, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)
         hr.streaming_attention(*long, cache, backend="cpu")
-    calls = [event.name for event in prof.events() if event.name.startswith("hybridrag_cpu::streaming_decode")]
-    assert calls == ["hybridrag_cpu::streaming_decode_append"] and cache.length == 40 + 1 + 17
+    calls = [event.name for event in prof.events() if event.name.startswith("hybridrag_cpu::")]
+    assert calls == ["hybridrag_cpu::streaming_decode_append", "hybridrag_cpu::hybrid_attention_fwd"]
+    assert cache.length == 40 + 1 + 17
 
 
 @pytest.mark.parametrize("length, chunk, window", [(40, 1, 16), (2, 5, 16), (30, 16, 8), (0, 3, 2)],
