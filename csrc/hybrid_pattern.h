@@ -111,9 +111,10 @@ inline void seen(const Pattern& pattern, const RowSet& set, int64_t b, int64_t r
   out.push_back(clip(marks[1], tile));
 }
 
+// The tiles of one row set: the keys of the union of its rows' bands, the landmarks its rows see outside their
+// bands (only those: early row sets of a causal pattern see few), the memory tokens.
 inline std::vector<Tile> tiles_for(const Pattern& pattern, const RowSet& set, int64_t b) {
-  const int64_t landmarks = pattern.num_marks(b);
-  int64_t lo = pattern.keys, hi = 0;
+  int64_t lo = pattern.keys, hi = 0, marks_lo = pattern.num_marks(b), marks_hi = 0;
   for (size_t r = 0; r < set.rows.size(); ++r) {
     if (set.skip[r]) continue;
     const Interval band = pattern.main(b, set.rows[r], set.global[r]);
@@ -121,12 +122,20 @@ inline std::vector<Tile> tiles_for(const Pattern& pattern, const RowSet& set, in
       lo = std::min(lo, band.lo);
       hi = std::max(hi, band.hi);
     }
+    if (set.global[r]) continue;  // its band holds every landmark it sees
+    Interval marks[2];
+    pattern.seen_landmarks(b, set.rows[r], band, marks);
+    for (const Interval& part : marks)
+      if (part.hi > part.lo) {
+        marks_lo = std::min(marks_lo, part.lo);
+        marks_hi = std::max(marks_hi, part.hi);
+      }
   }
   std::vector<Tile> tiles;
   for (int64_t first = lo; first < hi; first += kKeyTile)
     tiles.push_back({Kind::keys, first, std::min(kKeyTile, hi - first)});
-  for (int64_t first = 0; first < landmarks; first += kKeyTile)
-    tiles.push_back({Kind::landmarks, first, std::min(kKeyTile, landmarks - first)});
+  for (int64_t first = marks_lo; first < marks_hi; first += kKeyTile)
+    tiles.push_back({Kind::landmarks, first, std::min(kKeyTile, marks_hi - first)});
   if (pattern.memory > 0) tiles.push_back({Kind::memory, 0, pattern.memory});
   return tiles;
 }
