@@ -64,8 +64,8 @@ void row_lse(const float* query, Operands<T>& ops, const Pattern& pattern, const
                                         static_cast<int>(parts.size()), scale, max[i], sum[i], nullptr, 0);
     }
   }
-  for (int64_t i = 0; i < m; ++i) lse[i] = sum[i] > 0 ? max[i] + std::log(sum[i]) : (std::isnan(sum[i]) ? sum[i] :
-                                                                                                        kNegInf);
+  for (int64_t i = 0; i < m; ++i)  // a NaN sum (a non-finite score seen) gives a NaN lse
+    lse[i] = sum[i] > 0 || std::isnan(sum[i]) ? max[i] + std::log(sum[i]) : kNegInf;
 }
 
 // Adds the set's weighted probabilities to `mass` (B, H, S + 1); false when a row's lse is not finite (NaN).
